@@ -1,0 +1,481 @@
+"""The algebra of linear maps that are exactly one convolution.
+
+An `Affine` is the map ``x -> conv(x, weight, stride, padding, dilation, groups) + bias`` of one
+N-d convolution (N = 0 is a fully connected layer on ``(batch, channels)`` inputs). Every op
+repconv folds (conv, eval BatchNorm, identity, average pooling, zero padding, channel scale,
+constant multiply, sum and concat of branches, composition) is an operation on these values.
+
+All math runs in float64; `to_module` casts once at the end, so fp16/bf16 checkpoints lose less
+precision than fusing in their own dtype. Functions are pure: they never touch a module or graph.
+An operation that would not be exact raises `AlgebraError` whose message is the reason.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from repconv.errors import AlgebraError
+
+# A bias this small, relative to the weights, counts as zero when deciding whether a map sends
+# zero to zero. Local verification of every rewrite backs this decision with a measurement.
+ZERO_BIAS_TOLERANCE = 1e-6
+
+_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+_CONV_MODULE: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+@dataclass(frozen=True)
+class Affine:
+    """One convolution as a value: ``weight`` is (out, in // groups, *kernel), float64."""
+
+    weight: Tensor
+    bias: Tensor
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    padding_mode: str = "zeros"
+
+    @property
+    def nd(self) -> int:
+        return self.weight.dim() - 2
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[1] * self.groups
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape[2:])
+
+    @property
+    def extent(self) -> tuple[int, ...]:
+        """Input span of one output position per dim: dilation * (kernel - 1) + 1."""
+        return tuple(d * (k - 1) + 1 for d, k in zip(self.dilation, self.kernel_size))
+
+    @property
+    def is_pointwise(self) -> bool:
+        return all(e == 1 for e in self.extent)
+
+    def macs_per_output(self) -> int:
+        """Multiply-accumulates per output element."""
+        return (self.in_channels // self.groups) * math.prod(self.kernel_size)
+
+    def output_size(self, input_size: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(
+            (n + 2 * p - e) // s + 1
+            for n, p, e, s in zip(input_size, self.padding, self.extent, self.stride)
+        )
+
+    def is_identity(self) -> bool:
+        if self.in_channels != self.out_channels or not self.is_pointwise:
+            return False
+        if any(s != 1 for s in self.stride) or any(p != 0 for p in self.padding):
+            return False
+        return bool(torch.equal(self.dense_matrix(), torch.eye(self.out_channels).double())) and (
+            not self.bias.any()
+        )
+
+    def dense_matrix(self) -> Tensor:
+        """(out, in) matrix of a pointwise map, groups expanded."""
+        return regroup(self, 1).weight.reshape(self.out_channels, self.in_channels)
+
+
+def _tuple(value: int | tuple[int, ...] | list[int], nd: int) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * nd
+    return tuple(int(v) for v in value)
+
+
+def from_conv(
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: int | tuple[int, ...] = 1,
+    padding: int | tuple[int, ...] | str = 0,
+    dilation: int | tuple[int, ...] = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+) -> Affine:
+    """A convolution (or, for a 2-d weight, a linear layer) with torch's argument conventions."""
+    weight = weight.detach().double()
+    nd = weight.dim() - 2
+    dilation_t = _tuple(dilation, nd)
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding_t = (0,) * nd
+        else:  # "same": torch puts an odd total on the right, which no symmetric padding matches
+            totals = [d * (k - 1) for d, k in zip(dilation_t, weight.shape[2:])]
+            if any(t % 2 for t in totals):
+                raise AlgebraError("padding='same' with an even kernel pads asymmetrically")
+            padding_t = tuple(t // 2 for t in totals)
+    else:
+        padding_t = _tuple(padding, nd)
+    if padding_mode != "zeros" and not any(padding_t):
+        padding_mode = "zeros"
+    out = weight.shape[0]
+    bias_t = torch.zeros(out, dtype=torch.float64) if bias is None else bias.detach().double()
+    return Affine(
+        weight, bias_t, _tuple(stride, nd), padding_t, dilation_t, groups, padding_mode
+    )
+
+
+def diagonal(scale: Tensor, shift: Tensor, nd: int) -> Affine:
+    """Per-channel ``x * scale + shift``: a depthwise pointwise convolution."""
+    scale = scale.detach().double().reshape(-1)
+    channels = scale.numel()
+    return Affine(
+        scale.reshape(channels, 1, *([1] * nd)),
+        shift.detach().double().reshape(-1).expand(channels).clone(),
+        (1,) * nd,
+        (0,) * nd,
+        (1,) * nd,
+        channels,
+    )
+
+
+def identity(channels: int, nd: int) -> Affine:
+    return diagonal(torch.ones(channels), torch.zeros(channels), nd)
+
+
+def from_bn(
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    nd: int,
+) -> Affine:
+    """Eval BatchNorm: ``(x - mean) / sqrt(var + eps) * weight + bias``."""
+    inv_std = (running_var.detach().double() + eps).rsqrt()
+    scale = inv_std if weight is None else weight.detach().double() * inv_std
+    shift = -running_mean.detach().double() * scale
+    if bias is not None:
+        shift = shift + bias.detach().double()
+    return diagonal(scale, shift, nd)
+
+
+def from_avgpool(
+    channels: int,
+    kernel_size: tuple[int, ...],
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    divisor: float | None = None,
+) -> Affine:
+    """Average pooling counting padded zeros (count_include_pad=True): a depthwise box filter."""
+    nd = len(kernel_size)
+    weight = torch.full(
+        (channels, 1, *kernel_size),
+        1.0 / (divisor if divisor else math.prod(kernel_size)),
+        dtype=torch.float64,
+    )
+    return Affine(
+        weight, torch.zeros(channels, dtype=torch.float64), stride, padding, (1,) * nd, channels
+    )
+
+
+def zero_pad(channels: int, padding: tuple[int, ...]) -> Affine:
+    """Symmetric zero padding: the identity with a border of zeros."""
+    return replace(identity(channels, len(padding)), padding=padding)
+
+
+def scaled(a: Affine, factor: float) -> Affine:
+    return replace(a, weight=a.weight * factor, bias=a.bias * factor)
+
+
+def regroup(a: Affine, groups: int) -> Affine:
+    """The same map written with fewer groups (``groups`` divides ``a.groups``), block-diagonally.
+
+    Output channel o of group j reads input slice j; in the coarser grouping its group j' holds
+    ``a.groups // groups`` old groups, so its kernel sits at offset ``(j mod ratio) * in_per_group``.
+    This is what makes identity-with-groups correct: K[i, i mod (C/g), centre] = 1.
+    """
+    if groups == a.groups:
+        return a
+    if a.groups % groups:
+        raise AlgebraError(f"cannot write a {a.groups}-group conv with {groups} groups")
+    ratio = a.groups // groups
+    out_per_group = a.out_channels // a.groups
+    in_per_group = a.weight.shape[1]
+    weight = a.weight.new_zeros(a.out_channels, in_per_group * ratio, *a.kernel_size)
+    for j in range(a.groups):
+        offset = (j % ratio) * in_per_group
+        rows = slice(j * out_per_group, (j + 1) * out_per_group)
+        weight[rows, offset : offset + in_per_group] = a.weight[rows]
+    return replace(a, weight=weight, groups=groups)
+
+
+def _materialize_dilation(a: Affine, dims: list[int]) -> Affine:
+    """Insert the zeros of dilation into the kernel for ``dims``, leaving dilation 1 there."""
+    if not any(a.dilation[d] > 1 for d in dims):
+        return a
+    shape = list(a.weight.shape)
+    index: list[slice] = [slice(None), slice(None)]
+    dilation = list(a.dilation)
+    for d in range(a.nd):
+        if d in dims:
+            shape[2 + d] = a.extent[d]
+            index.append(slice(None, None, a.dilation[d]))
+            dilation[d] = 1
+        else:
+            index.append(slice(None))
+    weight = a.weight.new_zeros(shape)
+    weight[tuple(index)] = a.weight
+    return replace(a, weight=weight, dilation=tuple(dilation))
+
+
+def _common_dilation(branches: list[Affine]) -> list[Affine]:
+    """Rewrite branches to one dilation per dim; a size-1 kernel dim takes any dilation."""
+    out = list(branches)
+    nd = branches[0].nd
+    for d in range(nd):
+        wide = {b.dilation[d] for b in out if b.kernel_size[d] > 1}
+        common = wide.pop() if len(wide) == 1 else 1
+        fixed = []
+        for b in out:
+            if b.kernel_size[d] == 1:
+                dilation = list(b.dilation)
+                dilation[d] = common
+                b = replace(b, dilation=tuple(dilation))
+            elif b.dilation[d] != common:
+                b = _materialize_dilation(b, [d])
+            fixed.append(b)
+        out = fixed
+    return out
+
+
+def _common_frame(branches: list[Affine], what: str) -> tuple[list[Tensor], Affine]:
+    """Place every branch kernel in one frame, centre-aligned per dim; returns the kernels and a
+    template Affine carrying the shared stride, padding, dilation and groups.
+
+    Two convs read the same window of their shared input iff they have equal stride and equal
+    ``extent - 2 * padding`` per dim (then their outputs have equal size for every input size
+    and equal centres). The frame's padding is the largest; a branch with padding p sits at
+    offset ``(P - p) / dilation`` in the frame.
+    """
+    first = branches[0]
+    for b in branches[1:]:
+        if b.nd != first.nd:
+            raise AlgebraError(f"cannot {what} a {b.nd}-d and a {first.nd}-d conv")
+        if b.in_channels != first.in_channels:
+            raise AlgebraError(
+                f"cannot {what} maps of {first.in_channels} and {b.in_channels} input channels"
+            )
+        if b.stride != first.stride:
+            raise AlgebraError(f"stride mismatch: {first.stride} vs {b.stride}")
+    modes = {b.padding_mode for b in branches if any(b.padding)}
+    if len(modes) > 1:
+        raise AlgebraError(f"padding modes differ: {sorted(modes)}")
+    mode = modes.pop() if modes else "zeros"
+    branches = _common_dilation(branches)
+    groups = math.gcd(*(b.groups for b in branches))
+    branches = [regroup(b, groups) for b in branches]
+    nd = first.nd
+    padding: list[int] = []
+    kernel: list[int] = []
+    for d in range(nd):
+        shrink = {b.extent[d] - 2 * b.padding[d] for b in branches}
+        if len(shrink) > 1:
+            detail = ", ".join(f"{b.kernel_size[d]} pad {b.padding[d]}" for b in branches)
+            raise AlgebraError(f"padding misaligned in dim {d}: kernels {detail}")
+        pad = max(b.padding[d] for b in branches)
+        dilation = branches[0].dilation[d]
+        if any((pad - b.padding[d]) % dilation for b in branches):
+            raise AlgebraError(f"padding misaligned in dim {d}: offsets not multiples of dilation")
+        padding.append(pad)
+        kernel.append(max(b.kernel_size[d] + 2 * (pad - b.padding[d]) // dilation for b in branches))
+    kernels = []
+    for b in branches:
+        pads: list[int] = []
+        for d in reversed(range(nd)):  # F.pad lists the last dim first
+            offset = (padding[d] - b.padding[d]) // b.dilation[d]
+            pads += [offset, kernel[d] - b.kernel_size[d] - offset]
+        kernels.append(F.pad(b.weight, pads) if nd else b.weight)
+    template = replace(
+        branches[0], padding=tuple(padding), groups=groups, padding_mode=mode
+    )
+    return kernels, template
+
+
+def add(*branches: Affine) -> Affine:
+    """Sum of maps applied to the same input: kernels summed in a common centred frame."""
+    kernels, template = _common_frame(list(branches), "add")
+    if len({b.out_channels for b in branches}) > 1:
+        raise AlgebraError("cannot add branches with different output channels")
+    return replace(
+        template,
+        weight=torch.stack(kernels).sum(0),
+        bias=torch.stack([b.bias for b in branches]).sum(0),
+    )
+
+
+def concat(*branches: Affine) -> Affine:
+    """Maps of the same input stacked along output channels (torch.cat on dim 1)."""
+    if len({b.groups for b in branches}) == 1 and branches[0].groups == 1:
+        dense = list(branches)
+    else:
+        dense = [regroup(b, 1) for b in branches]
+    kernels, template = _common_frame(dense, "concatenate")
+    return replace(
+        template, weight=torch.cat(kernels), bias=torch.cat([b.bias for b in branches]), groups=1
+    )
+
+
+def _apply_weight_to_constant(a: Affine, per_channel: Tensor) -> Tensor:
+    """a's weights (no bias) applied to a spatially constant input ``per_channel``."""
+    # (out, in // groups); sum(dim=()) would sum everything, so 0-d weights are used as they are
+    taps = a.weight.flatten(2).sum(-1) if a.nd else a.weight
+    per_group = per_channel.reshape(a.groups, -1)  # (groups, in // groups)
+    out_per_group = a.out_channels // a.groups
+    return (taps.reshape(a.groups, out_per_group, -1) * per_group[:, None, :]).sum(-1).reshape(-1)
+
+
+def _check_then_exact(a: Affine, b: Affine) -> None:
+    """b after a is one conv only where b's padding never meets a value a produced from padding.
+
+    Where b pads with zeros, the composite conv instead evaluates a outside its domain. That
+    equals zero only when a is pointwise and unpadded in that dim and a maps zero to zero.
+    """
+    for d in range(b.nd):
+        if b.padding[d] == 0:
+            continue
+        if a.extent[d] != 1 or a.padding[d] != 0:
+            raise AlgebraError(
+                f"a {a.kernel_size} conv before a padded conv: the borders would differ"
+            )
+        if b.padding_mode != "zeros" and a.stride[d] != 1:
+            raise AlgebraError(f"{b.padding_mode} padding after a strided conv is not one conv")
+    if b.padding_mode == "zeros" and any(b.padding):
+        limit = ZERO_BIAS_TOLERANCE * max(1.0, float(a.weight.abs().max()))
+        if a.bias.numel() and float(a.bias.abs().max()) > limit:
+            raise AlgebraError(
+                "a bias before a zero-padded conv (e.g. BN before a padded conv): borders differ"
+            )
+    if any(a.padding) and any(b.padding) and a.padding_mode != b.padding_mode:
+        raise AlgebraError(f"padding modes differ: {a.padding_mode} then {b.padding_mode}")
+
+
+def then(a: Affine, b: Affine) -> Affine:
+    """b applied to the output of a, as one conv: stride multiplies, padding is
+    ``a.padding + b.padding * a.stride``, kernel is b's taps spread by a's stride and convolved
+    with a's kernel."""
+    if b.in_channels != a.out_channels:
+        raise AlgebraError(f"{a.out_channels} channels feed a map of {b.in_channels}")
+    if b.nd != a.nd:
+        raise AlgebraError(f"cannot compose a {a.nd}-d and a {b.nd}-d map")
+    _check_then_exact(a, b)
+    nd = a.nd
+    bias = b.bias + _apply_weight_to_constant(b, a.bias)
+    stride = tuple(sa * sb for sa, sb in zip(a.stride, b.stride))
+    padding = tuple(pa + pb * sa for pa, pb, sa in zip(a.padding, b.padding, a.stride))
+    mode = b.padding_mode if any(b.padding) else a.padding_mode
+    if a.is_pointwise:
+        weight, groups = _compose_pointwise(a, b)
+        dilation = tuple(db * sa for db, sa in zip(b.dilation, a.stride))
+        return Affine(weight, bias, stride, padding, dilation, groups, mode)
+    if b.is_pointwise and all(s == 1 for s in b.stride):
+        weight, groups = _compose_pointwise_after(a, b)
+        return Affine(weight, bias, stride, padding, a.dilation, groups, mode)
+    a1 = _materialize_dilation(a, list(range(nd)))
+    spacing = tuple(db * sa for db, sa in zip(b.dilation, a.stride))
+    if a.groups == b.groups:
+        groups = a.groups
+        out_per_group, mid_per_group = b.out_channels // groups, a.out_channels // groups
+        blocks = []
+        for j in range(groups):
+            b_block = b.weight[j * out_per_group : (j + 1) * out_per_group]
+            a_block = a1.weight[j * mid_per_group : (j + 1) * mid_per_group]
+            blocks.append(_CONV_TRANSPOSE[nd](b_block, a_block, stride=spacing))
+        weight = torch.cat(blocks)
+    else:
+        dense_a, dense_b = regroup(a1, 1), regroup(b, 1)
+        weight = _CONV_TRANSPOSE[nd](dense_b.weight, dense_a.weight, stride=spacing)
+        groups = _coarsest_groups(weight, math.gcd(a.groups, b.groups))
+        weight = _ungroup(weight, groups)
+    return Affine(weight, bias, stride, padding, (1,) * nd, groups, mode)
+
+
+def _compose_pointwise(a: Affine, b: Affine) -> tuple[Tensor, int]:
+    """Kernel of b after a pointwise a: each of b's taps multiplied by a's matrix."""
+    if a.groups == b.groups:
+        g = a.groups
+        a_mat = a.weight.reshape(g, a.out_channels // g, -1)  # (g, mid/g, in/g)
+        b_w = b.weight.reshape(g, b.out_channels // g, b.weight.shape[1], -1)  # (g, o/g, mid/g, k)
+        weight = torch.einsum("gomk,gmi->goik", b_w, a_mat)
+        return weight.reshape(b.out_channels, a_mat.shape[-1], *b.kernel_size), g
+    a_mat = a.dense_matrix()
+    b_dense = regroup(b, 1).weight
+    weight = torch.einsum("omk,mi->oik", b_dense.flatten(2), a_mat)
+    weight = weight.reshape(b.out_channels, a.in_channels, *b.kernel_size)
+    groups = _coarsest_groups(weight, math.gcd(a.groups, b.groups))
+    return _ungroup(weight, groups), groups
+
+
+def _compose_pointwise_after(a: Affine, b: Affine) -> tuple[Tensor, int]:
+    """Kernel of a pointwise b after a: b's matrix applied to a's output channels."""
+    if a.groups == b.groups:
+        g = a.groups
+        b_mat = b.weight.reshape(g, b.out_channels // g, -1)
+        a_w = a.weight.reshape(g, a.out_channels // g, a.weight.shape[1], -1)
+        weight = torch.einsum("gom,gmik->goik", b_mat, a_w)
+        return weight.reshape(b.out_channels, a.weight.shape[1], *a.kernel_size), g
+    b_mat = b.dense_matrix()
+    a_dense = regroup(a, 1).weight
+    weight = torch.einsum("om,mik->oik", b_mat, a_dense.flatten(2))
+    weight = weight.reshape(b.out_channels, a.in_channels, *a.kernel_size)
+    groups = _coarsest_groups(weight, math.gcd(a.groups, b.groups))
+    return _ungroup(weight, groups), groups
+
+
+def _coarsest_groups(dense_weight: Tensor, candidate: int) -> int:
+    """``candidate`` if the dense kernel is block-diagonal with that many groups, else 1."""
+    if candidate == 1:
+        return 1
+    out, inp = dense_weight.shape[:2]
+    mask = torch.zeros(out, inp, dtype=torch.bool)
+    o, i = out // candidate, inp // candidate
+    for j in range(candidate):
+        mask[j * o : (j + 1) * o, j * i : (j + 1) * i] = True
+    off_block = dense_weight.flatten(2).abs().sum(-1)[~mask]
+    return candidate if not off_block.any() else 1
+
+
+def _ungroup(dense_weight: Tensor, groups: int) -> Tensor:
+    """Inverse of regroup(..., 1): keep each output channel's own input block."""
+    if groups == 1:
+        return dense_weight
+    out, inp = dense_weight.shape[:2]
+    o, i = out // groups, inp // groups
+    return torch.cat(
+        [dense_weight[j * o : (j + 1) * o, j * i : (j + 1) * i] for j in range(groups)]
+    )
+
+
+def to_module(a: Affine, dtype: torch.dtype, device: torch.device | None = None) -> nn.Module:
+    """The nn.ConvNd (nn.Linear for 0-d) computing ``a``, with weights cast once to ``dtype``."""
+    if a.nd == 0:
+        module: nn.Module = nn.Linear(a.in_channels, a.out_channels, dtype=torch.float64)
+    else:
+        module = _CONV_MODULE[a.nd](
+            a.in_channels,
+            a.out_channels,
+            a.kernel_size,
+            stride=a.stride,
+            padding=a.padding,
+            dilation=a.dilation,
+            groups=a.groups,
+            padding_mode=a.padding_mode,
+            dtype=torch.float64,
+        )
+    with torch.no_grad():
+        module.weight.copy_(a.dense_matrix() if a.nd == 0 else a.weight)
+        module.bias.copy_(a.bias)
+    return module.to(device=device, dtype=dtype)

@@ -1,0 +1,34 @@
+"""Typed errors. The library raises these; only the CLI turns them into messages and exit codes.
+
+Every message says what is wrong and what to do next, on one line.
+"""
+
+from __future__ import annotations
+
+
+class RepconvError(Exception):
+    """Base class of every error repconv raises on purpose."""
+
+    exit_code = 2
+
+
+class InputError(RepconvError):
+    """A file, option or model given by the user cannot be used (exit code 2)."""
+
+
+class ModelBuildError(InputError):
+    """The architecture named by --model cannot be imported, called or filled with weights."""
+
+
+class TraceError(RepconvError):
+    """The model cannot be traced or run on the example input."""
+
+
+class AlgebraError(RepconvError):
+    """Two linear maps cannot be combined into one exact convolution; the message is the reason."""
+
+
+class VerificationError(RepconvError):
+    """The fused model's outputs do not match the original's (exit code 1)."""
+
+    exit_code = 1

@@ -1,0 +1,155 @@
+"""Tests for the sample architectures and the shipped sample checkpoints."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+import torch.fx
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _import(module: str) -> ModuleType:
+    """Import ``module`` from this checkout even when it is not installed."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module(module)
+
+
+samples = _import("repconv.samples")
+make_samples = _import("repconv.make_samples")
+SAMPLES = samples.SAMPLES
+SAMPLE_DIR = ROOT / "sample_checkpoints"
+CHECKPOINT_KEYS = {"state_dict", "optimizer", "epoch", "arch", "arch_kwargs", "input_shape"}
+EXPECTED_CLASS = {"repvgg_tiny": "RepVGGTiny", "resnet_tiny": "ResNetTiny"}
+NAMES = sorted(SAMPLES)
+
+
+def _load(spec: samples.SampleSpec) -> dict:
+    path = SAMPLE_DIR / spec.filename
+    assert path.is_file(), f"{path} missing; run `python -m repconv.make_samples`"
+    return torch.load(path, weights_only=True)
+
+
+def test_samples_registry() -> None:
+    """SAMPLES entries are consistent with their keys and file names."""
+    assert set(SAMPLES) == set(EXPECTED_CLASS)
+    for name, spec in SAMPLES.items():
+        assert spec.name == name
+        assert spec.builder == f"repconv.samples:{name}"
+        assert spec.filename == f"{name}.pt"
+        assert spec.input_shape == (1, 3, 32, 32)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_builder_output_shape(name: str) -> None:
+    """Each builder resolves, builds the expected class and gives (1, num_classes)."""
+    spec = SAMPLES[name]
+    torch.manual_seed(0)
+    model = samples.resolve_builder(spec.builder)(**spec.kwargs)
+    assert type(model).__name__ == EXPECTED_CLASS[name]
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.randn(spec.input_shape))
+    assert out.shape == (1, spec.num_classes)
+
+
+@pytest.mark.parametrize(
+    ("cin", "cout", "stride", "has_identity"),
+    [(8, 8, 1, True), (8, 16, 1, False), (8, 8, 2, False), (8, 16, 2, False)],
+)
+def test_repvgg_block_structure(cin: int, cout: int, stride: int, has_identity: bool) -> None:
+    """RepVGGBlock branches have the documented names, kernels, paddings and biases."""
+    block = samples.RepVGGBlock(cin, cout, stride)
+    assert (block.rbr_identity is not None) == has_identity
+    if has_identity:
+        assert isinstance(block.rbr_identity, nn.BatchNorm2d)
+    for branch, k, pad in ((block.rbr_dense, 3, 1), (block.rbr_1x1, 1, 0)):
+        assert isinstance(branch.conv, nn.Conv2d)
+        assert isinstance(branch.bn, nn.BatchNorm2d)
+        assert branch.conv.bias is None
+        assert branch.conv.kernel_size == (k, k)
+        assert branch.conv.padding == (pad, pad)
+        assert branch.conv.stride == (stride, stride)
+    x = torch.randn(2, cin, 8, 8)
+    assert block(x).shape == (2, cout, 8 // stride, 8 // stride)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_checkpoint_file(name: str) -> None:
+    """Shipped checkpoint: weights_only load, keys, strict load, trained BN statistics."""
+    spec = SAMPLES[name]
+    path = SAMPLE_DIR / spec.filename
+    ckpt = _load(spec)
+    assert path.stat().st_size < 2 * 1024 * 1024
+    assert set(ckpt) == CHECKPOINT_KEYS
+    assert ckpt["arch"] == spec.builder
+    assert ckpt["arch_kwargs"] == spec.kwargs
+    assert ckpt["input_shape"] == list(spec.input_shape)
+    assert ckpt["epoch"] == make_samples.EPOCHS
+    assert set(ckpt["optimizer"]) == {"state", "param_groups"}
+    assert len(ckpt["optimizer"]["state"]) > 0  # momentum buffers exist
+
+    model = samples.resolve_builder(ckpt["arch"])(**ckpt["arch_kwargs"])
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns
+    for bn in bns:
+        assert bn.running_var is not None
+        assert bn.running_mean is not None
+        assert not torch.all(bn.running_var == 1), "running_var untouched by training"
+        assert not torch.all(bn.running_mean == 0), "running_mean untouched by training"
+        assert int(bn.num_batches_tracked) == make_samples.EPOCHS * make_samples.STEPS_PER_EPOCH
+
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.randn(ckpt["input_shape"]))
+    assert out.shape == (1, spec.num_classes)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fx_symbolic_trace(name: str) -> None:
+    """The sample traces with torch.fx and the traced module matches eager exactly."""
+    spec = SAMPLES[name]
+    torch.manual_seed(0)
+    model = samples.build_sample(spec).eval()
+    traced = torch.fx.symbolic_trace(model)
+    x = torch.randn(spec.input_shape)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_regeneration_matches_shipped(name: str, tmp_path: Path) -> None:
+    """Regenerating into tmp_path reproduces the shipped tensors bit for bit.
+
+    Takes ~1.5 s per sample on CPU (30 SGD steps of a tiny net), so it is not skipped.
+    """
+    spec = SAMPLES[name]
+    shipped = _load(spec)
+    (result,) = make_samples.write_samples(tmp_path, [name], verbose=False)
+    assert result.final_loss < result.first_loss, "synthetic task should be learnable"
+    regen = torch.load(result.path, weights_only=True)
+
+    assert {k: v for k, v in regen.items() if k not in ("state_dict", "optimizer")} == {
+        k: v for k, v in shipped.items() if k not in ("state_dict", "optimizer")
+    }
+    assert list(regen["state_dict"]) == list(shipped["state_dict"])
+    hint = "regeneration differs: different torch build / CPU kernels than when shipped?"
+    for key, ref in shipped["state_dict"].items():
+        got = regen["state_dict"][key]
+        assert got.dtype == ref.dtype, key
+        assert got.shape == ref.shape, key
+        assert torch.equal(got, ref), f"{key}: {hint}"
+    assert regen["optimizer"]["param_groups"] == shipped["optimizer"]["param_groups"]
+    for idx, state in shipped["optimizer"]["state"].items():
+        for k, ref in state.items():
+            assert torch.equal(regen["optimizer"]["state"][idx][k], ref), f"opt {idx}.{k}: {hint}"
