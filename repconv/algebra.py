@@ -239,6 +239,9 @@ def _common_dilation(branches: list[Affine]) -> list[Affine]:
     for d in range(nd):
         wide = {b.dilation[d] for b in out if b.kernel_size[d] > 1}
         common = wide.pop() if len(wide) == 1 else 1
+        pad = max(b.padding[d] for b in out)
+        if any((pad - b.padding[d]) % common for b in out):
+            common = 1  # kernels sit between each other's dilated taps: spell out the zeros
         fixed = []
         for b in out:
             if b.kernel_size[d] == 1:
@@ -413,7 +416,7 @@ def _compose_pointwise(a: Affine, b: Affine) -> tuple[Tensor, int]:
         return weight.reshape(b.out_channels, a_mat.shape[-1], *b.kernel_size), g
     a_mat = a.dense_matrix()
     b_dense = regroup(b, 1).weight
-    weight = torch.einsum("omk,mi->oik", b_dense.flatten(2), a_mat)
+    weight = torch.einsum("omk,mi->oik", b_dense.reshape(*b_dense.shape[:2], -1), a_mat)
     weight = weight.reshape(b.out_channels, a.in_channels, *b.kernel_size)
     groups = _coarsest_groups(weight, math.gcd(a.groups, b.groups))
     return _ungroup(weight, groups), groups
@@ -429,7 +432,7 @@ def _compose_pointwise_after(a: Affine, b: Affine) -> tuple[Tensor, int]:
         return weight.reshape(b.out_channels, a.weight.shape[1], *a.kernel_size), g
     b_mat = b.dense_matrix()
     a_dense = regroup(a, 1).weight
-    weight = torch.einsum("om,mik->oik", b_mat, a_dense.flatten(2))
+    weight = torch.einsum("om,mik->oik", b_mat, a_dense.reshape(*a_dense.shape[:2], -1))
     weight = weight.reshape(b.out_channels, a.in_channels, *a.kernel_size)
     groups = _coarsest_groups(weight, math.gcd(a.groups, b.groups))
     return _ungroup(weight, groups), groups

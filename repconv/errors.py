@@ -29,6 +29,11 @@ class AlgebraError(RepconvError):
 
 
 class VerificationError(RepconvError):
-    """The fused model's outputs do not match the original's (exit code 1)."""
+    """The fused model's outputs do not match the original's (exit code 1). ``outcome`` is the
+    result that failed, for the caller to show."""
 
     exit_code = 1
+
+    def __init__(self, message: str, outcome: object = None) -> None:
+        super().__init__(message)
+        self.outcome = outcome

@@ -60,12 +60,14 @@ class FuseReport:
     before: ModelCounts | None = None
     after: ModelCounts | None = None
     verification: VerifyReport | None = None
+    show_rewrites: bool = False
 
     def rewrites_by_kind(self) -> dict[str, int]:
         return dict(Counter(r.kind for r in self.rewrites).most_common())
 
     def to_dict(self) -> dict[str, object]:
         data = asdict(self)
+        del data["show_rewrites"]
         data["rewrites_by_kind"] = self.rewrites_by_kind()
         return data
 
@@ -83,6 +85,20 @@ class FuseReport:
             for name in ("modules", "convs", "batchnorms", "parameters"):
                 table.add_row(
                     name, f"{getattr(self.before, name):,}", f"{getattr(self.after, name):,}"
+                )
+            parts.append(table)
+        if self.show_rewrites and self.rewrites:
+            table = Table(title="rewrites", title_justify="left", box=None, pad_edge=False)
+            for column in ("where", "kind", "ops", "kernel", "groups", "MACs before→after"):
+                table.add_column(column)
+            for r in self.rewrites:
+                table.add_row(
+                    ".".join(filter(None, (r.scope, r.module or "(identity)"))),
+                    r.kind,
+                    str(len(r.ops)),
+                    "x".join(map(str, r.kernel_size)) or "fc",
+                    str(r.groups),
+                    f"{r.macs_before:,}→{r.macs_after:,}",
                 )
             parts.append(table)
         if self.skipped:

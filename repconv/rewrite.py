@@ -24,7 +24,7 @@ from repconv import algebra
 from repconv.algebra import Affine
 from repconv.errors import AlgebraError, InputError
 from repconv.graph import GraphContext, tensor_dtype, tensor_shape
-from repconv.rules import RULES, Concat, LinearOp, Refusal, Sum, Unary
+from repconv.rules import RULES, LinearOp, Refusal, Sum, Unary
 from repconv.rules.base import channels, describe, spatial_dims
 
 # A region whose fused output differs from the original by more than this, relative to the

@@ -60,8 +60,8 @@ class VerifyReport:
 def eval_mode(*models: nn.Module) -> Iterator[None]:
     """Run models in eval mode, then restore every submodule's own training flag."""
     saved = [(m, m.training) for model in models for m in model.modules()]
-    for model in models:
-        model.eval()
+    for module, _ in saved:  # flags, not .eval(): torch.export modules refuse eval()
+        module.training = False
     try:
         yield
     finally:

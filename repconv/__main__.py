@@ -1,0 +1,3 @@
+from repconv.cli import app
+
+app(prog_name="repconv")

@@ -1,0 +1,426 @@
+"""Reading training checkpoints and writing deploy checkpoints.
+
+Nothing in an input file runs code: ``torch.load(weights_only=True)`` always, and a pickled
+module is loaded only when the caller passes ``trust_pickle=True``. A checkpoint may name its
+architecture (``arch`` = "module:callable", ``arch_kwargs``), but repconv imports such a name by
+itself only inside its own package; any other architecture comes from ``--model``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pickle
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch import Tensor, nn
+
+from repconv.errors import InputError, ModelBuildError
+
+DEPLOY_MARKER = "repconv_deploy"
+DEPLOY_VERSION = 1
+SUFFIXES = (".pt", ".pth", ".safetensors", ".pt2")
+# Where training scripts keep the weights, in the order repconv looks.
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "weights")
+MODULE_KEYS = ("ema", "model", "module", "net")
+PREFIXES = ("module.", "model.", "_orig_mod.")
+TRUSTED_ARCH_PACKAGE = "repconv."
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How to build the model: ``reference`` is "module:callable", called with ``kwargs``."""
+
+    reference: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> nn.Module:
+        return build_model(self.reference, self.kwargs)
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: nn.Module
+    architecture: Architecture | None
+    input_shape: tuple[int, ...] | None
+    pickled: bool
+    found: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    deploy_plan: list[dict[str, Any]] | None = None
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """"1,3,224,224" -> (1, 3, 224, 224)."""
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(n <= 0 for n in shape):
+        raise InputError(f"--input-shape {text!r} is not a shape; write it like 1,3,224,224")
+    return shape
+
+
+def parse_kwargs(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"--model-kwargs is not valid JSON ({exc.msg} at char {exc.pos}); "
+                         "write it like '{\"width\": 32}'") from exc
+    if not isinstance(value, dict):
+        raise InputError("--model-kwargs must be a JSON object, like '{\"width\": 32}'")
+    return value
+
+
+@contextmanager
+def _cwd_on_path() -> Iterator[None]:
+    """Let --model name a module in the directory the user runs repconv from."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if added:
+            sys.path.remove(cwd)
+
+
+def build_model(reference: str, kwargs: Mapping[str, Any]) -> nn.Module:
+    module_name, sep, attr = reference.partition(":")
+    if not sep or not module_name or not attr:
+        raise ModelBuildError(f"--model {reference!r} must look like package.module:callable")
+    try:
+        with _cwd_on_path():
+            target: Any = importlib.import_module(module_name)
+    except Exception as exc:  # importing runs the user's module: report any failure
+        raise ModelBuildError(f"cannot import {module_name!r} for --model: "
+                              f"{type(exc).__name__}: {exc}; check the module path") from exc
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise ModelBuildError(f"{module_name!r} has no attribute {part!r} (from --model "
+                                  f"{reference!r})")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ModelBuildError(f"--model {reference!r} is not callable")
+    try:
+        model = target(**kwargs)
+    except Exception as exc:  # the user's constructor failed
+        raise ModelBuildError(f"{reference}(**{dict(kwargs)}) failed: {type(exc).__name__}: "
+                              f"{exc}; check --model-kwargs") from exc
+    if not isinstance(model, nn.Module):
+        raise ModelBuildError(f"{reference} returned {type(model).__name__}, not a torch "
+                              "nn.Module")
+    return model
+
+
+def _check_readable(path: Path) -> None:
+    if not path.exists():
+        raise InputError(f"{path} does not exist")
+    if path.is_dir():
+        raise InputError(f"{path} is a directory; give a checkpoint file")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path} is empty (0 bytes); the file was not written completely")
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputError(f"{path} is not a readable safetensors file ({exc})") from exc
+
+
+def read_file(path: Path, *, trust_pickle: bool) -> Any:
+    """The object stored in a .pt/.pth/.safetensors file, loaded without running its code
+    unless ``trust_pickle``."""
+    _check_readable(path)
+    if path.suffix == ".safetensors":
+        tensors, metadata = _read_safetensors(path)
+        return {"state_dict": tensors, "safetensors_metadata": metadata}
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" not in str(exc) and "Weights only" not in str(exc):
+            raise InputError(f"{path} is not a PyTorch checkpoint (unpickling failed: "
+                             f"{str(exc).splitlines()[0][:120]})") from exc
+        if not trust_pickle:
+            raise InputError(
+                f"{path} holds pickled Python objects (such as a whole nn.Module); loading it "
+                "runs code from the file. If you trust the file, pass --trust-pickle"
+            ) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise InputError(f"{path} is not a PyTorch checkpoint ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:120] if str(exc) else 'unreadable'})") from exc
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # unpickling trusted user code can fail in any way
+        raise InputError(f"{path} could not be unpickled: {type(exc).__name__}: {exc}; the "
+                         "classes it names must be importable here") from exc
+
+
+def _is_state_dict(value: Any) -> bool:
+    return (
+        isinstance(value, Mapping)
+        and len(value) > 0
+        and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in value.items())
+    )
+
+
+def _fit_keys(
+    weights: Mapping[str, Tensor], expected: set[str], found: list[str]
+) -> dict[str, Tensor]:
+    """Strip DataParallel/Lightning/compile prefixes while that makes the keys fit better."""
+    weights = dict(weights)
+    for _ in range(3):
+        if set(weights) <= expected:
+            break
+        for prefix in PREFIXES:
+            if all(key.startswith(prefix) for key in weights):
+                weights = {key[len(prefix):]: value for key, value in weights.items()}
+                found.append(f"stripped key prefix {prefix!r}")
+                break
+        else:
+            break
+    return weights
+
+
+def _load_weights(model: nn.Module, weights: Mapping[str, Tensor], found: list[str]) -> None:
+    own = model.state_dict()
+    weights = _fit_keys(weights, set(own), found)
+    missing = [k for k in own if k not in weights and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in weights if k not in own]
+    if missing or unexpected:
+        def listing(keys: list[str]) -> str:
+            shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+            return f"{len(keys)} ({shown})" if keys else "0"
+
+        raise ModelBuildError(
+            f"checkpoint does not fit the model: missing keys {listing(missing)}, unexpected "
+            f"keys {listing(unexpected)}; check --model and --model-kwargs"
+        )
+    wrong = [
+        f"{k} {tuple(weights[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in weights and weights[k].shape != v.shape
+    ]
+    if wrong:
+        raise ModelBuildError(f"checkpoint shapes do not fit the model: {len(wrong)} tensors "
+                              f"differ ({'; '.join(wrong[:3])}); check --model-kwargs")
+    model.load_state_dict({**own, **weights}, strict=True, assign=True)
+
+
+def check_statistics(model: nn.Module) -> None:
+    """BN statistics that are NaN/Inf or negative make the fold meaningless: stop early."""
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        mean, var = module.running_mean, module.running_var
+        if mean is None or var is None:
+            continue
+        if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
+            raise InputError(f"BatchNorm {name} has NaN or Inf running statistics; the "
+                             "checkpoint is damaged (use an earlier epoch)")
+        if (var < 0).any():
+            raise InputError(f"BatchNorm {name} has negative running_var; the checkpoint is "
+                             "damaged (use an earlier epoch)")
+
+
+def _architecture_in(container: Mapping[str, Any]) -> Architecture | None:
+    reference = container.get("arch")
+    if not isinstance(reference, str) or ":" not in reference:
+        return None
+    kwargs = container.get("arch_kwargs") or {}
+    if isinstance(kwargs, str):
+        kwargs = json.loads(kwargs or "{}")
+    return Architecture(reference, dict(kwargs))
+
+
+def _shape_in(container: Mapping[str, Any]) -> tuple[int, ...] | None:
+    shape = container.get("input_shape")
+    if isinstance(shape, str):
+        shape = json.loads(shape) if shape else None
+    return tuple(int(n) for n in shape) if shape else None
+
+
+def load_checkpoint(
+    path: Path,
+    *,
+    model_reference: str | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    trust_pickle: bool = False,
+) -> LoadedCheckpoint:
+    """Load a training (or deploy) checkpoint in any layout repconv knows into an nn.Module."""
+    path = Path(path)
+    obj = read_file(path, trust_pickle=trust_pickle)
+    found: list[str] = []
+    if isinstance(obj, nn.Module):
+        found.append(f"a pickled {type(obj).__name__}")
+        check_statistics(obj)
+        return LoadedCheckpoint(obj, None, None, pickled=True, found=found)
+    if not isinstance(obj, Mapping):
+        raise InputError(f"{path} holds a {type(obj).__name__}, not a model or state_dict")
+    container: dict[str, Any] = dict(obj)
+    if "safetensors_metadata" in container:
+        metadata = container.pop("safetensors_metadata")
+        container.update(metadata)
+        found.append("a safetensors state_dict")
+    for key in MODULE_KEYS:
+        if isinstance(container.get(key), nn.Module):
+            model = container[key]
+            found.append(f"a pickled {type(model).__name__} under {key!r}")
+            extra = {k: v for k, v in container.items() if k != key}
+            check_statistics(model)
+            return LoadedCheckpoint(model, None, _shape_in(container), True, found, extra)
+    if _is_state_dict(container):
+        weights, key = container, None
+        found.append("a bare state_dict")
+    else:
+        key = next((k for k in STATE_DICT_KEYS if _is_state_dict(container.get(k))), None)
+        if key is None:
+            keys = ", ".join(map(str, list(container)[:6]))
+            raise InputError(f"{path} holds a dict with no model weights (keys: {keys}); "
+                             "expected a state_dict or one under 'state_dict'/'model'")
+        weights = container[key]
+        if "safetensors_metadata" not in obj:
+            found.append(f"state_dict under {key!r}")
+    deploy_plan = _deploy_plan(container)
+    architecture = _architecture_in(container)
+    if model_reference:
+        architecture = Architecture(model_reference, dict(model_kwargs or {}))
+    elif architecture is None:
+        raise InputError(f"{path} holds only weights; pass --model package.module:callable "
+                         "(and --model-kwargs) to build the architecture")
+    elif not architecture.reference.startswith(TRUSTED_ARCH_PACKAGE):
+        raise InputError(f"{path} names its architecture {architecture.reference!r}; repconv "
+                         f"imports only its own by itself: pass --model {architecture.reference}")
+    model = architecture.build()
+    if deploy_plan is not None:
+        from repconv.fuse import replay_plan  # deploy files rebuild the fused structure
+
+        model = replay_plan(model, deploy_plan)
+        found.append(f"a repconv deploy file ({len(deploy_plan)} recorded rewrites)")
+    _load_weights(model, weights, found)
+    check_statistics(model)
+    extra = {k: v for k, v in container.items() if k != key and not _is_state_dict(v)}
+    return LoadedCheckpoint(
+        model.eval(), architecture, _shape_in(container), False, found, extra, deploy_plan
+    )
+
+
+def _deploy_plan(container: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    if DEPLOY_MARKER not in container:
+        return None
+    plan = container.get("plan")
+    if isinstance(plan, str):
+        plan = json.loads(plan)
+    if not isinstance(plan, list):
+        raise InputError("deploy file has no readable rewrite plan; it is damaged")
+    return plan
+
+
+def load_deploy(model: nn.Module, path: Path | str) -> nn.Module:
+    """A freshly built training ``model`` turned into the fused model stored in ``path``
+    (.pt or .safetensors written by repconv), rebuilding exactly the recorded structure."""
+    from repconv.fuse import replay_plan
+
+    path = Path(path)
+    container = read_file(path, trust_pickle=False)
+    if not isinstance(container, Mapping):
+        raise InputError(f"{path} is not a repconv deploy file")
+    container = dict(container)
+    container.update(container.pop("safetensors_metadata", {}))
+    plan = _deploy_plan(container)
+    if plan is None:
+        raise InputError(f"{path} is not a repconv deploy file (no {DEPLOY_MARKER!r} entry)")
+    fused = replay_plan(model, plan)
+    _load_weights(fused, container["state_dict"], [])
+    return fused.eval()
+
+
+def _atomic_write(out: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temp file in OUT's folder, renamed into place: never a half-written OUT,
+    even on Ctrl-C or a full disk."""
+    handle, temp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(handle)
+    temp = Path(temp_name)
+    try:
+        write(temp)
+        os.replace(temp, out)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def check_output(in_path: Path, out: Path) -> None:
+    """Refuse an OUT that cannot be written, before any work is done."""
+    if out.suffix not in SUFFIXES:
+        raise InputError(f"OUT {out} must end in .pt, .pth, .safetensors or .pt2 (it picks the "
+                         "format)")
+    if out.exists() and in_path.exists() and out.resolve() == in_path.resolve():
+        raise InputError("OUT is the same file as IN; repconv never overwrites its input")
+    if not out.parent.exists():
+        raise InputError(f"folder {out.parent} does not exist; create it first")
+    if out.is_dir():
+        raise InputError(f"OUT {out} is a directory; give a file name")
+
+
+def _plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def save_deploy(
+    out: Path,
+    fused: nn.Module,
+    plan: list[dict[str, Any]],
+    loaded: LoadedCheckpoint,
+    input_shape: tuple[int, ...],
+    example_inputs: tuple[Tensor, ...],
+    *,
+    keep_extra: bool = False,
+) -> str:
+    """Write the deploy checkpoint in the format OUT's suffix names; returns a description."""
+    arch = loaded.architecture
+    meta = {
+        DEPLOY_MARKER: DEPLOY_VERSION,
+        "arch": arch.reference if arch else "",
+        "arch_kwargs": arch.kwargs if arch else {},
+        "input_shape": list(input_shape),
+        "plan": plan,
+    }
+    if out.suffix == ".pt2":
+        try:
+            program = torch.export.export(fused, example_inputs)
+        except Exception as exc:  # export failures come from deep inside torch
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"the fused model does not export with torch.export ({first[:200]});"
+                             " write .pt or .safetensors instead") from exc
+        _atomic_write(out, lambda temp: torch.export.save(program, temp))
+        return "torch.export program"
+    if out.suffix == ".safetensors":
+        metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+        state = _plain_state_dict(fused)
+        _atomic_write(out, lambda temp: save_file(state, str(temp), metadata=metadata))
+        return "safetensors weights with the rewrite plan in metadata"
+    if loaded.pickled:
+        payload: Any = {"model": fused, **loaded.extra} if keep_extra else fused
+        _atomic_write(out, lambda temp: torch.save(payload, temp))
+        return "pickled fused module"
+    payload = {**meta, "state_dict": _plain_state_dict(fused)}
+    if keep_extra:
+        payload = {**loaded.extra, **payload}
+    _atomic_write(out, lambda temp: torch.save(payload, temp))
+    return "fused state_dict with the rewrite plan (loads with weights_only=True)"

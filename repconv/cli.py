@@ -1,0 +1,172 @@
+"""The repconv command line. Parses, calls the library, renders; holds no logic."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from repconv import __version__
+from repconv.errors import RepconvError, VerificationError
+from repconv.pipeline import Options, Progress, fuse_checkpoint, verify_checkpoints
+
+app = typer.Typer(
+    name="repconv",
+    help="Fold Conv-BN pairs and linear multi-branch blocks (RepVGG, ACNet, DBB, MobileOne, "
+    "RepMixer, ...) into single convolutions, verify the result, write a deploy checkpoint.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+InPath = Annotated[Path, typer.Argument(metavar="IN", help="Training checkpoint (.pt/.pth/"
+                                        ".safetensors).", show_default=False)]
+ModelOpt = Annotated[str | None, typer.Option(
+    "--model", metavar="MODULE:CALLABLE",
+    help="Builds the architecture when IN holds only weights, e.g. mypkg.models:repvgg_a0. "
+    "Modules in the current folder are importable.")]
+KwargsOpt = Annotated[str | None, typer.Option(
+    "--model-kwargs", metavar="JSON", help="Keyword arguments for --model, e.g. "
+    "'{\"num_classes\": 10}'.")]
+ShapeOpt = Annotated[str | None, typer.Option(
+    "--input-shape", metavar="N,C,H,W", help="Shape of the random verification input. Default: "
+    "the shape recorded in the checkpoint.")]
+JsonOpt = Annotated[bool, typer.Option(
+    "--json", help="Print one JSON document on stdout (human output goes to stderr).")]
+RtolOpt = Annotated[float | None, typer.Option(
+    "--rtol", help="Allowed error relative to each output's max |value|. Default by dtype: "
+    "1e-5 fp32, 1e-9 fp64, 1e-2 fp16, 5e-2 bf16.")]
+AtolOpt = Annotated[float, typer.Option("--atol", help="Allowed absolute error on top of rtol.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random verification inputs.")]
+TrustOpt = Annotated[bool, typer.Option(
+    "--trust-pickle", help="Allow IN to be a pickled nn.Module. Unpickling runs code from the "
+    "file: only for files you trust.")]
+
+
+def _jsonable(value: Any) -> Any:
+    """Non-finite floats as strings, so every JSON parser accepts the document."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _run(as_json: bool, action: Callable[[Progress], Any], exit_code: Callable[[Any], int]) -> None:
+    """Run ``action`` with a progress line on stderr; render its result; map errors to codes."""
+    human = Console(stderr=as_json, highlight=False, soft_wrap=True)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        with err.status("starting", spinner="dots") as status:
+            result = action(lambda message: status.update(message))
+    except RepconvError as exc:
+        outcome = getattr(exc, "outcome", None) if isinstance(exc, VerificationError) else None
+        if outcome is not None:
+            human.print(outcome)
+        if as_json:
+            payload = outcome.to_dict() if outcome is not None else {"ok": False}
+            sys.stdout.write(json.dumps(_jsonable({**payload, "error": str(exc)}), indent=2))
+            sys.stdout.write("\n")
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        err.print("[bold red]interrupted[/]: nothing written")
+        raise typer.Exit(130) from None
+    human.print(result)
+    if as_json:
+        sys.stdout.write(json.dumps(_jsonable(result.to_dict()), indent=2) + "\n")
+    raise typer.Exit(exit_code(result))
+
+
+@app.command()
+def fuse(
+    in_path: InPath,
+    out_path: Annotated[Path, typer.Argument(
+        metavar="OUT", help="Deploy checkpoint to write; its suffix picks the format: .pt "
+        "(state_dict + rewrite plan, or the pickled module for a pickled IN), .safetensors, "
+        ".pt2 (torch.export).", show_default=False)],
+    model: ModelOpt = None,
+    model_kwargs: KwargsOpt = None,
+    input_shape: ShapeOpt = None,
+    as_json: JsonOpt = False,
+    rtol: RtolOpt = None,
+    atol: AtolOpt = 0.0,
+    seed: SeedOpt = 0,
+    trust_pickle: TrustOpt = False,
+    keep_extra: Annotated[bool, typer.Option(
+        "--keep-extra", help="Keep training-only entries (optimizer, scheduler, EMA, epoch) "
+        "in a .pt OUT.")] = False,
+) -> None:
+    """Fuse IN into one conv per linear region, verify it, write OUT.
+
+    Exit 0: verified deploy checkpoint written. 1: verification failed (nothing written).
+    2: bad usage or unreadable input (nothing written).
+    """
+    options = Options(model, model_kwargs, input_shape, rtol, atol, seed, trust_pickle)
+    _run(
+        as_json,
+        lambda progress: fuse_checkpoint(in_path, out_path, options, keep_extra=keep_extra,
+                                         progress=progress),
+        lambda outcome: 0,
+    )
+
+
+@app.command()
+def verify(
+    original: Annotated[Path, typer.Argument(metavar="ORIGINAL", help="Training checkpoint.",
+                                             show_default=False)],
+    deploy: Annotated[Path, typer.Argument(metavar="DEPLOY", help="Deploy checkpoint written "
+                                           "by repconv fuse.", show_default=False)],
+    model: ModelOpt = None,
+    model_kwargs: KwargsOpt = None,
+    input_shape: ShapeOpt = None,
+    as_json: JsonOpt = False,
+    rtol: RtolOpt = None,
+    atol: AtolOpt = 0.0,
+    seed: SeedOpt = 0,
+    trust_pickle: TrustOpt = False,
+) -> None:
+    """Check that DEPLOY computes what ORIGINAL does, on seeded random inputs.
+
+    Exit 0: outputs agree within tolerance. 1: they do not. 2: bad usage or unreadable input.
+    """
+    options = Options(model, model_kwargs, input_shape, rtol, atol, seed, trust_pickle)
+    _run(
+        as_json,
+        lambda progress: verify_checkpoints(original, deploy, options, progress=progress),
+        lambda outcome: 0 if outcome.report.passed else 1,
+    )
+
+
+@app.command()
+def inspect(
+    in_path: InPath,
+    model: ModelOpt = None,
+    model_kwargs: KwargsOpt = None,
+    input_shape: ShapeOpt = None,
+    as_json: JsonOpt = False,
+    trust_pickle: TrustOpt = False,
+) -> None:
+    """List what would be fused and what would not, and why. Writes nothing."""
+    options = Options(model, model_kwargs, input_shape, trust_pickle=trust_pickle)
+
+    def action(progress: Progress) -> Any:
+        outcome = fuse_checkpoint(in_path, None, options, check=False, progress=progress)
+        outcome.report.show_rewrites = True
+        return outcome
+
+    _run(as_json, action, lambda outcome: 0)
+
+
+@app.command()
+def version() -> None:
+    """Print repconv's version."""
+    typer.echo(__version__)
