@@ -195,7 +195,8 @@ def regroup(a: Affine, groups: int) -> Affine:
     """The same map written with fewer groups (``groups`` divides ``a.groups``), block-diagonally.
 
     Output channel o of group j reads input slice j; in the coarser grouping its group j' holds
-    ``a.groups // groups`` old groups, so its kernel sits at offset ``(j mod ratio) * in_per_group``.
+    ``a.groups // groups`` old groups, so its kernel sits at offset
+    ``(j mod ratio) * in_per_group``.
     This is what makes identity-with-groups correct: K[i, i mod (C/g), centre] = 1.
     """
     if groups == a.groups:
@@ -291,10 +292,9 @@ def _common_frame(branches: list[Affine], what: str) -> tuple[list[Tensor], Affi
             raise AlgebraError(f"padding misaligned in dim {d}: kernels {detail}")
         pad = max(b.padding[d] for b in branches)
         dilation = branches[0].dilation[d]
-        if any((pad - b.padding[d]) % dilation for b in branches):
-            raise AlgebraError(f"padding misaligned in dim {d}: offsets not multiples of dilation")
         padding.append(pad)
-        kernel.append(max(b.kernel_size[d] + 2 * (pad - b.padding[d]) // dilation for b in branches))
+        kernel.append(max(b.kernel_size[d] + 2 * (pad - b.padding[d]) // dilation
+                          for b in branches))
     kernels = []
     for b in branches:
         pads: list[int] = []

@@ -163,8 +163,9 @@ def read_file(path: Path, *, trust_pickle: bool) -> Any:
                 "runs code from the file. If you trust the file, pass --trust-pickle"
             ) from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        detail = str(exc).splitlines()[0][:120] if str(exc) else "unreadable"
         raise InputError(f"{path} is not a PyTorch checkpoint ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:120] if str(exc) else 'unreadable'})") from exc
+                         f"{detail})") from exc
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # unpickling trusted user code can fail in any way

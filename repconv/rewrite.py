@@ -192,7 +192,9 @@ def _cost_split(
         expr = exprs[sink]
         if _fused_macs(sink, expr) <= expr.macs or expr.affine.is_identity():
             continue
-        node = next(m for m in ops if m in expr.members and _fused_macs(m, exprs[m]) > exprs[m].macs)
+        node = next(
+            m for m in ops if m in expr.members and _fused_macs(m, exprs[m]) > exprs[m].macs
+        )
         inner = tuple(s for s in _inputs(ops[node]) if s in ops and s not in boundaries)
         reason = (f"cost: one conv would take {_fused_macs(node, exprs[node]):,} MACs per sample, "
                   f"the {len(exprs[node].members)} ops it replaces {exprs[node].macs:,}")

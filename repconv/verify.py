@@ -80,7 +80,7 @@ def random_inputs(example_inputs: tuple[Tensor, ...], seed: int) -> tuple[Tensor
 
 
 def _leaves(output: object) -> list[tuple[str, Tensor]]:
-    leaves, spec = tree_flatten(output)
+    leaves, _ = tree_flatten(output)
     return [(f"output[{i}]", leaf) for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
 
 
@@ -116,7 +116,8 @@ def verify(
                 tol = rtol if rtol is not None else DEFAULT_RTOL.get(a.dtype, 1e-5)
                 used_rtol = max(used_rtol, tol)
                 if a.shape != b.shape:
-                    passed, worst_rel, worst_abs, worst_name = False, float("inf"), float("inf"), name
+                    passed, worst_name = False, name
+                    worst_rel = worst_abs = float("inf")
                     continue
                 a64, b64 = a.double(), b.double()
                 scale = float(a64.abs().max()) if a.numel() else 0.0
