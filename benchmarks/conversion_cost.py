@@ -32,7 +32,8 @@ else:
     from repconv.pipeline import Options, fuse_checkpoint
     fuse_checkpoint(source, target, Options())
 seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"seconds": seconds, "rss_mb": peak_mb}))
 """
 
 
