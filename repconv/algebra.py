@@ -27,6 +27,9 @@ ZERO_BIAS_TOLERANCE = 1e-6
 
 _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 _CONV_MODULE: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_CONV_TRANSPOSE_MODULE: dict[int, type[nn.Module]] = {
+    1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d
+}
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,9 @@ class Affine:
     dilation: tuple[int, ...]
     groups: int
     padding_mode: str = "zeros"
+    # A transposed conv keeps torch's (in, out // groups, *kernel) weight layout.
+    transposed: bool = False
+    output_padding: tuple[int, ...] = ()
 
     @property
     def nd(self) -> int:
@@ -47,11 +53,11 @@ class Affine:
 
     @property
     def out_channels(self) -> int:
-        return self.weight.shape[0]
+        return self.weight.shape[1] * self.groups if self.transposed else self.weight.shape[0]
 
     @property
     def in_channels(self) -> int:
-        return self.weight.shape[1] * self.groups
+        return self.weight.shape[0] if self.transposed else self.weight.shape[1] * self.groups
 
     @property
     def kernel_size(self) -> tuple[int, ...]:
@@ -77,7 +83,7 @@ class Affine:
         )
 
     def is_identity(self) -> bool:
-        if self.in_channels != self.out_channels or not self.is_pointwise:
+        if self.transposed or self.in_channels != self.out_channels or not self.is_pointwise:
             return False
         if any(s != 1 for s in self.stride) or any(p != 0 for p in self.padding):
             return False
@@ -126,6 +132,46 @@ def from_conv(
     return Affine(
         weight, bias_t, _tuple(stride, nd), padding_t, dilation_t, groups, padding_mode
     )
+
+
+def from_conv_transpose(
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    output_padding: tuple[int, ...],
+    dilation: tuple[int, ...],
+    groups: int,
+) -> Affine:
+    """A transposed convolution; weight in torch's (in, out // groups, *kernel) layout."""
+    weight = weight.detach().double()
+    out = weight.shape[1] * groups
+    bias_t = torch.zeros(out, dtype=torch.float64) if bias is None else bias.detach().double()
+    return Affine(weight, bias_t, tuple(stride), tuple(padding), tuple(dilation), groups,
+                  transposed=True, output_padding=tuple(output_padding))
+
+
+def _channel_diagonal(a: Affine) -> tuple[Tensor, Tensor] | None:
+    """(scale, shift) if ``a`` is a per-channel ``x * scale + shift``, else None."""
+    if a.transposed or not a.is_pointwise or any(a.padding) or any(s != 1 for s in a.stride):
+        return None
+    if a.groups != a.out_channels or a.in_channels != a.out_channels:
+        return None
+    return a.weight.reshape(-1), a.bias
+
+
+def _transposed_then(a: Affine, b: Affine) -> Affine:
+    """A per-channel map after a transposed conv scales its output axis: weight dim 1 within
+    each group (torch's own fusion helper gets this wrong for groups > 1)."""
+    diagonal_b = _channel_diagonal(b)
+    if not a.transposed or diagonal_b is None:
+        raise AlgebraError("a transposed conv folds only with a BN or channel scale after it")
+    scale, shift = diagonal_b
+    g = a.groups
+    grouped = a.weight.reshape(g, a.in_channels // g, a.out_channels // g, *a.kernel_size)
+    factor = scale.reshape(g, 1, a.out_channels // g, *([1] * a.nd))
+    return replace(a, weight=(grouped * factor).reshape(a.weight.shape),
+                   bias=a.bias * scale + shift)
 
 
 def diagonal(scale: Tensor, shift: Tensor, nd: int) -> Affine:
@@ -266,6 +312,8 @@ def _common_frame(branches: list[Affine], what: str) -> tuple[list[Tensor], Affi
     offset ``(P - p) / dilation`` in the frame.
     """
     first = branches[0]
+    if any(b.transposed for b in branches):
+        raise AlgebraError(f"cannot {what} a transposed conv with other branches")
     for b in branches[1:]:
         if b.nd != first.nd:
             raise AlgebraError(f"cannot {what} a {b.nd}-d and a {first.nd}-d conv")
@@ -374,6 +422,8 @@ def then(a: Affine, b: Affine) -> Affine:
         raise AlgebraError(f"{a.out_channels} channels feed a map of {b.in_channels}")
     if b.nd != a.nd:
         raise AlgebraError(f"cannot compose a {a.nd}-d and a {b.nd}-d map")
+    if a.transposed or b.transposed:
+        return _transposed_then(a, b)
     _check_then_exact(a, b)
     nd = a.nd
     bias = b.bias + _apply_weight_to_constant(b, a.bias)
@@ -466,6 +516,18 @@ def to_module(a: Affine, dtype: torch.dtype, device: torch.device | None = None)
     """The nn.ConvNd (nn.Linear for 0-d) computing ``a``, with weights cast once to ``dtype``."""
     if a.nd == 0:
         module: nn.Module = nn.Linear(a.in_channels, a.out_channels, dtype=torch.float64)
+    elif a.transposed:
+        module = _CONV_TRANSPOSE_MODULE[a.nd](
+            a.in_channels,
+            a.out_channels,
+            a.kernel_size,
+            stride=a.stride,
+            padding=a.padding,
+            output_padding=a.output_padding,
+            dilation=a.dilation,
+            groups=a.groups,
+            dtype=torch.float64,
+        )
     else:
         module = _CONV_MODULE[a.nd](
             a.in_channels,

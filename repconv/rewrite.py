@@ -30,7 +30,13 @@ from repconv.rules.base import channels, describe, spatial_dims
 # A region whose fused output differs from the original by more than this, relative to the
 # output's scale, in float64, is not rewritten: the algebra would be wrong, so keep the model.
 LOCAL_TOLERANCE = 1e-6
-_CONV_LABELS = ("Conv1d", "Conv2d", "Conv3d", "conv1d", "conv2d", "conv3d", "Linear", "linear")
+_CONV_LABELS = ("Conv1d", "Conv2d", "Conv3d", "conv1d", "conv2d", "conv3d", "Linear", "linear",
+                "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d")
+_MODULE_KINDS: dict[str, type[nn.Module]] = {
+    kind.__name__: kind
+    for kind in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                 nn.ConvTranspose3d, nn.Linear)
+}
 
 
 @dataclass(frozen=True)
@@ -306,16 +312,17 @@ def module_spec(module: nn.Module) -> dict[str, object]:
         groups=module.groups,
         padding_mode=module.padding_mode,
     )
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        spec["output_padding"] = list(module.output_padding)
     return spec
 
 
 def build_from_spec(spec: dict[str, object]) -> nn.Module:
-    kinds = {"Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d, "Linear": nn.Linear}
     args = dict(spec)
     kind, dtype = args.pop("type"), args.pop("dtype")
-    if kind not in kinds or not hasattr(torch, str(dtype)):
+    if kind not in _MODULE_KINDS or not isinstance(getattr(torch, str(dtype), None), torch.dtype):
         raise InputError(f"deploy plan names an unknown module {kind!r}; the file is damaged")
-    return kinds[kind](**args, dtype=getattr(torch, str(dtype)))
+    return _MODULE_KINDS[kind](**args, dtype=getattr(torch, str(dtype)))
 
 
 def _set_submodule(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
@@ -332,7 +339,7 @@ def _module_name(gm: fx.GraphModule, region: Region, taken: set[str]) -> str:
     """Reuse the first conv's name (it has one call site, or it would not be in a region)."""
     for member in region.members:
         if member.op == "call_module" and member.target not in taken and isinstance(
-            gm.get_submodule(member.target), (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+            gm.get_submodule(member.target), tuple(_MODULE_KINDS.values())
         ):
             return str(member.target)
     return f"repconv_fused_{region.sink.name}"

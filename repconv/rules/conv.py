@@ -1,11 +1,12 @@
-"""Rule: convolution and linear layers.
+"""Rule: convolution, transposed convolution and linear layers.
 
-Pattern: ``nn.Conv{1,2,3}d`` / ``nn.Linear`` (or subclasses keeping their forward) as call_module,
-or ``F.conv{1,2,3}d`` / ``F.linear`` with constant weights.
+Pattern: ``nn.Conv{1,2,3}d`` / ``nn.ConvTranspose{1,2,3}d`` / ``nn.Linear`` (or subclasses
+keeping their forward) as call_module, or ``F.conv{1,2,3}d`` / ``F.linear`` with constant
+weights.
 Conditions: the weight has one call site (folding a BN into a weight that two call sites share
 would change the other one); a linear layer only on (batch, features) inputs.
 Formula: ``Affine(weight, bias, stride, padding, dilation, groups)``; a linear layer is the 0-d
-case.
+case; a transposed conv is an Affine that only composes with a per-channel map after it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from repconv.graph import GraphContext
 from repconv.rules.base import Refusal, Unary, describe, spatial_dims
 
 _FUNCTIONAL_CONV = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
 
@@ -40,6 +42,12 @@ def lower(node: fx.Node, ctx: GraphContext) -> Unary | Refusal | None:
             return shared or Unary(
                 node.args[0], algebra.from_conv(module.weight, module.bias), "Linear"
             )
+        if isinstance(module, _TRANSPOSED):
+            shared = _shared(ctx, node.target)
+            return shared or Unary(node.args[0], algebra.from_conv_transpose(
+                module.weight, module.bias, module.stride, module.padding,
+                module.output_padding, module.dilation, module.groups,
+            ), type(module).__name__)
         if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             return None
         shared = _shared(ctx, node.target)
