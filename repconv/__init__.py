@@ -1,5 +1,6 @@
 """repconv: fold Conv-BN pairs and linear multi-branch blocks into single convolutions."""
 
+from repconv.checkpoint import load_deploy
 from repconv.errors import (
     AlgebraError,
     InputError,
@@ -23,6 +24,7 @@ __all__ = [
     "VerificationError",
     "VerifyReport",
     "fuse",
+    "load_deploy",
     "verify",
 ]
 __version__ = "0.1.0"

@@ -14,14 +14,14 @@ built (see :mod:`repconv.make_samples`).
 
 from __future__ import annotations
 
-import importlib
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from repconv.checkpoint import build_model
 
 __all__ = [
     "SAMPLES",
@@ -33,7 +33,6 @@ __all__ = [
     "build_sample",
     "repvgg_tiny",
     "resnet_tiny",
-    "resolve_builder",
 ]
 
 
@@ -272,22 +271,9 @@ class SampleSpec:
         return int(self.kwargs.get("num_classes", 10))
 
 
-def resolve_builder(ref: str) -> Callable[..., nn.Module]:
-    """Import and return the callable named by a ``"package.module:attr"`` reference."""
-    module_name, sep, attr = ref.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"builder reference must look like 'module:function', got {ref!r}")
-    obj: Any = importlib.import_module(module_name)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise TypeError(f"{ref!r} does not name a callable")
-    return obj
-
-
 def build_sample(spec: SampleSpec) -> nn.Module:
     """Instantiate the (untrained) model described by ``spec``."""
-    return resolve_builder(spec.builder)(**spec.kwargs)
+    return build_model(spec.builder, spec.kwargs)
 
 
 SAMPLES: dict[str, SampleSpec] = {

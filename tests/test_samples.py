@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 import torch.fx
 from torch import nn
 
+from repconv import make_samples, samples
+from repconv.checkpoint import build_model
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _import(module: str) -> ModuleType:
-    """Import ``module`` from this checkout even when it is not installed."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    return importlib.import_module(module)
-
-
-samples = _import("repconv.samples")
-make_samples = _import("repconv.make_samples")
 SAMPLES = samples.SAMPLES
 SAMPLE_DIR = ROOT / "sample_checkpoints"
 CHECKPOINT_KEYS = {"state_dict", "optimizer", "epoch", "arch", "arch_kwargs", "input_shape"}
@@ -52,7 +41,7 @@ def test_builder_output_shape(name: str) -> None:
     """Each builder resolves, builds the expected class and gives (1, num_classes)."""
     spec = SAMPLES[name]
     torch.manual_seed(0)
-    model = samples.resolve_builder(spec.builder)(**spec.kwargs)
+    model = build_model(spec.builder, spec.kwargs)
     assert type(model).__name__ == EXPECTED_CLASS[name]
     model.eval()
     with torch.no_grad():
@@ -96,7 +85,7 @@ def test_checkpoint_file(name: str) -> None:
     assert set(ckpt["optimizer"]) == {"state", "param_groups"}
     assert len(ckpt["optimizer"]["state"]) > 0  # momentum buffers exist
 
-    model = samples.resolve_builder(ckpt["arch"])(**ckpt["arch_kwargs"])
+    model = build_model(ckpt["arch"], ckpt["arch_kwargs"])
     model.load_state_dict(ckpt["state_dict"], strict=True)
 
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
