@@ -25,7 +25,7 @@ from repconv.checkpoint import (
 )
 from repconv.errors import InputError, VerificationError
 from repconv.fuse import fuse
-from repconv.report import FuseReport
+from repconv.report import FuseReport, ModelCounts
 from repconv.verify import VerifyReport, verify
 
 Progress = Callable[[str], None]
@@ -130,21 +130,29 @@ def fuse_checkpoint(
     seconds["load"] = time.perf_counter() - start
     inputs = _cast_inputs(options.inputs(loaded.input_shape), loaded.model)
     if loaded.deploy_plan is not None:
-        raise InputError(f"{in_path} is already a repconv deploy file; nothing to fuse (verify "
-                         "it against its training checkpoint with repconv verify)")
-    progress("tracing and fusing")
-    start = time.perf_counter()
-    result = fuse(loaded.model, inputs, check=check, rtol=options.rtol, atol=options.atol,
-                  seed=options.seed)
-    seconds["fuse_and_verify"] = time.perf_counter() - start
+        # Already fused: pass it through unchanged, so a pipeline step stays idempotent.
+        counts = ModelCounts.of(loaded.model)
+        report = FuseReport(before=counts, after=counts, notes=[
+            f"{in_path} is already a repconv deploy file ({len(loaded.deploy_plan)} recorded "
+            "rewrites): nothing more to fuse; verify it against its training checkpoint with "
+            "repconv verify"])
+        plan = loaded.deploy_plan
+        fused_model = loaded.model
+    else:
+        progress("tracing and fusing")
+        start = time.perf_counter()
+        result = fuse(loaded.model, inputs, check=check, rtol=options.rtol, atol=options.atol,
+                      seed=options.seed)
+        seconds["fuse_and_verify"] = time.perf_counter() - start
+        report, plan, fused_model = result.report, result.plan, result.model
+        if not report.rewrites:
+            report.notes.append("nothing to fuse: the model has no Conv-BN pair or linear "
+                                "multi-branch block (already fused?)")
     outcome = FuseOutcome(str(in_path), str(out_path) if out_path else None, loaded.found,
-                          result.report, seconds=seconds)
-    if not result.report.rewrites:
-        result.report.notes.append("nothing to fuse: the model has no Conv-BN pair or linear "
-                                   "multi-branch block (already fused?)")
+                          report, seconds=seconds)
     if not outcome.ok:
         raise VerificationError(
-            f"fused model does not match the original: {result.report.verification.summary()}; "
+            f"fused model does not match the original: {report.verification.summary()}; "
             "nothing written",
             outcome,
         )
@@ -152,7 +160,7 @@ def fuse_checkpoint(
         progress(f"writing {out_path}")
         start = time.perf_counter()
         outcome.written = save_deploy(
-            out_path, result.model, result.plan, loaded, tuple(inputs[0].shape), inputs,
+            out_path, fused_model, plan, loaded, tuple(inputs[0].shape), inputs,
             keep_extra=keep_extra,
         )
         seconds["write"] = time.perf_counter() - start
