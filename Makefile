@@ -13,7 +13,7 @@ install:
 	@$(BIN)/repconv version >/dev/null && echo "installed: $$($(BIN)/python -c 'import torch; print("torch", torch.__version__)'), repconv in $(VENV)"
 
 test:
-	$(BIN)/python -m pytest -q -n 2
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2
 
 lint:
 	$(BIN)/ruff check .

@@ -26,13 +26,18 @@ def _as_inputs(example_inputs: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...
     return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
 
 
-def _child_inputs(module: nn.Module, inputs: tuple[Tensor, ...]) -> dict[str, tuple | None]:
-    """The positional inputs each direct child is first called with (None: called with kwargs)."""
+def _recorded_inputs(module: nn.Module, inputs: tuple[Tensor, ...]) -> dict[str, tuple | None]:
+    """The positional inputs every descendant is first called with, by qualified name (None:
+    called with keyword arguments). Containers such as ModuleList are never called themselves."""
     seen: dict[str, tuple | None] = {}
     handles = []
-    for name, child in module.named_children():
+    for name, child in module.named_modules():
+        if not name:
+            continue
+
         def hook(_m: nn.Module, args: tuple, kwargs: dict, name: str = name) -> None:
             seen.setdefault(name, None if kwargs else args)
+
         handles.append(child.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
@@ -92,24 +97,32 @@ class _Fuser:
         return gm
 
     def _fuse_children(self, module: nn.Module, scope: str, inputs: tuple, why: str) -> nn.Module:
-        children = list(module.named_children())
-        if not children:
+        if not list(module.children()):
             self.report.skipped.append(SkipRecord(scope or "model", f"does not trace: {why}"))
             return module
         self.report.notes.append(
             f"{scope or 'the model'} does not trace as a whole ({why}); fused child by child"
         )
-        child_inputs = _child_inputs(module, inputs)
-        for name, child in children:
-            path = _join(scope, name)
-            args = child_inputs.get(name)
-            if args is None:
-                reason = ("never called on the example input" if name not in child_inputs
-                          else "called with keyword arguments, which repconv cannot trace")
-                self.report.skipped.append(SkipRecord(path, reason))
-                continue
-            setattr(module, name, self.fuse_scope(child, path, args))
+        self._fuse_recorded(module, scope, "", _recorded_inputs(module, inputs))
         return module
+
+    def _fuse_recorded(
+        self, container: nn.Module, scope: str, prefix: str, recorded: dict[str, tuple | None]
+    ) -> None:
+        """Fuse each child of ``container`` that was called; walk into children that were not
+        (ModuleList, ModuleDict) to reach the blocks inside them."""
+        for name, child in container.named_children():
+            key = f"{prefix}{name}"
+            path = _join(scope, key)
+            if key in recorded and recorded[key] is None:
+                self.report.skipped.append(
+                    SkipRecord(path, "called with keyword arguments, which repconv cannot trace"))
+            elif key in recorded:
+                setattr(container, name, self.fuse_scope(child, path, recorded[key]))
+            elif list(child.children()):
+                self._fuse_recorded(child, scope, f"{key}.", recorded)
+            else:
+                self.report.skipped.append(SkipRecord(path, "never called on the example input"))
 
 
 def fuse(

@@ -86,6 +86,13 @@ class GraphContext:
             if node.op in ("call_module", "get_attr"):
                 self.call_sites[node.target] += 1
 
+    def uses(self, target: str) -> int:
+        """How many nodes call or read ``target`` or anything inside it (``conv`` and
+        ``conv.weight`` are both uses of the conv)."""
+        prefix = target + "."
+        return sum(n for name, n in self.call_sites.items()
+                   if name == target or name.startswith(prefix))
+
     def submodule(self, node: fx.Node) -> nn.Module:
         return self.module.get_submodule(node.target)
 

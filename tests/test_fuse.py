@@ -9,6 +9,7 @@ traced and checked with.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -30,6 +31,15 @@ from repconv.fuse import replay_plan
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 SPATIAL = {1: (11,), 2: (9, 10), 3: (5, 6, 5)}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny convs: with pytest-xdist, torch's intra-op threads only fight each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def count_convs(model: nn.Module) -> int:
@@ -104,7 +114,10 @@ def test_tiny_net_loses_every_bn(name: str) -> None:
 
     assert count_bns(net) > 0
     assert count_bns(result.model) == 0
-    assert count_convs(result.model) < count_convs(net)
+    if name in ("BasicResBlock", "Bottleneck", "RepGhostBlock"):  # one conv per path already
+        assert count_convs(result.model) == count_convs(net)
+    else:  # stem conv + one conv per block
+        assert count_convs(result.model) == 3
     assert result.report.verification.passed
     assert result.report.verification.max_rel_error < 1e-5
     assert rel_err(run(net, fresh), run(result.model, fresh)) < 1e-5
@@ -208,10 +221,7 @@ class BatchNormAct2d(nn.BatchNorm2d):
     """timm-style BN + activation: a BatchNorm2d subclass whose forward calls F.batch_norm."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.momentum is None:
-            factor = 0.0
-        else:
-            factor = self.momentum
+        factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
@@ -257,13 +267,15 @@ class DataDependent(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.first(x)
-        if y.sum() > 0:
+        if x.sum() > 0:
             y = -y
         return self.second(y)
 
 
 def _both_paths_inputs() -> list[Tensor]:
-    return [randn(2, 4, 8, 8, seed=s) for s in range(8)]
+    """Inputs with both signs of x.sum(), so both sides of the branch run."""
+    xs = [randn(2, 4, 8, 8, seed=s) for s in range(3)]
+    return xs + [-x for x in xs]
 
 
 def test_untraceable_model_fuses_child_by_child() -> None:
@@ -280,7 +292,7 @@ def test_untraceable_model_fuses_child_by_child() -> None:
     assert result.report.verification.passed
     taken = set()
     for x in _both_paths_inputs():
-        taken.add(bool(run(model.first, x).sum() > 0))
+        taken.add(bool(x.sum() > 0))
         assert rel_err(run(model, x), run(result.model, x)) < 1e-5
     assert taken == {True, False}  # both sides of the data-dependent branch were checked
 
@@ -300,11 +312,6 @@ class DataDependentList(nn.Module):
         return x
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="child-by-child fallback never descends into an nn.ModuleList (it is never called "
-    "itself), so the blocks inside stay unfused and are reported 'never called'",
-)
 def test_untraceable_model_fuses_blocks_inside_module_list() -> None:
     model = randomize_bn(DataDependentList(), seed=9)
     example = randn(2, 4, 8, 8, seed=0)

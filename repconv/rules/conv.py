@@ -25,7 +25,7 @@ _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "group
 
 
 def _shared(ctx: GraphContext, target: str) -> Refusal | None:
-    uses = ctx.call_sites[target]
+    uses = ctx.uses(target)
     if uses > 1:
         return Refusal(f"weight of {target} is shared by {uses} call sites; folding would change "
                        "the others")
