@@ -35,7 +35,9 @@ SUFFIXES = (".pt", ".pth", ".safetensors", ".pt2")
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "weights")
 MODULE_KEYS = ("ema", "model", "module", "net")
 PREFIXES = ("module.", "model.", "_orig_mod.")
-TRUSTED_ARCH_PACKAGE = "repconv."
+# A file may name its architecture, but repconv builds only its own sample architectures by
+# itself: importing or calling anything else a file names would run code the file chose.
+TRUSTED_ARCH_PREFIX = "repconv.samples:"
 
 
 @dataclass(frozen=True)
@@ -154,9 +156,10 @@ def read_file(path: Path, *, trust_pickle: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights_only" not in str(exc) and "Weights only" not in str(exc):
+        # The weights-only unpickler names the class it refused; anything else is not a pickle.
+        if "Unsupported global" not in str(exc) and "Unsupported class" not in str(exc):
             raise InputError(f"{path} is not a PyTorch checkpoint (unpickling failed: "
-                             f"{str(exc).splitlines()[0][:120]})") from exc
+                             f"{_last_line(exc)[:120]})") from exc
         if not trust_pickle:
             raise InputError(
                 f"{path} holds pickled Python objects (such as a whole nn.Module); loading it "
@@ -171,6 +174,11 @@ def read_file(path: Path, *, trust_pickle: bool) -> Any:
     except Exception as exc:  # unpickling trusted user code can fail in any way
         raise InputError(f"{path} could not be unpickled: {type(exc).__name__}: {exc}; the "
                          "classes it names must be importable here") from exc
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def _is_state_dict(value: Any) -> bool:
@@ -240,6 +248,12 @@ def check_statistics(model: nn.Module) -> None:
                              "damaged (use an earlier epoch)")
 
 
+def _trusted_sample(reference: str) -> bool:
+    from repconv.samples import SAMPLES  # the allow-list is the shipped samples
+
+    return any(spec.builder == reference for spec in SAMPLES.values())
+
+
 def _architecture_in(container: Mapping[str, Any]) -> Architecture | None:
     reference = container.get("arch")
     if not isinstance(reference, str) or ":" not in reference:
@@ -283,7 +297,8 @@ def load_checkpoint(
         if isinstance(container.get(key), nn.Module):
             model = container[key]
             found.append(f"a pickled {type(model).__name__} under {key!r}")
-            extra = {k: v for k, v in container.items() if k != key}
+            # the other modules (a non-EMA 'model' beside 'ema') are the duplicates a deploy drops
+            extra = {k: v for k, v in container.items() if not isinstance(v, nn.Module)}
             check_statistics(model)
             return LoadedCheckpoint(model, None, _shape_in(container), True, found, extra)
     if _is_state_dict(container):
@@ -305,9 +320,10 @@ def load_checkpoint(
     elif architecture is None:
         raise InputError(f"{path} holds only weights; pass --model package.module:callable "
                          "(and --model-kwargs) to build the architecture")
-    elif not architecture.reference.startswith(TRUSTED_ARCH_PACKAGE):
+    elif not _trusted_sample(architecture.reference):
         raise InputError(f"{path} names its architecture {architecture.reference!r}; repconv "
-                         f"imports only its own by itself: pass --model {architecture.reference}")
+                         "builds only its own sample architectures by itself: pass --model "
+                         f"{architecture.reference} (and --model-kwargs) if you trust that code")
     model = architecture.build()
     if deploy_plan is not None:
         from repconv.fuse import replay_plan  # deploy files rebuild the fused structure
@@ -336,6 +352,13 @@ def _deploy_plan(container: Mapping[str, Any]) -> list[dict[str, Any]] | None:
 def load_deploy(model: nn.Module, path: Path | str) -> nn.Module:
     """A freshly built training ``model`` turned into the fused model stored in ``path``
     (.pt or .safetensors written by repconv), rebuilding exactly the recorded structure."""
+    return load_deploy_with_shape(model, path)[0]
+
+
+def load_deploy_with_shape(
+    model: nn.Module, path: Path | str
+) -> tuple[nn.Module, tuple[int, ...] | None]:
+    """`load_deploy`, plus the verification input shape the file records."""
     from repconv.fuse import replay_plan
 
     path = Path(path)
@@ -349,7 +372,7 @@ def load_deploy(model: nn.Module, path: Path | str) -> nn.Module:
         raise InputError(f"{path} is not a repconv deploy file (no {DEPLOY_MARKER!r} entry)")
     fused = replay_plan(model, plan)
     _load_weights(fused, container["state_dict"], [])
-    return fused.eval()
+    return fused.eval(), _shape_in(container)
 
 
 def _atomic_write(out: Path, write: Callable[[Path], None]) -> None:
@@ -358,8 +381,11 @@ def _atomic_write(out: Path, write: Callable[[Path], None]) -> None:
     handle, temp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(handle)
     temp = Path(temp_name)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         write(temp)
+        os.chmod(temp, 0o666 & ~umask)  # mkstemp makes 0600; a deploy file is for others too
         os.replace(temp, out)
     except BaseException:
         temp.unlink(missing_ok=True)

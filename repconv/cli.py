@@ -11,13 +11,48 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.text import Text
+from typer.core import TyperGroup
+
+try:  # typer >= 0.20 vendors click
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click.exceptions import ClickException
 
 from repconv import __version__
 from repconv.errors import RepconvError, VerificationError
 from repconv.pipeline import Options, Progress, fuse_checkpoint, verify_checkpoints
 
+
+class _OneLineErrors(TyperGroup):
+    """Usage errors (bad option value, unknown option) as one 'error:' line, exit code 2."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except ClickException as exc:
+            if not standalone_mode:
+                raise
+            ctx = getattr(exc, "ctx", None)
+            if type(exc).__name__ == "NoArgsIsHelpError":
+                typer.echo(ctx.get_help() if ctx else exc.format_message())
+                sys.exit(0)
+            command = ctx.command_path if ctx else "repconv"
+            Console(stderr=True, soft_wrap=True).print(Text.assemble(
+                ("error:", "bold red"), f" {exc.format_message()} (see {command} --help)"))
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            if not standalone_mode:
+                raise
+            sys.exit(130)
+        if standalone_mode:
+            sys.exit(code if isinstance(code, int) else 0)
+        return code
+
+
 app = typer.Typer(
     name="repconv",
+    cls=_OneLineErrors,
     help="Fold Conv-BN pairs and linear multi-branch blocks (RepVGG, ACNet, DBB, MobileOne, "
     "RepMixer, ...) into single convolutions, verify the result, write a deploy checkpoint.",
     no_args_is_help=True,
@@ -66,7 +101,7 @@ def _run(as_json: bool, action: Callable[[Progress], Any], exit_code: Callable[[
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         with err.status("starting", spinner="dots") as status:
-            result = action(lambda message: status.update(message))
+            result = action(lambda message: status.update(Text(message)))
     except RepconvError as exc:
         outcome = getattr(exc, "outcome", None) if isinstance(exc, VerificationError) else None
         if outcome is not None:
@@ -75,7 +110,7 @@ def _run(as_json: bool, action: Callable[[Progress], Any], exit_code: Callable[[
             payload = outcome.to_dict() if outcome is not None else {"ok": False}
             sys.stdout.write(json.dumps(_jsonable({**payload, "error": str(exc)}), indent=2))
             sys.stdout.write("\n")
-        err.print(f"[bold red]error:[/] {exc}")
+        err.print(Text.assemble(("error:", "bold red"), f" {exc}"))
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         err.print("[bold red]interrupted[/]: nothing written")
@@ -155,7 +190,10 @@ def inspect(
     as_json: JsonOpt = False,
     trust_pickle: TrustOpt = False,
 ) -> None:
-    """List what would be fused and what would not, and why. Writes nothing."""
+    """List what would be fused and what would not, and why. Writes nothing.
+
+    Exit 0: listed. 2: bad usage or unreadable input.
+    """
     options = Options(model, model_kwargs, input_shape, trust_pickle=trust_pickle)
 
     def action(progress: Progress) -> Any:

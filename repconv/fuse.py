@@ -5,12 +5,11 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor, fx, nn
 
 from repconv import rewrite
 from repconv.errors import TraceError
-from repconv.graph import propagate_shapes, trace
+from repconv.graph import propagate_shapes, run_model, trace
 from repconv.report import FuseReport, ModelCounts, RewriteRecord, SkipRecord
 from repconv.verify import eval_mode, verify
 
@@ -40,8 +39,7 @@ def _recorded_inputs(module: nn.Module, inputs: tuple[Tensor, ...]) -> dict[str,
 
         handles.append(child.register_forward_pre_hook(hook, with_kwargs=True))
     try:
-        with torch.no_grad():
-            module(*inputs)
+        run_model(module, inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -92,6 +90,7 @@ class _Fuser:
                 macs_before=region.macs_before,
                 macs_after=region.macs_after,
                 local_error=error,
+                replaced=rewrite.describe(region.sink),
             ))
         self.plan += entries
         return gm

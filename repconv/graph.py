@@ -50,17 +50,33 @@ def trace(module: nn.Module) -> fx.GraphModule:
     except Exception as exc:  # tracing runs user code: any failure means "does not trace"
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise TraceError(f"{type(exc).__name__}: {first_line}"[:300]) from exc
+    for node in graph.nodes:
+        if isinstance(node.type, str):
+            # `from __future__ import annotations` leaves types as strings, which pickling
+            # the GraphModule cannot handle; the type is only a code-generation hint.
+            node.type = None
     return fx.GraphModule(module, graph, class_name=type(module).__name__)
+
+
+def run_model(module: nn.Module, example_inputs: tuple[Tensor, ...]) -> object:
+    """Call ``module`` on the example input; a failure (wrong shape, say) is a TraceError that
+    names the model's own complaint."""
+    try:
+        with torch.no_grad():
+            return module(*example_inputs)
+    except Exception as exc:  # the model's own code failed on the example input
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        shapes = [list(x.shape) for x in example_inputs]
+        reason = (lines[-1] if lines else type(exc).__name__)[:300]
+        raise TraceError(f"the model fails on an input of shape {shapes}: {reason}; check "
+                         "--input-shape") from exc
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[Tensor, ...]) -> None:
     """Run ``gm`` once, recording each node's output shape and dtype in ``node.meta``."""
-    try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
-    except Exception as exc:  # the model's own code failed on the example input
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TraceError(f"the model fails on the example input: {message}"[:300]) from exc
+    run_model(gm, example_inputs)  # ShapeProp prints a traceback on failure; fail cleanly first
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*example_inputs)
 
 
 def tensor_shape(node: fx.Node) -> torch.Size | None:

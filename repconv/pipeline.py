@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -18,6 +20,7 @@ from repconv.checkpoint import (
     LoadedCheckpoint,
     check_output,
     load_checkpoint,
+    load_deploy_with_shape,
     parse_kwargs,
     parse_shape,
     read_file,
@@ -44,6 +47,8 @@ class Options:
     trust_pickle: bool = False
 
     def load(self, path: Path) -> LoadedCheckpoint:
+        if self.model_kwargs is not None and self.model is None:
+            raise InputError("--model-kwargs is used only with --model; pass --model too")
         return load_checkpoint(
             path,
             model_reference=self.model,
@@ -53,7 +58,7 @@ class Options:
 
     def inputs(self, *recorded: tuple[int, ...] | None) -> tuple[Tensor, ...]:
         """Example input: --input-shape, else the first shape a file recorded."""
-        if self.input_shape:
+        if self.input_shape is not None:
             shape = parse_shape(self.input_shape)
         else:
             shape = next((s for s in recorded if s), None)
@@ -188,10 +193,19 @@ def _load_deployed(
     if path.suffix == ".pt2":
         if not path.is_file() or path.stat().st_size == 0:
             read_file(path, trust_pickle=False)  # raises the message for a missing/empty file
+        logging.disable(logging.WARNING)  # torch logs a traceback of its own before raising
         try:
             return torch.export.load(path).module(), None
         except Exception as exc:  # a damaged archive fails inside torch
-            raise InputError(f"{path} is not a readable torch.export program ({exc})") from exc
+            first = str(exc).strip().splitlines()[0][:150] if str(exc).strip() else ""
+            raise InputError(f"{path} is not a readable torch.export program ({first}); "
+                             "write it again with repconv fuse") from exc
+        finally:
+            logging.disable(logging.NOTSET)
+    if original.pickled and path.suffix == ".safetensors" and options.model is None:
+        # A pickled original is its own fresh training model: replay the plan onto a copy.
+        # (Its .pt deploy files are pickled modules, loaded below like any pickled input.)
+        return load_deploy_with_shape(copy.deepcopy(original.model), path)
     if options.model is None and original.architecture is not None:
         arch = original.architecture
         options = replace(options, model=arch.reference, model_kwargs=json.dumps(arch.kwargs))

@@ -44,6 +44,7 @@ class RewriteRecord:
     macs_before: int
     macs_after: int
     local_error: float
+    replaced: str = ""  # the node whose value the fused op now computes
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ class FuseReport:
                 table.add_column(column)
             for r in self.rewrites:
                 table.add_row(
-                    ".".join(filter(None, (r.scope, r.module or "(identity)"))),
+                    ".".join(filter(None, (r.scope, r.module or f"(removed {r.replaced})"))),
                     r.kind,
                     str(len(r.ops)),
                     "x".join(map(str, r.kernel_size)) or "fc",

@@ -7,6 +7,7 @@ activations of networks with real BN statistics reach 1e16, so absolute toleranc
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -16,7 +17,7 @@ from rich.text import Text
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from repconv.errors import TraceError
+from repconv.errors import InputError, TraceError
 
 # Default scale-relative tolerance by output dtype: fused weights are exact in float64 and
 # rounded once, so what remains is the rounding of each dtype's own arithmetic.
@@ -96,6 +97,10 @@ def verify(
 ) -> VerifyReport:
     """Compare ``original`` and ``fused`` on ``trials`` seeded random inputs shaped like
     ``example_inputs``. Passes when every leaf has ``max|a-b| <= atol + rtol * max|a|``."""
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise InputError(f"{name} must be a finite number >= 0, not {value}; pass --{name} "
+                             "like 1e-5")
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     worst_rel, worst_abs, worst_name, used_rtol, compared = 0.0, 0.0, "", 0.0, 0
     passed = True
