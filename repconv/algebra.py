@@ -514,32 +514,16 @@ def _ungroup(dense_weight: Tensor, groups: int) -> Tensor:
 
 def to_module(a: Affine, dtype: torch.dtype, device: torch.device | None = None) -> nn.Module:
     """The nn.ConvNd (nn.Linear for 0-d) computing ``a``, with weights cast once to ``dtype``."""
+    geometry = {"stride": a.stride, "padding": a.padding, "dilation": a.dilation,
+                "groups": a.groups, "dtype": torch.float64}
     if a.nd == 0:
         module: nn.Module = nn.Linear(a.in_channels, a.out_channels, dtype=torch.float64)
     elif a.transposed:
-        module = _CONV_TRANSPOSE_MODULE[a.nd](
-            a.in_channels,
-            a.out_channels,
-            a.kernel_size,
-            stride=a.stride,
-            padding=a.padding,
-            output_padding=a.output_padding,
-            dilation=a.dilation,
-            groups=a.groups,
-            dtype=torch.float64,
-        )
+        module = _CONV_TRANSPOSE_MODULE[a.nd](a.in_channels, a.out_channels, a.kernel_size,
+                                              output_padding=a.output_padding, **geometry)
     else:
-        module = _CONV_MODULE[a.nd](
-            a.in_channels,
-            a.out_channels,
-            a.kernel_size,
-            stride=a.stride,
-            padding=a.padding,
-            dilation=a.dilation,
-            groups=a.groups,
-            padding_mode=a.padding_mode,
-            dtype=torch.float64,
-        )
+        module = _CONV_MODULE[a.nd](a.in_channels, a.out_channels, a.kernel_size,
+                                    padding_mode=a.padding_mode, **geometry)
     with torch.no_grad():
         module.weight.copy_(a.dense_matrix() if a.nd == 0 else a.weight)
         module.bias.copy_(a.bias)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from measure import rel_err
+from reference_blocks import randomize_bn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -31,23 +33,9 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {"repvgg": repvgg_tiny, "resnet"
 DEPLOY_KEYS = {"repconv_deploy", "state_dict", "plan", "arch", "arch_kwargs", "input_shape"}
 
 
-def randomized(model: nn.Module, seed: int) -> nn.Module:
-    """Non-trivial BN statistics and affine parameters, so every fold changes numbers."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                n = module.num_features
-                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.5)
-                module.running_var.copy_(torch.rand(n, generator=generator) * 2 + 0.5)
-                module.weight.copy_(torch.randn(n, generator=generator))
-                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
-    return model.eval()
-
-
 def trained(arch: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return randomized(BUILDERS[arch](width=8), seed)
+    return randomize_bn(BUILDERS[arch](width=8), seed)
 
 
 def fresh(arch: str) -> nn.Module:
@@ -55,10 +43,6 @@ def fresh(arch: str) -> nn.Module:
     load_deploy came from the file."""
     torch.manual_seed(12345)
     return BUILDERS[arch](width=8)
-
-
-def rel_error(expected: Tensor, got: Tensor) -> float:
-    return ((expected.double() - got.double()).abs().max() / expected.double().abs().max()).item()
 
 
 def outputs(model: nn.Module, seed: int = 7) -> tuple[Tensor, Tensor]:
@@ -204,7 +188,7 @@ def test_round_trip(workdir: Path, layout: str, fmt: str) -> None:
     deployed = load_deployed(layout, out)
     x, expected = outputs(original)
     got = deployed(x)
-    assert rel_error(expected, got) < 1e-5
+    assert rel_err(expected, got) < 1e-5
     if isinstance(deployed, torch.fx.GraphModule):  # torch.export program
         assert not [n for n in deployed.graph.nodes if "batch_norm" in str(n.target)]
     else:
@@ -275,7 +259,7 @@ def test_deploy_pt_content_and_extra(repvgg_ckpt: Path, tmp_path: Path) -> None:
     fused = load_deploy(repvgg_tiny(**source["arch_kwargs"]), plain)
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        assert rel_error(original(x), fused(x)) < 1e-5
+        assert rel_err(original(x), fused(x)) < 1e-5
 
 
 def test_deploy_safetensors_metadata(repvgg_ckpt: Path, tmp_path: Path) -> None:
@@ -304,7 +288,7 @@ def test_keep_extra_keeps_the_fused_module(tmp_path: Path) -> None:
     assert payload["epoch"] == 3
     assert bn_count(payload["model"]) == 0
     x, expected = outputs(original)
-    assert rel_error(expected, payload["model"](x)) < 1e-5
+    assert rel_err(expected, payload["model"](x)) < 1e-5
 
 
 def test_pickled_module_deploy_drops_training_entries(tmp_path: Path) -> None:
@@ -315,7 +299,7 @@ def test_pickled_module_deploy_drops_training_entries(tmp_path: Path) -> None:
     assert isinstance(deployed, nn.Module)  # no optimizer, epoch or second model around it
     assert bn_count(deployed) == 0
     x, expected = outputs(original)
-    assert rel_error(expected, deployed(x)) < 1e-5
+    assert rel_err(expected, deployed(x)) < 1e-5
 
 
 # ------------------------------------------------------------------------- recorded input shape
@@ -362,7 +346,7 @@ def test_half_precision_keeps_dtype(tmp_path: Path, dtype: torch.dtype, fmt: str
         expected = original.double()(x.double())
         got = fused(x.to(dtype))
     assert got.dtype == dtype
-    assert rel_error(expected, got) < (2e-2 if dtype == torch.float16 else 1e-1)
+    assert rel_err(expected, got) < (2e-2 if dtype == torch.float16 else 1e-1)
 
 
 # ------------------------------------------------------------------------- refusals

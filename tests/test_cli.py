@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference_blocks import randomize_bn
 from safetensors.torch import save_file
 from torch import nn
 from typer.testing import CliRunner, Result
@@ -89,23 +90,9 @@ def assert_refused(result: Result, before: dict[str, str], after: dict[str, str]
     return message
 
 
-def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BN statistics and affine parameters, so every fold changes numbers."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                n = module.num_features
-                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.5)
-                module.running_var.copy_(torch.rand(n, generator=generator) * 2 + 0.5)
-                module.weight.copy_(torch.randn(n, generator=generator))
-                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
-    return model.eval()
-
-
 def width8_state_dict() -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    return randomized(repvgg_tiny(width=8)).state_dict()
+    return randomize_bn(repvgg_tiny(width=8)).state_dict()
 
 
 def counts(model: nn.Module) -> tuple[int, int]:
@@ -259,7 +246,7 @@ def test_fuse_model_from_current_folder(tmp_path: Path, monkeypatch: pytest.Monk
 def test_fuse_pickled_module_with_trust(tmp_path: Path) -> None:
     torch.manual_seed(0)
     path = tmp_path / "module.pt"
-    torch.save(randomized(repvgg_tiny(width=8)), path)
+    torch.save(randomize_bn(repvgg_tiny(width=8)), path)
     out = tmp_path / "deploy.pt"
     result = invoke("fuse", path, out, "--trust-pickle", "--input-shape", SHAPE8, "--json")
     assert result.exit_code == 0, result.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from measure import rel_err
 from reference_blocks import randomize_bn
 from torch import nn
 
@@ -14,10 +15,6 @@ _LAYERS = {
     2: (nn.ConvTranspose2d, nn.BatchNorm2d),
     3: (nn.ConvTranspose3d, nn.BatchNorm3d),
 }
-
-
-def _scale_relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / a.abs().max())
 
 
 @pytest.mark.parametrize("nd", [1, 2, 3])
@@ -36,7 +33,7 @@ def test_conv_transpose_bn_folds_with_groups(nd: int, groups: int) -> None:
     assert modules.count(conv_t) == 1
     fresh = torch.randn(3, 8, *([4] * nd))
     with torch.no_grad():
-        assert _scale_relative_error(model(fresh), result.model(fresh)) < 1e-5
+        assert rel_err(model(fresh), result.model(fresh)) < 1e-5
 
 
 def test_bn_before_conv_transpose_is_refused_with_reason() -> None:

@@ -9,11 +9,11 @@ traced and checked with.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import pytest
 import torch
 import torch.nn.functional as F
+from measure import count_bns, count_convs, rel_err
 from reference_blocks import (
     BLOCK_NAMES,
     RepVGGBlock,
@@ -24,41 +24,15 @@ from reference_blocks import (
     tiny_net_example_input,
 )
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 import repconv
 from repconv.fuse import replay_plan
 
-CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 SPATIAL = {1: (11,), 2: (9, 10), 3: (5, 6, 5)}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny convs: with pytest-xdist, torch's intra-op threads only fight each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def count_convs(model: nn.Module) -> int:
-    return sum(isinstance(m, CONVS) for m in model.modules())
-
-
-def count_bns(model: nn.Module) -> int:
-    return sum(isinstance(m, _BatchNorm) for m in model.modules())
 
 
 def count_linears(model: nn.Module) -> int:
     return sum(isinstance(m, nn.Linear) for m in model.modules())
-
-
-def rel_err(expected: Tensor, got: Tensor) -> float:
-    """max|a - b| / max|a|, in float64."""
-    assert expected.shape == got.shape, (expected.shape, got.shape)
-    expected, got = expected.double(), got.double()
-    return float((expected - got).abs().max() / expected.abs().max())
 
 
 def randn(*shape: int, seed: int, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -12,30 +12,19 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 
-import pytest
 import torch
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
+from measure import count_bns, count_convs, rel_err
 from reference_blocks import randomize_bn
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 import repconv
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d}
 BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny convs: with pytest-xdist, torch's intra-op threads only fight each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)
@@ -193,20 +182,6 @@ class RandomBlock(nn.Module):
         for y in outs[1:]:
             out = out + y
         return out
-
-
-def count_convs(model: nn.Module) -> int:
-    return sum(isinstance(m, (nn.Conv1d, nn.Conv2d)) for m in model.modules())
-
-
-def count_bns(model: nn.Module) -> int:
-    return sum(isinstance(m, _BatchNorm) for m in model.modules())
-
-
-def rel_err(expected: Tensor, got: Tensor) -> float:
-    assert expected.shape == got.shape, (expected.shape, got.shape)
-    expected, got = expected.double(), got.double()
-    return float((expected - got).abs().max() / expected.abs().max())
 
 
 def _tuples(text: str) -> list[tuple[int, ...]]:

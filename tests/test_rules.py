@@ -4,43 +4,16 @@ that the model still computes what it did (BN statistics always randomized)."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
-import pytest
 import torch
 import torch.nn.functional as F
+from measure import count_bns, count_convs, rel_err
 from reference_blocks import RepVGGBlock, randomize_bn
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 import repconv
 from repconv import rewrite
 from repconv.graph import propagate_shapes, trace
-
-CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny convs: with pytest-xdist, torch's intra-op threads only fight each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def count_convs(model: nn.Module) -> int:
-    return sum(isinstance(m, CONVS) for m in model.modules())
-
-
-def count_bns(model: nn.Module) -> int:
-    return sum(isinstance(m, _BatchNorm) for m in model.modules())
-
-
-def rel_err(expected: Tensor, got: Tensor) -> float:
-    assert expected.shape == got.shape, (expected.shape, got.shape)
-    expected, got = expected.double(), got.double()
-    return float((expected - got).abs().max() / expected.abs().max())
 
 
 def randn(*shape: int, seed: int) -> Tensor:
