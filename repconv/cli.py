@@ -33,10 +33,9 @@ class _OneLineErrors(TyperGroup):
         except ClickException as exc:
             if not standalone_mode:
                 raise
-            ctx = getattr(exc, "ctx", None)
             if type(exc).__name__ == "NoArgsIsHelpError":
-                typer.echo(ctx.get_help() if ctx else exc.format_message())
-                sys.exit(0)
+                sys.exit(0)  # typer has printed the help already
+            ctx = getattr(exc, "ctx", None)
             command = ctx.command_path if ctx else "repconv"
             Console(stderr=True, soft_wrap=True).print(Text.assemble(
                 ("error:", "bold red"), f" {exc.format_message()} (see {command} --help)"))

@@ -90,7 +90,8 @@ class FuseReport:
             parts.append(table)
         if self.show_rewrites and self.rewrites:
             table = Table(title="rewrites", title_justify="left", box=None, pad_edge=False)
-            for column in ("where", "kind", "ops", "kernel", "groups", "MACs before→after"):
+            table.add_column("where", overflow="fold")  # a module path is worth two lines
+            for column in ("kind", "ops", "kernel", "groups", "MACs before→after"):
                 table.add_column(column)
             for r in self.rewrites:
                 table.add_row(
