@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import skip_init
 
 from repconv.errors import AlgebraError
 
@@ -87,9 +88,12 @@ class Affine:
             return False
         if any(s != 1 for s in self.stride) or any(p != 0 for p in self.padding):
             return False
-        return bool(torch.equal(self.dense_matrix(), torch.eye(self.out_channels).double())) and (
-            not self.bias.any()
-        )
+        if self.bias.any():
+            return False
+        # each group's square block must be the identity; no need to expand the groups
+        block = self.out_channels // self.groups
+        blocks = self.weight.reshape(self.groups, block, block)
+        return bool(torch.equal(blocks, torch.eye(block, dtype=blocks.dtype).expand_as(blocks)))
 
     def dense_matrix(self) -> Tensor:
         """(out, in) matrix of a pointwise map, groups expanded."""
@@ -253,10 +257,9 @@ def regroup(a: Affine, groups: int) -> Affine:
     out_per_group = a.out_channels // a.groups
     in_per_group = a.weight.shape[1]
     weight = a.weight.new_zeros(a.out_channels, in_per_group * ratio, *a.kernel_size)
-    for j in range(a.groups):
-        offset = (j % ratio) * in_per_group
-        rows = slice(j * out_per_group, (j + 1) * out_per_group)
-        weight[rows, offset : offset + in_per_group] = a.weight[rows]
+    rows = torch.arange(a.out_channels)
+    offsets = (rows // out_per_group % ratio) * in_per_group
+    weight[rows[:, None], offsets[:, None] + torch.arange(in_per_group)] = a.weight
     return replace(a, weight=weight, groups=groups)
 
 
@@ -424,6 +427,11 @@ def then(a: Affine, b: Affine) -> Affine:
         raise AlgebraError(f"cannot compose a {a.nd}-d and a {b.nd}-d map")
     if a.transposed or b.transposed:
         return _transposed_then(a, b)
+    diagonal_b = _channel_diagonal(b)
+    if diagonal_b is not None:  # a BN or channel scale after a conv: scale its output rows
+        scale, shift = diagonal_b
+        factor = scale.reshape(-1, *([1] * (a.weight.dim() - 1)))
+        return replace(a, weight=a.weight * factor, bias=a.bias * scale + shift)
     _check_then_exact(a, b)
     nd = a.nd
     bias = b.bias + _apply_weight_to_constant(b, a.bias)
@@ -514,16 +522,18 @@ def _ungroup(dense_weight: Tensor, groups: int) -> Tensor:
 
 def to_module(a: Affine, dtype: torch.dtype, device: torch.device | None = None) -> nn.Module:
     """The nn.ConvNd (nn.Linear for 0-d) computing ``a``, with weights cast once to ``dtype``."""
+    # skip_init: the weights are overwritten below, so random initialisation is wasted work
     geometry = {"stride": a.stride, "padding": a.padding, "dilation": a.dilation,
                 "groups": a.groups, "dtype": torch.float64}
     if a.nd == 0:
-        module: nn.Module = nn.Linear(a.in_channels, a.out_channels, dtype=torch.float64)
+        module: nn.Module = skip_init(nn.Linear, a.in_channels, a.out_channels,
+                                      dtype=torch.float64)
     elif a.transposed:
-        module = _CONV_TRANSPOSE_MODULE[a.nd](a.in_channels, a.out_channels, a.kernel_size,
-                                              output_padding=a.output_padding, **geometry)
+        module = skip_init(_CONV_TRANSPOSE_MODULE[a.nd], a.in_channels, a.out_channels,
+                           a.kernel_size, output_padding=a.output_padding, **geometry)
     else:
-        module = _CONV_MODULE[a.nd](a.in_channels, a.out_channels, a.kernel_size,
-                                    padding_mode=a.padding_mode, **geometry)
+        module = skip_init(_CONV_MODULE[a.nd], a.in_channels, a.out_channels, a.kernel_size,
+                           padding_mode=a.padding_mode, **geometry)
     with torch.no_grad():
         module.weight.copy_(a.dense_matrix() if a.nd == 0 else a.weight)
         module.bias.copy_(a.bias)
