@@ -141,8 +141,11 @@ def fuse(
     inputs = _as_inputs(example_inputs)
     work = copy.deepcopy(model).eval()
     fuser = _Fuser(check_seed=seed)
-    if model.training:
-        fuser.report.notes.append("model was in train mode; fused its eval-mode behaviour")
+    training = [name or "the model" for name, m in model.named_modules() if m.training]
+    if training:
+        fuser.report.notes.append(
+            f"{len(training)} module(s) were in train mode (first: {training[0]}); fused and "
+            "verified the eval-mode model, which is what a deployed model runs")
     fused = fuser.fuse_scope(work, "", inputs).eval()
     fuser.report.before = ModelCounts.of(model)
     fuser.report.after = ModelCounts.of(fused)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,6 +78,38 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[Tensor, ...]) -> 
     run_model(gm, example_inputs)  # ShapeProp prints a traceback on failure; fail cleanly first
     with torch.no_grad():
         ShapeProp(gm).propagate(*example_inputs)
+
+
+def mutated_input(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
+    """The node whose tensor ``node`` changes in place (``x.add_(y)``, ``F.relu(x, inplace=True)``,
+    ``x[i] = v``, ``nn.ReLU(inplace=True)``), or None. fx records such ops as ordinary nodes,
+    so their effect on later readers is invisible to the graph's data flow."""
+    target = node.args[0] if node.args else None
+    if not isinstance(target, fx.Node):
+        return None
+    if node.op == "call_method":
+        name = str(node.target)
+        mutates = name.endswith("_") and not name.endswith("__")
+    elif node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        mutates = (node.kwargs.get("inplace") is True or node.target is operator.setitem
+                   or (name.endswith("_") and not name.endswith("__")))
+    elif node.op == "call_module":
+        mutates = getattr(gm.get_submodule(node.target), "inplace", False) is True
+    else:
+        mutates = False
+    return target if mutates else None
+
+
+def erase_dead_code(gm: fx.GraphModule) -> None:
+    """Erase nodes nobody uses, except those that change a tensor in place (fx's own dead-code
+    elimination counts ``x.sub_(m)`` as pure and would drop it)."""
+    for node in reversed(list(gm.graph.nodes)):
+        if node.op in ("placeholder", "output") or node.users:
+            continue
+        if node.is_impure() or mutated_input(node, gm) is not None:
+            continue
+        gm.graph.erase_node(node)
 
 
 def tensor_shape(node: fx.Node) -> torch.Size | None:

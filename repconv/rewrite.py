@@ -24,7 +24,13 @@ from torch.nn.utils import skip_init
 from repconv import algebra
 from repconv.algebra import Affine
 from repconv.errors import AlgebraError, InputError
-from repconv.graph import GraphContext, tensor_dtype, tensor_shape
+from repconv.graph import (
+    GraphContext,
+    erase_dead_code,
+    mutated_input,
+    tensor_dtype,
+    tensor_shape,
+)
 from repconv.rules import RULES, LinearOp, Refusal, Sum, Unary
 from repconv.rules.base import channels, describe, spatial_dims
 
@@ -118,8 +124,8 @@ def _lower_all(gm: fx.GraphModule, ctx: GraphContext) -> tuple[dict[fx.Node, Lin
     for node in gm.graph.nodes:
         if node.op not in ("call_module", "call_function", "call_method"):
             continue
-        if tensor_shape(node) is None:
-            continue
+        if tensor_shape(node) is None or mutated_input(node, gm) is not None:
+            continue  # in-place ops stay as they are: their effect is not in the data flow
         for rule in RULES:
             answer = rule(node, ctx)
             if answer is None:
@@ -184,6 +190,7 @@ def _fold(
         except AlgebraError as exc:
             return _Split(node, str(exc), inner, drop=not isinstance(op, Unary))
         members = frozenset().union(*(p.members for p in parts)) | {node}
+        assert len({p.root for p in parts}) == 1, "multi-root nodes are dropped before folding"
         exprs[node] = _Expr(parts[0].root, affine, members, macs)
     return exprs
 
@@ -237,7 +244,10 @@ def analyse(gm: fx.GraphModule) -> Analysis:
                     shared.add(member)
         if not shared:
             break
-        boundaries.update(shared)
+        # only the last shared node of each path must be computed once for both regions; what
+        # feeds it folds into it
+        boundaries.update(n for n in shared if any(u not in shared for u in n.users))
+        _drop_multi_root(ops, boundaries)
     for node in boundaries:
         outside = [u.name for u in node.users if u not in ops]
         inside = [u for u in node.users if u in ops]
@@ -246,11 +256,16 @@ def analyse(gm: fx.GraphModule) -> Analysis:
                 f"output has {len(node.users)} users ({', '.join(u.name for u in node.users)}); "
                 f"kept as is so {', '.join(outside)} still sees it")))
     regions = []
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
     for sink in (n for n in ops if n in boundaries):
         expr = folded[sink]
         if len(expr.members) < 2 and not expr.affine.is_identity():
             continue
         members = tuple(n for n in ops if n in expr.members)
+        problem = _region_problem(gm, expr.root, members, order)
+        if problem:
+            skips.append(Skip(describe(sink), problem))
+            continue
         regions.append(Region(
             root=expr.root,
             sink=sink,
@@ -261,6 +276,22 @@ def analyse(gm: fx.GraphModule) -> Analysis:
             macs_after=_numel(sink) * expr.affine.macs_per_output(),
         ))
     return Analysis(regions, skips)
+
+
+def _region_problem(
+    gm: fx.GraphModule, root: fx.Node, members: tuple[fx.Node, ...], order: dict[fx.Node, int]
+) -> str | None:
+    """Why a foldable region still cannot become one conv, if it cannot."""
+    dtypes = {tensor_dtype(n) for n in (root, *members)}
+    if len(dtypes) > 1:
+        names = sorted(str(d).removeprefix("torch.") for d in dtypes)
+        return f"dtype changes inside the region ({', '.join(names)}): one conv has one dtype"
+    reads = [order[m] for m in members if root in m.all_input_nodes]
+    for user in root.users:
+        if mutated_input(user, gm) is root and min(reads) < order[user] < max(reads):
+            return (f"{root.name} is changed in place by {user.name} between the ops that read "
+                    "it: one conv cannot read both versions")
+    return None
 
 
 def region_module(gm: fx.GraphModule, region: Region) -> fx.GraphModule:
@@ -353,19 +384,22 @@ def _module_name(gm: fx.GraphModule, region: Region, taken: set[str]) -> str:
     return f"repconv_fused_{region.sink.name}"
 
 
-def _insert(gm: fx.GraphModule, root: fx.Node, sink: fx.Node, name: str | None) -> fx.Node:
-    """Make ``sink``'s users read the fused conv of ``root`` (or ``root`` itself)."""
+def _insert(
+    gm: fx.GraphModule, root: fx.Node, first: fx.Node, sink: fx.Node, name: str | None
+) -> fx.Node:
+    """Make ``sink``'s users read the fused conv of ``root`` (or ``root`` itself), computed where
+    the region's first op ran: an in-place change of ``root`` after that point must not be seen."""
     if name is None:
         sink.replace_all_uses_with(root)
         return root
-    with gm.graph.inserting_before(sink):
+    with gm.graph.inserting_before(first):
         fused = gm.graph.call_module(name, (root,))
     sink.replace_all_uses_with(fused)
     return fused
 
 
 def _finish(gm: fx.GraphModule) -> None:
-    gm.graph.eliminate_dead_code()
+    erase_dead_code(gm)
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
@@ -379,7 +413,9 @@ def apply(gm: fx.GraphModule, regions: Iterable[Region]) -> list[dict[str, objec
     replaced: dict[fx.Node, fx.Node] = {}  # a sink rewritten earlier may be a later root
     for region in regions:
         root = replaced.get(region.root, region.root)
-        entry: dict[str, object] = {"root": region.root.name, "sink": region.sink.name}
+        entry: dict[str, object] = {
+            "root": region.root.name, "first": region.members[0].name, "sink": region.sink.name
+        }
         if region.affine.is_identity():
             name = None
         else:
@@ -390,7 +426,7 @@ def apply(gm: fx.GraphModule, regions: Iterable[Region]) -> list[dict[str, objec
             _set_submodule(gm, name, module)
             entry["spec"] = module_spec(module)
         entry["module"] = name
-        replaced[region.sink] = _insert(gm, root, region.sink, name)
+        replaced[region.sink] = _insert(gm, root, region.members[0], region.sink, name)
         plan.append(entry)
     _finish(gm)
     return plan
@@ -401,7 +437,8 @@ def replay(gm: fx.GraphModule, plan: Iterable[dict[str, object]]) -> None:
     nodes = {node.name: node for node in gm.graph.nodes}
     for entry in plan:
         root, sink = nodes.get(str(entry["root"])), nodes.get(str(entry["sink"]))
-        if root is None or sink is None:
+        first = nodes.get(str(entry.get("first", entry["sink"])))
+        if root is None or sink is None or first is None:
             raise InputError(
                 f"deploy plan refers to node {entry['root']!r}/{entry['sink']!r}, which this "
                 "model does not have; build the same architecture the deploy file was made from"
@@ -410,5 +447,5 @@ def replay(gm: fx.GraphModule, plan: Iterable[dict[str, object]]) -> None:
         if name is not None:
             _set_submodule(gm, str(name), build_from_spec(dict(entry["spec"])))
         # entries name original nodes; a later entry's root may be this entry's sink
-        nodes[sink.name] = _insert(gm, root, sink, None if name is None else str(name))
+        nodes[sink.name] = _insert(gm, root, first, sink, None if name is None else str(name))
     _finish(gm)

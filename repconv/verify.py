@@ -107,9 +107,9 @@ def verify(
     with eval_mode(original, fused), torch.no_grad():
         for trial in range(trials):
             trial_inputs = random_inputs(inputs, seed + trial)
-            try:
-                expected = _leaves(original(*trial_inputs))
-                got = _leaves(fused(*trial_inputs))
+            try:  # each model gets its own copy: a model may change its input in place
+                expected = _leaves(original(*(x.clone() for x in trial_inputs)))
+                got = _leaves(fused(*(x.clone() for x in trial_inputs)))
             except Exception as exc:  # model code failing on the input is a usage problem
                 raise TraceError(f"the model fails on inputs of shape "
                                  f"{[list(x.shape) for x in inputs]}: {exc}"[:300]) from exc

@@ -13,7 +13,7 @@ from torch import fx, nn
 
 from repconv import algebra
 from repconv.graph import GraphContext
-from repconv.rules.base import Refusal, Unary, channels, describe, spatial_dims
+from repconv.rules.base import Refusal, Unary, channels, spatial_dims
 
 _MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
             nn.ConstantPad3d)
@@ -35,13 +35,15 @@ def lower(node: fx.Node, ctx: GraphContext) -> Unary | Refusal | None:
     if nd is None or not nd or mode != "constant" or not ctx.is_tensor_input(source):
         return None
     if value not in (0, 0.0, None):
-        return Refusal(f"pad {describe(node)} pads with {value}, not zero")
+        return Refusal(f"pads with {value}, not zero")
     pads = [int(p) for p in pads]
+    if any(p < 0 for p in pads):
+        return Refusal("negative padding crops: not a conv padding")
     if len(pads) > 2 * nd:
-        return Refusal(f"pad {describe(node)} pads the batch or channel dim")
+        return Refusal("pads the batch or channel dim")
     pairs = [pads[i : i + 2] for i in range(0, len(pads), 2)]
     if any(left != right for left, right in pairs):
-        return Refusal(f"pad {describe(node)} is asymmetric ({pads}): not a conv padding")
+        return Refusal(f"asymmetric padding {pads}: not a conv padding")
     padding = [0] * nd
     for i, (amount, _) in enumerate(pairs):  # F.pad lists the last dim first
         padding[nd - 1 - i] = amount
