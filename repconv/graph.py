@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import operator
 from collections import Counter
 from dataclasses import dataclass, field
@@ -80,6 +81,16 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[Tensor, ...]) -> 
         ShapeProp(gm).propagate(*example_inputs)
 
 
+def _positional_inplace(node: fx.Node) -> bool:
+    """``F.relu(x, True)``: an ``inplace`` parameter given by position."""
+    try:
+        params = list(inspect.signature(node.target).parameters)
+    except (TypeError, ValueError):  # builtins without a signature take no inplace flag
+        return False
+    index = params.index("inplace") if "inplace" in params else len(node.args)
+    return len(node.args) > index and node.args[index] is True
+
+
 def mutated_input(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
     """The node whose tensor ``node`` changes in place (``x.add_(y)``, ``F.relu(x, inplace=True)``,
     ``x[i] = v``, ``nn.ReLU(inplace=True)``), or None. fx records such ops as ordinary nodes,
@@ -92,7 +103,8 @@ def mutated_input(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
         mutates = name.endswith("_") and not name.endswith("__")
     elif node.op == "call_function":
         name = getattr(node.target, "__name__", "")
-        mutates = (node.kwargs.get("inplace") is True or node.target is operator.setitem
+        mutates = (node.kwargs.get("inplace") is True or _positional_inplace(node)
+                   or node.target is operator.setitem
                    or (name.endswith("_") and not name.endswith("__")))
     elif node.op == "call_module":
         mutates = getattr(gm.get_submodule(node.target), "inplace", False) is True

@@ -172,3 +172,22 @@ def test_a_train_mode_submodule_is_named_in_a_note() -> None:
     result = repconv.fuse(model, torch.randn(2, 3, 8, 8))
     assert any("1 module(s) were in train mode (first: 1)" in n for n in result.report.notes)
     assert model[1].training  # the user's model is left as it was
+
+
+class PositionalInPlaceRelu(nn.Module):
+    """`F.relu(x, True)` changes x after the conv read it: the fused conv must read it first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.conv(x)
+        F.relu(x, True)
+        return self.bn(y) + x
+
+
+def test_positional_inplace_flag_is_recognised() -> None:
+    result = _fuse_and_compare(PositionalInPlaceRelu(), (2, 4, 8, 8))
+    assert count_bns(result.model) == 0
+    assert "relu" in result.model.code
