@@ -74,8 +74,8 @@ ShapeOpt = Annotated[str | None, typer.Option(
 JsonOpt = Annotated[bool, typer.Option(
     "--json", help="Print one JSON document on stdout (human output goes to stderr).")]
 RtolOpt = Annotated[float | None, typer.Option(
-    "--rtol", help="Allowed error relative to each output's max |value|. Default by dtype: "
-    "1e-5 fp32, 1e-9 fp64, 1e-2 fp16, 5e-2 bf16.")]
+    "--rtol", help="Allowed error relative to each output's max |value|. Default by the least "
+    "precise dtype of the inputs and weights: 1e-5 fp32, 1e-9 fp64, 1e-2 fp16, 5e-2 bf16.")]
 AtolOpt = Annotated[float, typer.Option("--atol", help="Allowed absolute error on top of rtol.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random verification inputs.")]
 TrustOpt = Annotated[bool, typer.Option(

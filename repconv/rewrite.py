@@ -227,7 +227,8 @@ def analyse(gm: fx.GraphModule) -> Analysis:
     while True:
         folded = _fold(ops, boundaries)
         if not isinstance(folded, _Split):
-            folded = _cost_split(ops, boundaries, folded) or folded
+            folded = (_structural_split(gm, ops, boundaries, folded)
+                      or _cost_split(ops, boundaries, folded) or folded)
         if isinstance(folded, _Split):
             skips.append(Skip(describe(folded.node), folded.reason))
             boundaries.update(folded.boundaries)
@@ -256,16 +257,11 @@ def analyse(gm: fx.GraphModule) -> Analysis:
                 f"output has {len(node.users)} users ({', '.join(u.name for u in node.users)}); "
                 f"kept as is so {', '.join(outside)} still sees it")))
     regions = []
-    order = {node: i for i, node in enumerate(gm.graph.nodes)}
     for sink in (n for n in ops if n in boundaries):
         expr = folded[sink]
         if len(expr.members) < 2 and not expr.affine.is_identity():
             continue
         members = tuple(n for n in ops if n in expr.members)
-        problem = _region_problem(gm, expr.root, members, order)
-        if problem:
-            skips.append(Skip(describe(sink), problem))
-            continue
         regions.append(Region(
             root=expr.root,
             sink=sink,
@@ -278,19 +274,36 @@ def analyse(gm: fx.GraphModule) -> Analysis:
     return Analysis(regions, skips)
 
 
-def _region_problem(
-    gm: fx.GraphModule, root: fx.Node, members: tuple[fx.Node, ...], order: dict[fx.Node, int]
-) -> str | None:
-    """Why a foldable region still cannot become one conv, if it cannot."""
-    dtypes = {tensor_dtype(n) for n in (root, *members)}
-    if len(dtypes) > 1:
-        names = sorted(str(d).removeprefix("torch.") for d in dtypes)
-        return f"dtype changes inside the region ({', '.join(names)}): one conv has one dtype"
-    reads = [order[m] for m in members if root in m.all_input_nodes]
-    for user in root.users:
-        if mutated_input(user, gm) is root and min(reads) < order[user] < max(reads):
-            return (f"{root.name} is changed in place by {user.name} between the ops that read "
-                    "it: one conv cannot read both versions")
+def _structural_split(
+    gm: fx.GraphModule, ops: dict[fx.Node, LinearOp], boundaries: set[fx.Node],
+    exprs: dict[fx.Node, _Expr],
+) -> _Split | None:
+    """Cut a region where one conv cannot stand for it: where its dtype changes, or where it
+    reads its input again after an op changed that input in place. The pieces on either side
+    still fold."""
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    for sink in (n for n in ops if n in boundaries):
+        root = exprs[sink].root
+        members = [n for n in ops if n in exprs[sink].members]
+        if len(members) < 2:
+            continue  # a single op is left as it is anyway
+        cut, reason = None, ""
+        changed = next((m for m in members if tensor_dtype(m) != tensor_dtype(root)), None)
+        if changed is not None:
+            cut = changed
+            reason = (f"dtype changes from {tensor_dtype(root)} to {tensor_dtype(changed)}: "
+                      "one conv has one dtype").replace("torch.", "")
+        mutations = [order[u] for u in root.users if mutated_input(u, gm) is root]
+        reads = [m for m in members if root in m.all_input_nodes]
+        late = [m for m in reads if any(order[reads[0]] < p < order[m] for p in mutations)]
+        if cut is None and late:
+            cut = late[0]
+            reason = (f"{root.name} is changed in place between the ops that read it: one conv "
+                      "cannot read both versions")
+        if cut is not None:
+            inner = tuple(s for s in _inputs(ops[cut]) if s in ops and s not in boundaries)
+            if inner or cut not in boundaries:  # each split must add a boundary, or it loops
+                return _Split(cut, reason, inner or (cut,), drop=False)
     return None
 
 

@@ -19,8 +19,10 @@ from torch.utils._pytree import tree_flatten
 
 from repconv.errors import InputError, TraceError
 
-# Default scale-relative tolerance by output dtype: fused weights are exact in float64 and
-# rounded once, so what remains is the rounding of each dtype's own arithmetic.
+# Default scale-relative tolerance by dtype: fused weights are exact in float64 and rounded
+# once, so what remains is the rounding of the arithmetic. The least precise floating dtype among
+# the inputs and the model's tensors sets it (a float32 conv feeding a float64 scale rounds like
+# float32).
 DEFAULT_RTOL = {
     torch.float64: 1e-9,
     torch.float32: 1e-5,
@@ -102,7 +104,11 @@ def verify(
             raise InputError(f"{name} must be a finite number >= 0, not {value}; pass --{name} "
                              "like 1e-5")
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    worst_rel, worst_abs, worst_name, used_rtol, compared = 0.0, 0.0, "", 0.0, 0
+    if rtol is None:
+        tensors = [*inputs, *original.parameters(), *original.buffers()]
+        dtypes = {t.dtype for t in tensors if t.is_floating_point()}
+        rtol = max((DEFAULT_RTOL.get(d, 1e-5) for d in dtypes), default=1e-5)
+    worst_rel, worst_abs, worst_name, compared = 0.0, 0.0, "", 0
     passed = True
     with eval_mode(original, fused), torch.no_grad():
         for trial in range(trials):
@@ -118,8 +124,6 @@ def verify(
                                  f"{len(expected)}")
             compared = len(expected)
             for (name, a), (_, b) in zip(expected, got):
-                tol = rtol if rtol is not None else DEFAULT_RTOL.get(a.dtype, 1e-5)
-                used_rtol = max(used_rtol, tol)
                 if a.shape != b.shape:
                     passed, worst_name = False, name
                     worst_rel = worst_abs = float("inf")
@@ -130,7 +134,7 @@ def verify(
                 if abs_error != abs_error:  # NaN in either output
                     abs_error = float("inf")
                 rel_error = abs_error / scale if scale > 0 else abs_error
-                if abs_error > atol + tol * scale:
+                if abs_error > atol + rtol * scale:
                     passed = False
                 if rel_error >= worst_rel:
                     worst_rel, worst_abs, worst_name = rel_error, abs_error, name
@@ -139,7 +143,7 @@ def verify(
         passed=passed,
         max_abs_error=worst_abs,
         max_rel_error=worst_rel,
-        rtol=used_rtol,
+        rtol=rtol,
         atol=atol,
         trials=trials,
         seed=seed,
