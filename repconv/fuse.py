@@ -11,6 +11,7 @@ from repconv import rewrite
 from repconv.errors import TraceError
 from repconv.graph import propagate_shapes, run_model, trace
 from repconv.report import FuseReport, ModelCounts, RewriteRecord, SkipRecord
+from repconv.rules.base import describe
 from repconv.verify import eval_mode, verify
 
 
@@ -70,7 +71,7 @@ class _Fuser:
             error = rewrite.local_error(gm, region, self.check_seed)
             if error > rewrite.LOCAL_TOLERANCE:
                 self.report.skipped.append(SkipRecord(
-                    where + rewrite.describe(region.sink),
+                    where + describe(region.sink),
                     f"local check failed: fused conv differs by {error:.1e} (scale-relative)",
                 ))
                 continue
@@ -90,7 +91,7 @@ class _Fuser:
                 macs_before=region.macs_before,
                 macs_after=region.macs_after,
                 local_error=error,
-                replaced=rewrite.describe(region.sink),
+                replaced=describe(region.sink),
             ))
         self.plan += entries
         return gm

@@ -113,6 +113,13 @@ def _inputs(op: LinearOp) -> tuple[fx.Node, ...]:
     return op.parts
 
 
+def _inner_inputs(
+    node: fx.Node, ops: dict[fx.Node, LinearOp], boundaries: set[fx.Node]
+) -> tuple[fx.Node, ...]:
+    """The inputs of ``node`` that lie inside its region (folded into it, not its root)."""
+    return tuple(s for s in _inputs(ops[node]) if s in ops and s not in boundaries)
+
+
 def _numel(node: fx.Node) -> int:
     shape = tensor_shape(node)
     return math.prod(shape[1:]) if shape is not None else 0
@@ -171,7 +178,7 @@ def _fold(
 
     for node, op in ops.items():
         parts = [value(source) for source in _inputs(op)]
-        inner = tuple(s for s in _inputs(op) if s in ops and s not in boundaries)
+        inner = _inner_inputs(node, ops, boundaries)
         try:
             if isinstance(op, Unary):
                 (part,) = parts
@@ -210,7 +217,7 @@ def _cost_split(
         node = next(
             m for m in ops if m in expr.members and _fused_macs(m, exprs[m]) > exprs[m].macs
         )
-        inner = tuple(s for s in _inputs(ops[node]) if s in ops and s not in boundaries)
+        inner = _inner_inputs(node, ops, boundaries)
         reason = (f"cost: one conv would take {_fused_macs(node, exprs[node]):,} MACs per sample, "
                   f"the {len(exprs[node].members)} ops it replaces {exprs[node].macs:,}")
         return _Split(node, reason, inner, drop=False)
@@ -234,7 +241,6 @@ def analyse(gm: fx.GraphModule) -> Analysis:
             boundaries.update(folded.boundaries)
             if folded.drop:
                 del ops[folded.node]
-                boundaries.update(s for s in folded.boundaries if s in ops)
             _drop_multi_root(ops, boundaries)
             continue
         owner: dict[fx.Node, fx.Node] = {}
@@ -269,7 +275,7 @@ def analyse(gm: fx.GraphModule) -> Analysis:
             affine=expr.affine,
             labels=tuple(ops[m].label for m in members),
             macs_before=expr.macs,
-            macs_after=_numel(sink) * expr.affine.macs_per_output(),
+            macs_after=_fused_macs(sink, expr),
         ))
     return Analysis(regions, skips)
 
@@ -301,7 +307,7 @@ def _structural_split(
             reason = (f"{root.name} is changed in place between the ops that read it: one conv "
                       "cannot read both versions")
         if cut is not None:
-            inner = tuple(s for s in _inputs(ops[cut]) if s in ops and s not in boundaries)
+            inner = _inner_inputs(cut, ops, boundaries)
             if inner or cut not in boundaries:  # each split must add a boundary, or it loops
                 return _Split(cut, reason, inner or (cut,), drop=False)
     return None
