@@ -164,6 +164,11 @@ def _channel_diagonal(a: Affine) -> tuple[Tensor, Tensor] | None:
     return a.weight.reshape(-1), a.bias
 
 
+def is_per_channel(a: Affine) -> bool:
+    """``a`` is a per-channel ``x * scale + shift`` (BatchNorm, layer scale, identity)."""
+    return _channel_diagonal(a) is not None
+
+
 def _transposed_then(a: Affine, b: Affine) -> Affine:
     """A per-channel map after a transposed conv scales its output axis: weight dim 1 within
     each group (torch's own fusion helper gets this wrong for groups > 1)."""
@@ -373,6 +378,8 @@ def add(*branches: Affine) -> Affine:
 
 def concat(*branches: Affine) -> Affine:
     """Maps of the same input stacked along output channels (torch.cat on dim 1)."""
+    if len(branches) == 1:
+        return branches[0]  # cat([x]) is x, not a dense channel map
     if len({b.groups for b in branches}) == 1 and branches[0].groups == 1:
         dense = list(branches)
     else:

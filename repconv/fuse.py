@@ -1,15 +1,20 @@
-"""`fuse`: trace, find linear regions, check and rewrite each, verify the whole model."""
+"""`fuse`: trace, find linear regions, check each, rewrite each where it runs, verify."""
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Any
 
+import torch
 from torch import Tensor, fx, nn
+from torch.utils._pytree import tree_flatten, tree_map
 
+from repconv import plan as plan_record
+from repconv import regions as region_analysis
 from repconv import rewrite
 from repconv.errors import TraceError
-from repconv.graph import propagate_shapes, run_model, trace
+from repconv.graph import bind_call, propagate_shapes, record_calls, trace
 from repconv.report import FuseReport, ModelCounts, RewriteRecord, SkipRecord
 from repconv.rules.base import describe
 from repconv.verify import eval_mode, verify
@@ -19,57 +24,87 @@ from repconv.verify import eval_mode, verify
 class FuseResult:
     model: nn.Module
     report: FuseReport
-    plan: list[dict[str, object]] = field(default_factory=list)
+    plan: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _as_inputs(example_inputs: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
 
 
-def _recorded_inputs(module: nn.Module, inputs: tuple[Tensor, ...]) -> dict[str, tuple | None]:
-    """The positional inputs every descendant is first called with, by qualified name (None:
-    called with keyword arguments). Containers such as ModuleList are never called themselves."""
-    seen: dict[str, tuple | None] = {}
-    handles = []
-    for name, child in module.named_modules():
-        if not name:
-            continue
-
-        def hook(_m: nn.Module, args: tuple, kwargs: dict, name: str = name) -> None:
-            seen.setdefault(name, None if kwargs else args)
-
-        handles.append(child.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        run_model(module, inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen
-
-
 def _join(scope: str, name: str) -> str:
     return f"{scope}.{name}" if scope else name
 
 
-class _Fuser:
-    def __init__(self, check_seed: int) -> None:
-        self.report = FuseReport()
-        self.plan: list[dict[str, object]] = []
-        self.check_seed = check_seed
+def _copy(value: Any) -> Any:
+    return value.clone() if isinstance(value, Tensor) else value
 
-    def fuse_scope(self, module: nn.Module, scope: str, inputs: tuple) -> nn.Module:
+
+def _nan_like(value: Any) -> Any:
+    if isinstance(value, Tensor) and value.is_floating_point():
+        return torch.full_like(value, float("nan"))
+    return value
+
+
+def _poison(_module: nn.Module, _args: tuple, output: Any) -> Any:
+    """A forward hook making a module's output NaN: what reads it shows it."""
+    return tree_map(_nan_like, output)
+
+
+def _trace_mismatch(module: nn.Module, gm: fx.GraphModule, call: tuple, kwargs: dict,
+                    positional: tuple) -> str | None:
+    """Why the trace does not compute what eager code does on the example, or None."""
+    # each run gets its own copy: a forward may change its input in place
+    with torch.no_grad():
+        expected = module(*tree_map(_copy, call), **tree_map(_copy, kwargs))
+        got = gm(*tree_map(_copy, positional))
+    if type(expected) is not type(got) and not (
+            isinstance(expected, (tuple, list)) and isinstance(got, (tuple, list))):
+        return (f"the traced forward returns a {type(got).__name__} where the module returns a "
+                f"{type(expected).__name__}")
+    want, _ = tree_flatten(expected)
+    have, _ = tree_flatten(got)
+    want = [t for t in want if isinstance(t, Tensor)]
+    have = [t for t in have if isinstance(t, Tensor)]
+    if len(want) != len(have) or any(
+            a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=1e-6, equal_nan=True)
+            for a, b in zip(want, have)):
+        return "the traced forward computes other values than the module on the example input"
+    return None
+
+
+class _Fuser:
+    def __init__(self, model: nn.Module, inputs: tuple[Tensor, ...], check_seed: int) -> None:
+        self.report = FuseReport()
+        self.steps: list[plan_record.Step] = []
+        self.check_seed = check_seed
+        self.model, self.inputs = model, inputs
+        # every module's inputs are kept only when a part does not trace and its children are
+        # fused one by one: they are all the model's activations
+        self.calls = record_calls(model, inputs, keep_tensors=False)
+        self.calls_have_tensors = False
+
+    def fuse_scope(self, module: nn.Module, scope: str, args: tuple, kwargs: dict) -> nn.Module:
+        """Fuse ``module`` (at ``scope`` in the model, called as ``module(*args, **kwargs)``);
+        returns it, or what replaces it when its own forward was rewritten."""
+        bound = bind_call(module, args, kwargs)
         try:
-            gm = trace(module)
+            if bound is None:
+                raise TraceError("its forward takes *args/**kwargs")
+            gm = trace(module, concrete_args=bound.concrete)
+            propagate_shapes(gm, tree_map(_copy, bound.positional))
+            mismatch = _trace_mismatch(module, gm, args, kwargs, bound.positional)
+            if mismatch:
+                raise TraceError(mismatch)
         except TraceError as exc:
-            return self._fuse_children(module, scope, inputs, str(exc))
-        propagate_shapes(gm, inputs)
-        analysis = rewrite.analyse(gm)
+            return self._fuse_children(module, scope, str(exc))
+        analysis = region_analysis.analyse(gm)
         where = f"{scope}: " if scope else ""
         self.report.skipped += [SkipRecord(where + s.where, s.reason) for s in analysis.skips]
+        self.report.cuts += [SkipRecord(where + s.where, s.reason) for s in analysis.cuts]
         accepted = []
         for region in analysis.regions:
-            error = rewrite.local_error(gm, region, self.check_seed)
-            if error > rewrite.LOCAL_TOLERANCE:
+            error = region_analysis.local_error(gm, region, self.check_seed)
+            if error > region_analysis.LOCAL_TOLERANCE:
                 self.report.skipped.append(SkipRecord(
                     where + describe(region.sink),
                     f"local check failed: fused conv differs by {error:.1e} (scale-relative)",
@@ -78,12 +113,20 @@ class _Fuser:
             accepted.append((region, error))
         if not accepted:
             return module
-        entries = rewrite.apply(gm, [region for region, _ in accepted])
-        for (region, error), entry in zip(accepted, entries):
-            entry["scope"] = scope
+        applied = rewrite.apply(module, scope, gm, [r for r, _ in accepted], self.calls,
+                                bound.concrete)
+        refused = {id(region): why for region, why in applied.refused}
+        removed = {id(region) for region in applied.removed}
+        for region, error in accepted:
+            if id(region) in removed:
+                continue
+            if id(region) in refused:
+                self.report.skipped.append(SkipRecord(where + describe(region.sink),
+                                                      refused[id(region)]))
+                continue
             self.report.rewrites.append(RewriteRecord(
                 scope=scope,
-                module=entry["module"],
+                module=describe(region.members[0]),
                 kind=region.kind,
                 ops=list(region.labels),
                 kernel_size=list(region.affine.kernel_size),
@@ -93,34 +136,68 @@ class _Fuser:
                 local_error=error,
                 replaced=describe(region.sink),
             ))
-        self.plan += entries
-        return gm
+        self.report.notes += applied.notes
+        self.steps += applied.steps
+        return applied.module
 
-    def _fuse_children(self, module: nn.Module, scope: str, inputs: tuple, why: str) -> nn.Module:
+    def _fuse_children(self, module: nn.Module, scope: str, why: str) -> nn.Module:
         if not list(module.children()):
             self.report.skipped.append(SkipRecord(scope or "model", f"does not trace: {why}"))
             return module
         self.report.notes.append(
-            f"{scope or 'the model'} does not trace as a whole ({why}); fused child by child"
+            f"{scope or 'the model'} does not trace as a whole ({why}); its eager forward "
+            "is kept and each part that traces is fused in place, child by child (what it computes "
+            "and discards is still computed)"
         )
-        self._fuse_recorded(module, scope, "", _recorded_inputs(module, inputs))
+        if not self.calls_have_tensors:
+            self.calls = record_calls(self.model, self.inputs, keep_tensors=True)
+            self.calls_have_tensors = True
+        for name in self._discarded_children(module, scope):
+            self.report.notes.append(
+                f"{name}: computed by the eager forward of {scope or 'the model'} and then "
+                "discarded (the model's outputs do not depend on it on the example input); it "
+                "still runs, since that forward cannot be rewritten")
+        self._fuse_called(module, scope)
         return module
 
-    def _fuse_recorded(
-        self, container: nn.Module, scope: str, prefix: str, recorded: dict[str, tuple | None]
-    ) -> None:
+    def _discarded_children(self, module: nn.Module, scope: str) -> list[str]:
+        """Children whose result the model's outputs ignore: each is tried by making its output
+        NaN and running the model once."""
+        with torch.no_grad():
+            baseline = [t for t in tree_flatten(self.model(*self.inputs))[0]
+                        if isinstance(t, Tensor)]
+        discarded = []
+        for name, child in module.named_children():
+            path = _join(scope, name)
+            if path not in self.calls:
+                continue
+
+            handle = child.register_forward_hook(_poison)
+            try:
+                with torch.no_grad():
+                    outputs = [t for t in tree_flatten(self.model(*self.inputs))[0]
+                               if isinstance(t, Tensor)]
+            except Exception:  # a NaN the model chokes on: it reads the child
+                continue
+            finally:
+                handle.remove()
+            if len(outputs) == len(baseline) and all(
+                    torch.equal(a, b) for a, b in zip(outputs, baseline)):
+                discarded.append(path)
+        return discarded
+
+    def _fuse_called(self, container: nn.Module, scope: str) -> None:
         """Fuse each child of ``container`` that was called; walk into children that were not
         (ModuleList, ModuleDict) to reach the blocks inside them."""
         for name, child in container.named_children():
-            key = f"{prefix}{name}"
-            path = _join(scope, key)
-            if key in recorded and recorded[key] is None:
-                self.report.skipped.append(
-                    SkipRecord(path, "called with keyword arguments, which repconv cannot trace"))
-            elif key in recorded:
-                setattr(container, name, self.fuse_scope(child, path, recorded[key]))
+            path = _join(scope, name)
+            record = self.calls.get(path)
+            if record is not None and record.count:
+                fused = self.fuse_scope(child, path, record.args, record.kwargs)
+                if fused is not child:
+                    setattr(container, name, fused)
             elif list(child.children()):
-                self._fuse_recorded(child, scope, f"{key}.", recorded)
+                self._fuse_called(child, path)
             else:
                 self.report.skipped.append(SkipRecord(path, "never called on the example input"))
 
@@ -141,35 +218,27 @@ def fuse(
     """
     inputs = _as_inputs(example_inputs)
     work = copy.deepcopy(model).eval()
-    fuser = _Fuser(check_seed=seed)
+    fuser = _Fuser(work, inputs, seed)
     training = [name or "the model" for name, m in model.named_modules() if m.training]
     if training:
         fuser.report.notes.append(
             f"{len(training)} module(s) were in train mode (first: {training[0]}); fused and "
             "verified the eval-mode model, which is what a deployed model runs")
-    fused = fuser.fuse_scope(work, "", inputs).eval()
+    fused = fuser.fuse_scope(work, "", inputs, {}).eval()
+    fuser.calls.clear()  # the recorded activations are no longer needed
     fuser.report.before = ModelCounts.of(model)
     fuser.report.after = ModelCounts.of(fused)
     if check:
         with eval_mode(model):
             fuser.report.verification = verify(model, fused, inputs, rtol=rtol, atol=atol,
                                                seed=seed)
-    return FuseResult(fused, fuser.report, fuser.plan)
+    return FuseResult(fused, fuser.report, plan_record.to_json(fuser.steps))
 
 
-def replay_plan(model: nn.Module, plan: list[dict[str, object]]) -> nn.Module:
-    """Apply a recorded plan to a freshly built model: the same structure, empty weights."""
-    by_scope: dict[str, list[dict[str, object]]] = {}
-    for entry in plan:
-        by_scope.setdefault(str(entry.get("scope", "")), []).append(entry)
-    model = model.eval()
-    for scope, entries in by_scope.items():
-        target = model.get_submodule(scope) if scope else model
-        gm: fx.GraphModule = trace(target)
-        rewrite.replay(gm, entries)
-        if scope:
-            parent, _, name = scope.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, name, gm)
-        else:
-            model = gm
-    return model.eval()
+def replay_plan(
+    model: nn.Module, plan: object, weights: dict[str, Tensor] | None = None
+) -> nn.Module:
+    """Apply a recorded plan (validated first; with ``weights``, against them too) to a freshly
+    built model: the same structure, empty weights."""
+    steps = plan_record.parse(plan, weights)
+    return rewrite.replay(model.eval(), steps).eval()

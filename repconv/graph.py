@@ -39,19 +39,33 @@ def _keeps_inherited_forward(module: nn.Module) -> bool:
 
 
 class _Tracer(fx.Tracer):
+    def __init__(self, leaves: frozenset[str] = frozenset()) -> None:
+        super().__init__()
+        self.leaves = leaves
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaves:
+            return True
         if isinstance(m, UNDERSTOOD_MODULES):
             return _keeps_inherited_forward(m)
         return super().is_leaf_module(m, module_qualified_name)
 
 
-def trace(module: nn.Module) -> fx.GraphModule:
-    """Symbolically trace ``module``; TraceError says why it does not trace."""
+def trace(
+    module: nn.Module,
+    leaves: frozenset[str] = frozenset(),
+    concrete_args: dict[str, Any] | None = None,
+) -> fx.GraphModule:
+    """Symbolically trace ``module``, keeping the submodules named in ``leaves`` as calls and
+    holding ``concrete_args`` (non-tensor arguments) at the given values; TraceError says why
+    it does not trace."""
     try:
-        graph = _Tracer().trace(module)
+        graph = _Tracer(leaves).trace(module, concrete_args=concrete_args or None)
     except Exception as exc:  # tracing runs user code: any failure means "does not trace"
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise TraceError(f"{type(exc).__name__}: {first_line}"[:300]) from exc
+    # a fused model unpickles with torch alone: fx re-traces it with its own tracer
+    graph._tracer_cls = None
     for node in graph.nodes:
         if isinstance(node.type, str):
             # `from __future__ import annotations` leaves types as strings, which pickling
@@ -124,6 +138,37 @@ def erase_dead_code(gm: fx.GraphModule) -> None:
         gm.graph.erase_node(node)
 
 
+# Reads of a tensor's metadata, not its values. Within a linear region every value has the same
+# rank, dtype and device; its shape may differ (padding, strides), so shape reads are kept apart.
+_RANK_ATTRIBUTES = frozenset({"ndim", "dtype", "device", "is_cuda", "layout"})
+_RANK_METHODS = frozenset({"dim", "ndimension", "is_floating_point", "get_device"})
+_SHAPE_ATTRIBUTES = frozenset({"shape"})
+_SHAPE_METHODS = frozenset({"size", "numel"})
+
+
+def metadata_read(node: fx.Node) -> str | None:
+    """"rank" or "shape" when ``node`` reads only the metadata of its first argument (so it is
+    not a data user of it), else None."""
+    if node.op == "call_function" and node.target is getattr and len(node.args) == 2:
+        attribute = node.args[1]
+        if attribute in _RANK_ATTRIBUTES:
+            return "rank"
+        return "shape" if attribute in _SHAPE_ATTRIBUTES else None
+    if node.op == "call_method":
+        if node.target in _RANK_METHODS:
+            return "rank"
+        return "shape" if node.target in _SHAPE_METHODS else None
+    if node.op == "call_function" and node.target in (torch.numel, torch.Tensor.dim):
+        return "shape"
+    return None
+
+
+def data_users(node: fx.Node) -> list[fx.Node]:
+    """The users of ``node`` that read its values (metadata reads excluded)."""
+    return [user for user in node.users
+            if not (metadata_read(user) and user.args and user.args[0] is node)]
+
+
 def tensor_shape(node: fx.Node) -> torch.Size | None:
     meta = node.meta.get("tensor_meta")
     return getattr(meta, "shape", None)
@@ -132,6 +177,13 @@ def tensor_shape(node: fx.Node) -> torch.Size | None:
 def tensor_dtype(node: fx.Node) -> torch.dtype | None:
     meta = node.meta.get("tensor_meta")
     return getattr(meta, "dtype", None)
+
+
+_RANDOM_OPS = frozenset({
+    "rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "randperm",
+    "bernoulli", "multinomial", "normal", "poisson", "empty", "empty_like", "uniform_",
+    "normal_", "random_", "bernoulli_", "exponential_", "cauchy_", "geometric_", "log_normal_",
+})
 
 
 @dataclass
@@ -177,6 +229,10 @@ class GraphContext:
             return getattr(self.module.get_submodule(owner), name)
         if node.op not in ("call_function", "call_method"):
             return None
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        if name in _RANDOM_OPS:
+            return None  # a fresh value on every call: not a constant to fold
+
         args = [self.constant(a) for a in node.args]
         kwargs = {k: self.constant(v) for k, v in node.kwargs.items()}
         if any(a is None for a in args) or any(v is None for v in kwargs.values()):
@@ -196,3 +252,75 @@ class GraphContext:
             and tensor_shape(value) is not None
             and not self.is_constant(value)
         )
+
+
+@dataclass
+class CallRecord:
+    """How a module was called in one eager forward: how often, its first arguments (tensors
+    kept only when asked), and each call's non-tensor arguments."""
+
+    count: int = 0
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    flags: list[str] = field(default_factory=list)
+
+
+def _holds_tensor(value: Any) -> bool:
+    if isinstance(value, Tensor):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_holds_tensor(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_tensor(v) for v in value.values())
+    return False
+
+
+def record_calls(
+    model: nn.Module, inputs: tuple[Tensor, ...], keep_tensors: bool
+) -> dict[str, CallRecord]:
+    """Every submodule's calls in one forward of ``model`` on ``inputs``, by qualified name."""
+    records: dict[str, CallRecord] = {}
+    handles = []
+    for name, child in model.named_modules():
+        if not name:
+            continue
+
+        def hook(_m: nn.Module, args: tuple, kwargs: dict, name: str = name) -> None:
+            record = records.setdefault(name, CallRecord())
+            record.count += 1
+            flags = {k: v for k, v in kwargs.items() if not _holds_tensor(v)}
+            positional = [v if not _holds_tensor(v) else "<tensor>" for v in args]
+            record.flags.append(repr((positional, sorted(flags.items()))))
+            if record.count == 1 and keep_tensors:
+                record.args, record.kwargs = args, dict(kwargs)
+
+        handles.append(child.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        run_model(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return records
+
+
+@dataclass(frozen=True)
+class BoundCall:
+    """A call bound to ``forward``'s parameters: the non-tensor ones to hold at their values
+    while tracing, and every argument in parameter order (how a traced module is called)."""
+
+    concrete: dict[str, Any]
+    positional: tuple[Any, ...]
+
+
+def bind_call(module: nn.Module, args: tuple, kwargs: dict) -> BoundCall | None:
+    """None when ``forward`` takes ``*args``/``**kwargs`` (fx cannot hold those fixed)."""
+    signature = inspect.signature(module.forward)
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in signature.parameters.values()):
+        return None if kwargs or len(args) != 1 else BoundCall({}, args)
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    concrete = {k: v for k, v in bound.arguments.items() if not _holds_tensor(v)}
+    return BoundCall(concrete, tuple(bound.arguments.values()))

@@ -57,6 +57,7 @@ class SkipRecord:
 class FuseReport:
     rewrites: list[RewriteRecord] = field(default_factory=list)
     skipped: list[SkipRecord] = field(default_factory=list)
+    cuts: list[SkipRecord] = field(default_factory=list)  # folds kept apart, each still folded
     notes: list[str] = field(default_factory=list)
     before: ModelCounts | None = None
     after: ModelCounts | None = None
@@ -106,6 +107,10 @@ class FuseReport:
         if self.skipped:
             parts.append(Text(f"left unfused ({len(self.skipped)}):", style="bold"))
             parts.extend(Text(f"  {s.where}: {s.reason}") for s in self.skipped)
+        if self.show_rewrites and self.cuts:
+            parts.append(Text(f"folded apart, not into one conv ({len(self.cuts)}):",
+                              style="bold"))
+            parts.extend(Text(f"  {s.where}: {s.reason}") for s in self.cuts)
         if self.verification is not None:
             parts.append(self.verification)
         return Group(*parts)

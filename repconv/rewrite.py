@@ -1,470 +1,447 @@
-"""Find linear regions in a traced graph, fold each into one conv, and replay recorded folds.
+"""Apply folded regions where their ops run, and replay recorded plans on a fresh model.
 
-A linear region is a connected set of nodes the rules lowered, with one input (its root) and one
-output (its sink) whose intermediate values nothing else uses. Its value is one `Affine` of the
-root, built by walking the region in graph order with `algebra.then` / `add` / `concat`.
-
-Analysis (`analyse`) only reads the graph. Where an operation is not exact or would cost more
-than the ops it replaces, the node's inputs become region boundaries and the reason is kept; the
-analysis repeats until it is stable, so the largest exact pieces still fold. `apply` rewrites,
-and returns the plan entries that `replay` uses to rebuild the same structure on a fresh model.
+The fused model stays the user's model (DESIGN §0.1). A region is applied at the smallest scope
+that can hold it:
+- A chain (each op reads the one before it) is rewritten op by op where each op runs. An op that
+  is a module call swaps that module: the first for the fused conv, the rest for
+  ``nn.Identity``, and no forward changes. An op inside some module's forward (timm's
+  ``BatchNormAct2d`` calling ``F.batch_norm``) is edited in that module's forward alone.
+- Branches that merge (sums, concats) are rewritten in the forward of the deepest module that
+  runs all of them (a RepVGG block's forward, not the whole network's).
+A module whose forward is rewritten becomes a ``GraphModule`` under its own name and class name,
+keeping its plain attributes, and calls its untouched children as the modules they were.
+Everything is recorded as `plan` steps, which `replay` applies to a freshly built model.
 """
 
 from __future__ import annotations
 
-import copy
-import math
-from collections.abc import Iterable
+import operator
+from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.nn.utils import skip_init
+from torch.fx._symbolic_trace import _assert_is_none
 
 from repconv import algebra
-from repconv.algebra import Affine
-from repconv.errors import AlgebraError, InputError
+from repconv.errors import InputError, TraceError
 from repconv.graph import (
-    GraphContext,
+    CallRecord,
+    bind_call,
     erase_dead_code,
+    metadata_read,
     mutated_input,
     tensor_dtype,
-    tensor_shape,
+    trace,
 )
-from repconv.rules import RULES, LinearOp, Refusal, Sum, Unary
-from repconv.rules.base import channels, describe, spatial_dims
+from repconv.plan import FrameRewrite, ModuleSpec, ModuleSwap, NodeEdit, Step
+from repconv.regions import Region
 
-# A region whose fused output differs from the original by more than this, relative to the
-# output's scale, in float64, is not rewritten: the algebra would be wrong, so keep the model.
-LOCAL_TOLERANCE = 1e-6
-LOCAL_CHECK_SIZE = 13
-_CONV_LABELS = ("Conv1d", "Conv2d", "Conv3d", "conv1d", "conv2d", "conv3d", "Linear", "linear",
-                "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d")
-_MODULE_KINDS: dict[str, type[nn.Module]] = {
-    kind.__name__: kind
-    for kind in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                 nn.ConvTranspose3d, nn.Linear)
-}
+_JSON_SCALARS = (type(None), bool, int, float, str)
 
 
 @dataclass(frozen=True)
-class Skip:
-    """Something left unfused, where, and why."""
+class _Edit:
+    """Users of ``sink`` read ``module(root)`` (or ``root``) computed where ``first`` ran."""
 
-    where: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class Region:
     root: fx.Node
+    first: fx.Node
     sink: fx.Node
     members: tuple[fx.Node, ...]
-    affine: Affine
-    labels: tuple[str, ...]
-    macs_before: int
-    macs_after: int
-
-    @property
-    def kind(self) -> str:
-        if self.affine.is_identity():
-            return "identity removed"
-        if any(label in ("add", "sub", "cat") for label in self.labels):
-            return "multi-branch"
-        convs = sum(label in _CONV_LABELS for label in self.labels)
-        if convs > 1:
-            return "conv chain"
-        if convs == 1:
-            has_bn = any("norm" in label.lower() for label in self.labels)
-            return "conv+bn" if has_bn else "conv+affine"
-        return "affine merge"
+    module: nn.Module | None
+    region: Region
 
 
 @dataclass
-class Analysis:
-    regions: list[Region] = field(default_factory=list)
-    skips: list[Skip] = field(default_factory=list)
+class Applied:
+    """What `apply` did: the scope module (replaced if its own forward was rewritten), the plan
+    steps, the regions that could not be placed with the reason, and notes for the report."""
+
+    module: nn.Module
+    steps: list[Step] = field(default_factory=list)
+    refused: list[tuple[Region, str]] = field(default_factory=list)
+    removed: list[Region] = field(default_factory=list)  # inside a child whose result is unused
+    notes: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class _Expr:
-    root: fx.Node
-    affine: Affine
-    members: frozenset[fx.Node]
-    macs: int
+def _stack(node: fx.Node) -> list[str]:
+    return list(node.meta.get("nn_module_stack", {}))
 
 
-@dataclass(frozen=True)
-class _Split:
-    """Fold failed at ``node``: make ``boundaries`` region outputs; ``drop`` the node if it can
-    no longer be a linear op (a sum or concat whose terms cannot be combined)."""
-
-    node: fx.Node
-    reason: str
-    boundaries: tuple[fx.Node, ...]
-    drop: bool
+def _frame(node: fx.Node) -> str:
+    """The module whose forward runs ``node`` ("" for the traced module itself)."""
+    stack = _stack(node)
+    if node.op == "call_module":
+        return stack[-2] if len(stack) >= 2 else ""
+    return stack[-1] if stack else ""
 
 
-def _inputs(op: LinearOp) -> tuple[fx.Node, ...]:
-    if isinstance(op, Unary):
-        return (op.source,)
-    if isinstance(op, Sum):
-        return tuple(term for term, _ in op.terms)
-    return op.parts
+def _join(scope: str, path: str) -> str:
+    return ".".join(filter(None, (scope, path)))
 
 
-def _inner_inputs(
-    node: fx.Node, ops: dict[fx.Node, LinearOp], boundaries: set[fx.Node]
-) -> tuple[fx.Node, ...]:
-    """The inputs of ``node`` that lie inside its region (folded into it, not its root)."""
-    return tuple(s for s in _inputs(ops[node]) if s in ops and s not in boundaries)
-
-
-def _numel(node: fx.Node) -> int:
-    shape = tensor_shape(node)
-    return math.prod(shape[1:]) if shape is not None else 0
-
-
-def _lower_all(gm: fx.GraphModule, ctx: GraphContext) -> tuple[dict[fx.Node, LinearOp], list[Skip]]:
-    ops: dict[fx.Node, LinearOp] = {}
-    skips: list[Skip] = []
-    for node in gm.graph.nodes:
-        if node.op not in ("call_module", "call_function", "call_method"):
-            continue
-        if tensor_shape(node) is None or mutated_input(node, gm) is not None:
-            continue  # in-place ops stay as they are: their effect is not in the data flow
-        for rule in RULES:
-            answer = rule(node, ctx)
-            if answer is None:
-                continue
-            if isinstance(answer, Refusal):
-                skips.append(Skip(describe(node), answer.reason))
-            else:
-                ops[node] = answer
+def _common(paths: list[str]) -> str:
+    parts = [p.split(".") if p else [] for p in paths]
+    common: list[str] = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
             break
-    return ops, skips
+        common.append(level[0])
+    return ".".join(common)
 
 
-def _drop_multi_root(ops: dict[fx.Node, LinearOp], boundaries: set[fx.Node]) -> None:
-    """Sums and concats of values with different roots are not maps of one input: they stay as
-    they are, and their linear inputs become region outputs."""
+def _inside(path: str, frame: str) -> bool:
+    return frame == "" or path == frame or path.startswith(frame + ".")
+
+
+def _relative(path: str, frame: str) -> str:
+    return path[len(frame) + 1:] if frame else path
+
+
+def _touched(edits: list[_Edit], frame: str) -> set[str]:
+    """Module paths, relative to ``frame``, that run a member of these edits."""
+    touched: set[str] = set()
+    for edit in edits:
+        for member in edit.members:
+            for path in _stack(member):
+                if _inside(path, frame) and path != frame:
+                    touched.add(_relative(path, frame))
+    return touched
+
+
+def _fused_module(region: Region, device: torch.device) -> nn.Module:
+    return algebra.to_module(region.affine, tensor_dtype(region.sink) or torch.float32, device)
+
+
+def _plan_edits(
+    gm: fx.GraphModule, regions: list[Region], call_sites: Mapping[str, int]
+) -> tuple[dict[str, list[_Edit]], list[tuple[str, nn.Module | None, Region]]]:
+    """Split regions into forward edits by frame and module swaps."""
+    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    frames: dict[str, list[_Edit]] = defaultdict(list)
+    swaps: list[tuple[str, nn.Module | None, Region]] = []
+    for region in regions:
+        fused = _fused_module(region, device)
+        if not region.chain:
+            frame = _common([_frame(m) for m in region.members])
+            frames[frame].append(_Edit(region.root, region.members[0], region.sink,
+                                       region.members, fused, region))
+            continue
+        for i, (member, source) in enumerate(zip(region.members, region.sources)):
+            module = fused if i == 0 else None
+            if member.op == "call_module" and call_sites.get(str(member.target), 0) == 1:
+                swaps.append((str(member.target), module, region))
+            else:
+                frames[_frame(member)].append(_Edit(source, member, member, (member,), module,
+                                                    region))
+    # a frame whose edits reach into another frame's module traces it inline: one rewrite
     changed = True
     while changed:
         changed = False
-        roots: dict[fx.Node, frozenset[fx.Node]] = {}
-        for node, op in ops.items():
-            found: set[fx.Node] = set()
-            for source in _inputs(op):
-                inner = source in ops and source not in boundaries
-                found |= roots[source] if inner else {source}
-            roots[node] = frozenset(found)
-            if len(found) > 1 and not isinstance(op, Unary):
-                del ops[node]
-                boundaries.update(s for s in _inputs(op) if s in ops)
-                changed = True
+        for outer in sorted(frames, key=len):
+            touched = _touched(frames[outer], outer)
+            for inner in [f for f in frames if f != outer and _inside(f, outer)]:
+                if _relative(inner, outer) in touched:
+                    frames[outer] += frames.pop(inner)
+                    changed = True
+            if changed:
                 break
+    return frames, swaps
 
 
-def _fold(
-    ops: dict[fx.Node, LinearOp], boundaries: set[fx.Node]
-) -> dict[fx.Node, _Expr] | _Split:
-    exprs: dict[fx.Node, _Expr] = {}
-
-    def value(source: fx.Node) -> _Expr:
-        if source in ops and source not in boundaries:
-            return exprs[source]
-        return _Expr(source, algebra.identity(channels(source), spatial_dims(source)),
-                     frozenset(), 0)
-
-    for node, op in ops.items():
-        parts = [value(source) for source in _inputs(op)]
-        inner = _inner_inputs(node, ops, boundaries)
-        try:
-            if isinstance(op, Unary):
-                (part,) = parts
-                affine = op.affine if not part.members else algebra.then(part.affine, op.affine)
-                macs = part.macs + _numel(node) * op.affine.macs_per_output()
-            else:
-                if isinstance(op, Sum):
-                    affine = algebra.add(
-                        *(algebra.scaled(p.affine, c) for p, (_, c) in zip(parts, op.terms))
-                    )
-                else:
-                    affine = algebra.concat(*(p.affine for p in parts))
-                # Parallel branches always merge: one conv reads the input once. The budget a
-                # later chain is held to is what the merged conv costs.
-                macs = max(sum(p.macs for p in parts), _numel(node) * affine.macs_per_output())
-        except AlgebraError as exc:
-            return _Split(node, str(exc), inner, drop=not isinstance(op, Unary))
-        members = frozenset().union(*(p.members for p in parts)) | {node}
-        assert len({p.root for p in parts}) == 1, "multi-root nodes are dropped before folding"
-        exprs[node] = _Expr(parts[0].root, affine, members, macs)
-    return exprs
+class _AlignmentError(Exception):
+    pass
 
 
-def _fused_macs(node: fx.Node, expr: _Expr) -> int:
-    return _numel(node) * expr.affine.macs_per_output()
+def _same_op(outer: fx.Node, inner: fx.Node, frame: str) -> bool:
+    if outer.op != inner.op:
+        return False
+    if outer.op in ("call_module", "get_attr"):
+        return outer.target == (f"{frame}.{inner.target}" if frame else inner.target)
+    return outer.target == inner.target
 
 
-def _cost_split(
-    ops: dict[fx.Node, LinearOp], boundaries: set[fx.Node], exprs: dict[fx.Node, _Expr]
-) -> _Split | None:
-    """A region whose one conv costs more than its ops splits where a chain first grows."""
-    for sink in (n for n in ops if n in boundaries):
-        expr = exprs[sink]
-        if _fused_macs(sink, expr) <= expr.macs or expr.affine.is_identity():
+def _flat_nodes(node: fx.Node) -> list[Any]:
+    flat: list[Any] = []
+    fx.node.map_aggregate((node.args, node.kwargs), flat.append)
+    return flat
+
+
+def _align(gm: fx.GraphModule, fgm: fx.GraphModule, frame: str) -> dict[fx.Node, fx.Node]:
+    """Map the nodes of the scope trace ``gm`` that run inside ``frame`` (and the values it
+    reads from outside) to the nodes of ``frame``'s own trace ``fgm``. Both traces run the same
+    Python in the same order; a child kept as a call in ``fgm`` stands for all its nodes."""
+    outer_guards, inner_guards = _guard_nodes(gm), _guard_nodes(fgm)
+    outer = [n for n in gm.graph.nodes if n not in outer_guards and (
+        frame in _stack(n) or (frame == "" and n.op not in ("placeholder", "output")))]
+    inner = [n for n in fgm.graph.nodes
+             if n.op not in ("placeholder", "output") and n not in inner_guards]
+    mapping: dict[fx.Node, fx.Node] = {}
+    i = 0
+    for node in inner:
+        if i >= len(outer):
+            raise _AlignmentError(f"{node.name} has no counterpart")
+        child = f"{frame}.{node.target}" if frame else str(node.target)
+        if node.op == "call_module" and outer[i].target != child and child in _stack(outer[i]):
+            group = []
+            while i < len(outer) and child in _stack(outer[i]):
+                group.append(outer[i])
+                i += 1
+            members = set(group)
+            for g in group:
+                if any(u not in members for u in g.users):
+                    mapping[g] = node
             continue
-        node = next(
-            m for m in ops if m in expr.members and _fused_macs(m, exprs[m]) > exprs[m].macs
-        )
-        inner = _inner_inputs(node, ops, boundaries)
-        reason = (f"cost: one conv would take {_fused_macs(node, exprs[node]):,} MACs per sample, "
-                  f"the {len(exprs[node].members)} ops it replaces {exprs[node].macs:,}")
-        return _Split(node, reason, inner, drop=False)
-    return None
+        if not _same_op(outer[i], node, frame):
+            raise _AlignmentError(f"{outer[i].name} vs {node.name}")
+        mapping[outer[i]] = node
+        for a, b in zip(_flat_nodes(outer[i]), _flat_nodes(node)):
+            if isinstance(a, fx.Node) and isinstance(b, fx.Node) and b.op == "placeholder":
+                mapping.setdefault(a, b)
+        i += 1
+    return mapping
 
 
-def analyse(gm: fx.GraphModule) -> Analysis:
-    """The regions of ``gm`` (shapes already propagated) that fold into one conv, and what
-    stays unfused and why. Reads the graph; changes nothing."""
-    ctx = GraphContext(gm)
-    ops, skips = _lower_all(gm, ctx)
-    boundaries = {node for node in ops if any(user not in ops for user in node.users)}
-    _drop_multi_root(ops, boundaries)
-    while True:
-        folded = _fold(ops, boundaries)
-        if not isinstance(folded, _Split):
-            folded = (_structural_split(gm, ops, boundaries, folded)
-                      or _cost_split(ops, boundaries, folded) or folded)
-        if isinstance(folded, _Split):
-            skips.append(Skip(describe(folded.node), folded.reason))
-            boundaries.update(folded.boundaries)
-            if folded.drop:
-                del ops[folded.node]
-            _drop_multi_root(ops, boundaries)
+def _guard_nodes(fgm: fx.GraphModule) -> set[fx.Node]:
+    """The checks fx adds for arguments held fixed while tracing (``flag == True`` asserted,
+    ``_assert_is_none(extra)``): they read only a placeholder and have no counterpart in a
+    trace that held the argument at a larger scope."""
+    guards: set[fx.Node] = set()
+    for node in fgm.graph.nodes:
+        if node.op != "placeholder":
             continue
-        owner: dict[fx.Node, fx.Node] = {}
-        shared: set[fx.Node] = set()
-        for sink in (n for n in ops if n in boundaries):
-            for member in folded[sink].members - {sink}:
-                if owner.setdefault(member, sink) is not sink:
-                    shared.add(member)
-        if not shared:
-            break
-        # only the last shared node of each path must be computed once for both regions; what
-        # feeds it folds into it
-        boundaries.update(n for n in shared if any(u not in shared for u in n.users))
-        _drop_multi_root(ops, boundaries)
-    for node in boundaries:
-        outside = [u.name for u in node.users if u not in ops]
-        inside = [u for u in node.users if u in ops]
-        if outside and inside and len(node.users) > 1:
-            skips.append(Skip(describe(node), (
-                f"output has {len(node.users)} users ({', '.join(u.name for u in node.users)}); "
-                f"kept as is so {', '.join(outside)} still sees it")))
-    regions = []
-    for sink in (n for n in ops if n in boundaries):
-        expr = folded[sink]
-        if len(expr.members) < 2 and not expr.affine.is_identity():
-            continue
-        members = tuple(n for n in ops if n in expr.members)
-        regions.append(Region(
-            root=expr.root,
-            sink=sink,
-            members=members,
-            affine=expr.affine,
-            labels=tuple(ops[m].label for m in members),
-            macs_before=expr.macs,
-            macs_after=_fused_macs(sink, expr),
-        ))
-    return Analysis(regions, skips)
-
-
-def _structural_split(
-    gm: fx.GraphModule, ops: dict[fx.Node, LinearOp], boundaries: set[fx.Node],
-    exprs: dict[fx.Node, _Expr],
-) -> _Split | None:
-    """Cut a region where one conv cannot stand for it: where its dtype changes, or where it
-    reads its input again after an op changed that input in place. The pieces on either side
-    still fold."""
-    order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    for sink in (n for n in ops if n in boundaries):
-        root = exprs[sink].root
-        members = [n for n in ops if n in exprs[sink].members]
-        if len(members) < 2:
-            continue  # a single op is left as it is anyway
-        cut, reason = None, ""
-        changed = next((m for m in members if tensor_dtype(m) != tensor_dtype(root)), None)
-        if changed is not None:
-            cut = changed
-            reason = (f"dtype changes from {tensor_dtype(root)} to {tensor_dtype(changed)}: "
-                      "one conv has one dtype").replace("torch.", "")
-        mutations = [order[u] for u in root.users if mutated_input(u, gm) is root]
-        reads = [m for m in members if root in m.all_input_nodes]
-        late = [m for m in reads if any(order[reads[0]] < p < order[m] for p in mutations)]
-        if cut is None and late:
-            cut = late[0]
-            reason = (f"{root.name} is changed in place between the ops that read it: one conv "
-                      "cannot read both versions")
-        if cut is not None:
-            inner = _inner_inputs(cut, ops, boundaries)
-            if inner or cut not in boundaries:  # each split must add a boundary, or it loops
-                return _Split(cut, reason, inner or (cut,), drop=False)
-    return None
-
-
-def region_module(gm: fx.GraphModule, region: Region) -> fx.GraphModule:
-    """The region as a standalone module of its root, for checking it alone."""
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {region.root: graph.placeholder("x")}
-
-    def copy_node(node: fx.Node) -> fx.Node:
-        if node not in env:
-            env[node] = graph.node_copy(node, copy_node)
-        return env[node]
-
-    for member in region.members:
-        copy_node(member)
-    graph.output(env[region.sink])
-    return fx.GraphModule(gm, graph)
-
-
-def local_error(gm: fx.GraphModule, region: Region, seed: int = 0) -> float:
-    """Scale-relative max error of the fused conv against the region's ops, both in float64."""
-    shape = tensor_shape(region.root)
-    generator = torch.Generator().manual_seed(seed)
-    # The maps are shift-invariant, so a small odd-sized crop checks interior and borders alike
-    # at a fraction of the cost of the model's full resolution.
-    extent, stride = region.affine.extent, region.affine.stride
-    spatial = [min(n, max(LOCAL_CHECK_SIZE, 2 * e + s + 1))
-               for n, e, s in zip(shape[2:], extent, stride)]
-    x = torch.randn((1, shape[1], *spatial), generator=generator, dtype=torch.float64)
-    original = copy.deepcopy(region_module(gm, region)).double().eval()
-    fused = algebra.to_module(region.affine, torch.float64)
-    with torch.no_grad():
-        expected, got = original(x), fused(x)
-    if expected.shape != got.shape:
-        return math.inf
-    scale = float(expected.abs().max())
-    error = float((expected - got).abs().max())
-    return error / scale if scale > 0 else error
-
-
-def module_spec(module: nn.Module) -> dict[str, object]:
-    """What rebuilds an empty copy of a fused conv or linear layer (weights-only serialisable)."""
-    spec: dict[str, object] = {
-        "type": type(module).__name__,
-        "dtype": str(module.weight.dtype).removeprefix("torch."),
-    }
-    if isinstance(module, nn.Linear):
-        spec.update(in_features=module.in_features, out_features=module.out_features)
-        return spec
-    spec.update(
-        in_channels=module.in_channels,
-        out_channels=module.out_channels,
-        kernel_size=list(module.kernel_size),
-        stride=list(module.stride),
-        padding=list(module.padding),
-        dilation=list(module.dilation),
-        groups=module.groups,
-        padding_mode=module.padding_mode,
-    )
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        spec["output_padding"] = list(module.output_padding)
-    return spec
-
-
-def build_from_spec(spec: dict[str, object]) -> nn.Module:
-    args = dict(spec)
-    kind, dtype = args.pop("type"), args.pop("dtype")
-    if kind not in _MODULE_KINDS or not isinstance(getattr(torch, str(dtype), None), torch.dtype):
-        raise InputError(f"deploy plan names an unknown module {kind!r}; the file is damaged")
-    # empty weights: load_state_dict fills them
-    return skip_init(_MODULE_KINDS[kind], **args, dtype=getattr(torch, str(dtype)))
-
-
-def _set_submodule(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
-    parent, _, name = target.rpartition(".")
-    owner = gm
-    for part in filter(None, parent.split(".")):
-        if not hasattr(owner, part):
-            owner.add_module(part, nn.Module())
-        owner = getattr(owner, part)
-    setattr(owner, name, module)
-
-
-def _module_name(gm: fx.GraphModule, region: Region, taken: set[str]) -> str:
-    """Reuse the first conv's name (it has one call site, or it would not be in a region)."""
-    for member in region.members:
-        if member.op == "call_module" and member.target not in taken and isinstance(
-            gm.get_submodule(member.target), tuple(_MODULE_KINDS.values())
-        ):
-            return str(member.target)
-    return f"repconv_fused_{region.sink.name}"
+        for user in node.users:
+            if user.target is _assert_is_none:
+                guards.add(user)
+            elif user.target is operator.eq and all(u.target is torch._assert
+                                                     for u in user.users):
+                guards |= {user, *user.users}
+    return guards
 
 
 def _insert(
-    gm: fx.GraphModule, root: fx.Node, first: fx.Node, sink: fx.Node, name: str | None
+    gm: fx.GraphModule, root: fx.Node, first: fx.Node, sink: fx.Node,
+    members: tuple[fx.Node, ...], name: str | None,
 ) -> fx.Node:
-    """Make ``sink``'s users read the fused conv of ``root`` (or ``root`` itself), computed where
-    the region's first op ran: an in-place change of ``root`` after that point must not be seen."""
+    """Make ``sink``'s users, and the metadata reads of the members, read the fused conv of
+    ``root`` (or ``root`` itself), computed where the region's first op ran: an in-place
+    change of ``root`` after that point must not be seen."""
     if name is None:
-        sink.replace_all_uses_with(root)
-        return root
-    with gm.graph.inserting_before(first):
-        fused = gm.graph.call_module(name, (root,))
+        fused = root
+    else:
+        with gm.graph.inserting_before(first):
+            fused = gm.graph.call_module(name, (root,))
     sink.replace_all_uses_with(fused)
+    for member in members:
+        for user in list(member.users):
+            if metadata_read(user):
+                user.replace_input_with(member, fused)
     return fused
 
 
-def _finish(gm: fx.GraphModule) -> None:
-    erase_dead_code(gm)
-    gm.delete_all_unused_submodules()
-    gm.graph.lint()
-    gm.recompile()
+def _free_name(gm: nn.Module, wanted: str) -> str:
+    """``wanted`` if no attribute has that name yet, else a numbered variant."""
+    name, n = wanted.replace(".", "_"), 1
+    candidate = name
+    while hasattr(gm, candidate):
+        n += 1
+        candidate = f"{name}_{n}"
+    return candidate
 
 
-def apply(gm: fx.GraphModule, regions: Iterable[Region]) -> list[dict[str, object]]:
-    """Rewrite each region into one conv; returns the plan entries that replay it."""
-    plan: list[dict[str, object]] = []
-    taken: set[str] = set()
-    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
-    replaced: dict[fx.Node, fx.Node] = {}  # a sink rewritten earlier may be a later root
-    for region in regions:
-        root = replaced.get(region.root, region.root)
-        entry: dict[str, object] = {
-            "root": region.root.name, "first": region.members[0].name, "sink": region.sink.name
-        }
-        if region.affine.is_identity():
+def _module_name(gm: fx.GraphModule, members: tuple[fx.Node, ...]) -> str:
+    """Name the fused conv after the first conv it replaces, at the frame's top level."""
+    for member in members:
+        if member.op == "call_module":
+            return _free_name(gm, f"fused_{str(member.target).split('.')[0]}")
+    return _free_name(gm, "fused_conv")
+
+
+def _wrap(original: nn.Module, fgm: fx.GraphModule) -> fx.GraphModule:
+    """The rewritten forward under the original's class name, keeping its plain attributes
+    (a parent may route through ``child.f``)."""
+    erase_dead_code(fgm)
+    fgm.delete_all_unused_submodules()
+    fgm.graph.lint()
+    fgm.recompile()
+    own = vars(fgm)
+    for key, value in vars(original).items():
+        # instance attributes shadow class ones (a detector's `m.type` shadows Module.type)
+        if not key.startswith("_") and key != "training" and key not in own:
+            setattr(fgm, key, value)
+    fgm.train(original.training)
+    return fgm
+
+
+def _set_module(owner: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    target = owner.get_submodule(parent) if parent else owner
+    setattr(target, name, module)
+
+
+def _frame_arguments(frame_path: str, calls: Mapping[str, CallRecord], module: nn.Module,
+                     scope_concrete: dict[str, Any] | None) -> dict[str, Any] | str:
+    """The non-tensor arguments to hold fixed while tracing a frame, or why it cannot be."""
+    if scope_concrete is not None:
+        concrete = scope_concrete
+    else:
+        record = calls.get(frame_path)
+        if record is None or record.count == 0:
+            return "never called on the example input"
+        if len(set(record.flags)) > 1:
+            return "called with different non-tensor arguments; one trace cannot hold them all"
+        bound = bind_call(module, record.args, record.kwargs) if record.args else None
+        concrete = bound.concrete if bound is not None else {}
+    if not all(isinstance(v, _JSON_SCALARS) for v in concrete.values()):
+        return "takes non-tensor arguments a deploy file cannot record"
+    return concrete
+
+
+def apply(
+    scope_module: nn.Module,
+    scope: str,
+    gm: fx.GraphModule,
+    regions: list[Region],
+    calls: Mapping[str, CallRecord],
+    scope_concrete: dict[str, Any],
+) -> Applied:
+    """Rewrite each region of ``gm`` (the trace of ``scope_module``, at path ``scope`` in the
+    model) where it runs; ``calls`` holds each module's recorded calls, by model path."""
+    applied = Applied(scope_module)
+    call_sites: dict[str, int] = defaultdict(int)
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            call_sites[str(node.target)] += 1
+    dead = dead_children(gm, calls, scope)
+    applied.removed = [r for r in regions
+                       if any(_inside(p, d) for m in r.members for p in _stack(m) for d in dead)]
+    live = [r for r in regions if r not in applied.removed]
+    frames, swaps = _plan_edits(gm, live, call_sites)
+    built: list[tuple[str, fx.GraphModule]] = []
+    for frame in sorted(frames, key=lambda f: (f.count("."), f) if f else (-1, "")):
+        edits = frames[frame]
+        frame_module = scope_module.get_submodule(frame) if frame else scope_module
+        frame_path = ".".join(filter(None, (scope, frame)))
+        concrete = _frame_arguments(frame_path, calls, frame_module,
+                                    scope_concrete if frame == "" else None)
+        try:
+            if isinstance(concrete, str):
+                raise TraceError(concrete)
+            touched = _touched(edits, frame)
+            leaves = frozenset(n for n, _ in frame_module.named_modules() if n and n not in touched)
+            fgm = trace(frame_module, leaves, concrete)
+            mapping = _align(gm, fgm, frame)
+        except (TraceError, _AlignmentError) as exc:
+            why = f"{frame_path or 'the model'}'s forward could not be rewritten alone ({exc})"
+            applied.refused += [(edit.region, why) for edit in edits]
+            continue
+        leaves_used = sorted(str(n.target) for n in fgm.graph.nodes if n.op == "call_module")
+        recorded: list[NodeEdit] = []
+        for edit in edits:
+            root, first, sink = mapping.get(edit.root), mapping.get(edit.first), mapping[edit.sink]
+            members = tuple(mapping[m] for m in edit.members)
+            if root is None or first is None:
+                applied.refused.append((edit.region, "its input is not visible in "
+                                        f"{frame_path or 'the model'}'s own forward"))
+                continue
             name = None
+            if edit.module is not None:
+                name = _module_name(fgm, members)
+                fgm.add_module(name, edit.module)
+            recorded.append(NodeEdit(root.name, first.name, sink.name,
+                                     tuple(m.name for m in members), name,
+                                     None if edit.module is None else ModuleSpec.of(edit.module)))
+            _insert(fgm, root, first, sink, members, name)
+        built.append((frame, _wrap(frame_module, fgm)))
+        applied.steps.append(FrameRewrite(frame_path, tuple(leaves_used), concrete,
+                                          tuple(recorded)))
+    for frame, fgm in built:
+        if frame:
+            _set_module(applied.module, frame, fgm)
         else:
-            dtype = tensor_dtype(region.sink) or torch.float32
-            module = algebra.to_module(region.affine, dtype, device)
-            name = _module_name(gm, region, taken)
-            taken.add(name)
-            _set_submodule(gm, name, module)
-            entry["spec"] = module_spec(module)
-        entry["module"] = name
-        replaced[region.sink] = _insert(gm, root, region.members[0], region.sink, name)
-        plan.append(entry)
-    _finish(gm)
-    return plan
+            applied.module = fgm
+            if not scope:
+                applied.notes.append(
+                    f"the model's own forward holds branches that fold, so it was rewritten: "
+                    f"the fused model is a GraphModule named {type(fgm).__name__}, with the "
+                    "original's attributes but not its other methods")
+    for path in dead:
+        parent = path.rpartition(".")[0]
+        try:
+            applied.module.get_submodule(parent)
+        except AttributeError:
+            continue  # a rewritten forward dropped it already
+        _set_module(applied.module, path, nn.Identity())
+        applied.steps.append(ModuleSwap(".".join(filter(None, (scope, path))), None))
+        applied.notes.append(f"{_join(scope, path)}: its result is computed and never used; "
+                             "replaced by Identity")
+    for path, module, _region in swaps:
+        replacement = module if module is not None else nn.Identity()
+        _set_module(applied.module, path, replacement)
+        spec = None if module is None else ModuleSpec.of(module)
+        applied.steps.append(ModuleSwap(".".join(filter(None, (scope, path))), spec))
+    return applied
 
 
-def replay(gm: fx.GraphModule, plan: Iterable[dict[str, object]]) -> None:
-    """Rebuild the structure ``apply`` wrote, with empty weights, on a fresh trace."""
-    nodes = {node.name: node for node in gm.graph.nodes}
-    for entry in plan:
-        root, sink = nodes.get(str(entry["root"])), nodes.get(str(entry["sink"]))
-        first = nodes.get(str(entry.get("first", entry["sink"])))
-        if root is None or sink is None or first is None:
-            raise InputError(
-                f"deploy plan refers to node {entry['root']!r}/{entry['sink']!r}, which this "
-                "model does not have; build the same architecture the deploy file was made from"
-            )
-        name = entry.get("module")
-        if name is not None:
-            _set_submodule(gm, str(name), build_from_spec(dict(entry["spec"])))
-        # entries name original nodes; a later entry's root may be this entry's sink
-        nodes[sink.name] = _insert(gm, root, first, sink, None if name is None else str(name))
-    _finish(gm)
+def dead_children(gm: fx.GraphModule, calls: Mapping[str, CallRecord], scope: str) -> list[str]:
+    """Submodules (paths relative to the traced scope) called once, whose every op in the trace
+    is pure and feeds nothing that is used: work the forward computes and throws away."""
+    groups: dict[str, list[fx.Node]] = defaultdict(list)
+    for node in gm.graph.nodes:
+        for path in _stack(node):
+            groups[path].append(node)
+    dead: list[str] = []
+    for path, nodes in sorted(groups.items()):
+        record = calls.get(".".join(filter(None, (scope, path))))
+        if record is None or record.count != 1 or any(_inside(path, d) for d in dead):
+            continue
+        members = set(nodes)
+        if all(not n.is_impure() and n.op != "placeholder" and all(u in members for u in n.users)
+               and mutated_input(n, gm) in (None, *members) for n in nodes):
+            dead.append(path)
+    return dead
+
+
+def replay(model: nn.Module, steps: list[Step]) -> nn.Module:
+    """Rebuild the structure `apply` wrote, with empty weights, on a freshly built model."""
+    for step in steps:
+        if isinstance(step, ModuleSwap):
+            replacement = nn.Identity() if step.spec is None else step.spec.build()
+            _resolve(model, step.path)
+            _set_module(model, step.path, replacement)
+            continue
+        frame_module = _resolve(model, step.scope)
+        try:
+            fgm = trace(frame_module, frozenset(step.leaves), dict(step.concrete))
+        except TraceError as exc:
+            raise InputError(f"deploy plan rewrites {step.scope or 'the model'}, which does not "
+                             f"trace in this model ({exc}); build the architecture the deploy "
+                             "file was made from") from exc
+        nodes = {node.name: node for node in fgm.graph.nodes}
+        for edit in step.edits:
+            found = [nodes.get(n) for n in (edit.root, edit.first, edit.sink)]
+            if any(n is None for n in found):
+                raise InputError(f"deploy plan refers to nodes {edit.root!r}/{edit.sink!r}, "
+                                 f"which {step.scope or 'the model'} does not have; build the "
+                                 "architecture the deploy file was made from")
+            root, first, sink = found
+            if edit.module is not None and edit.spec is not None:
+                fgm.add_module(edit.module, edit.spec.build())
+            members = tuple(nodes[m] for m in edit.members if m in nodes)
+            nodes[sink.name] = _insert(fgm, root, first, sink, members, edit.module)
+        wrapped = _wrap(frame_module, fgm)
+        if step.scope:
+            _set_module(model, step.scope, wrapped)
+        else:
+            model = wrapped
+    return model
+
+
+def _resolve(model: nn.Module, path: str) -> nn.Module:
+    try:
+        return model.get_submodule(path) if path else model
+    except AttributeError as exc:
+        raise InputError(f"deploy plan names module {path!r}, which this model does not have; "
+                         "build the architecture the deploy file was made from") from exc

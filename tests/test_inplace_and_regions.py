@@ -41,7 +41,8 @@ class NormalizeInPlace(nn.Module):
 def test_discarded_in_place_normalisation_of_the_input_is_kept() -> None:
     result = _fuse_and_compare(NormalizeInPlace(), (2, 3, 8, 8))
     assert count_bns(result.model) == 0
-    assert "sub_" in result.model.code and "div_" in result.model.code
+    # the root's forward, with its in-place normalisation, is the user's own
+    assert type(result.model) is NormalizeInPlace
 
 
 class AddInPlace(nn.Module):
@@ -191,4 +192,4 @@ class PositionalInPlaceRelu(nn.Module):
 def test_positional_inplace_flag_is_recognised() -> None:
     result = _fuse_and_compare(PositionalInPlaceRelu(), (2, 4, 8, 8))
     assert count_bns(result.model) == 0
-    assert "relu" in result.model.code
+    assert type(result.model) is PositionalInPlaceRelu

@@ -12,7 +12,7 @@ from reference_blocks import RepVGGBlock, randomize_bn
 from torch import Tensor, nn
 
 import repconv
-from repconv import rewrite
+from repconv import regions as rewrite
 from repconv.graph import propagate_shapes, trace
 
 
@@ -149,7 +149,12 @@ class ConvWeightReadElsewhere(nn.Module):
 
 def test_conv_whose_weight_is_read_elsewhere_keeps_bn() -> None:
     model = randomize_bn(ConvWeightReadElsewhere(), seed=4)
-    fuse_checked(model, (2, 4, 8, 8))
+    result = fuse_checked(model, (2, 4, 8, 8))
+    # folding the BN into conv.weight would change the second output, which reads that weight
+    assert count_bns(result.model) == 1
+    assert count_convs(result.model) == 1
+    assert result.report.rewrites == []
+    assert any("weight of conv" in reason for reason in reasons(result)), reasons(result)
 
 
 # --------------------------------------------------------------------------- branch sums

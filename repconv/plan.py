@@ -1,0 +1,265 @@
+"""The deploy plan: the record of every rewrite, stored in deploy files and replayed on load.
+
+A deploy file is untrusted input (DESIGN §0.4). Its plan is parsed into these typed records
+before anything uses it: module paths are plain attribute paths (identifiers and indices, no
+dunder parts), modules come from a closed list of conv and linear types whose arguments are
+checked for type and range, and (when the weights are at hand) against the weights' shapes, so
+the plan can neither reach outside the model nor allocate more than the file holds.
+
+Two kinds of step, applied in order:
+- ``ModuleSwap``: the module at ``path`` becomes a fused conv (``spec``) or an ``nn.Identity``
+  (``spec`` None). The parent's own forward is untouched.
+- ``FrameRewrite``: the module at ``scope`` is traced (``leaves`` kept as calls, ``concrete``
+  arguments held at their values) and each ``NodeEdit`` makes the users of node ``sink`` read a
+  fused conv of node ``root`` computed where node ``first`` ran (or ``root`` itself).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import skip_init
+
+from repconv.errors import InputError
+
+PLAN_VERSION = 2
+_PART = re.compile(r"^(?!__)[A-Za-z_][A-Za-z0-9_]*$|^[0-9]+$")
+_NODE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_MAX_CHANNELS = 1 << 20
+_MAX_KERNEL = 1 << 12
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+           "bfloat16": torch.bfloat16}
+_CONVS: dict[str, tuple[type[nn.Module], int]] = {
+    "Conv1d": (nn.Conv1d, 1), "Conv2d": (nn.Conv2d, 2), "Conv3d": (nn.Conv3d, 3),
+    "ConvTranspose1d": (nn.ConvTranspose1d, 1), "ConvTranspose2d": (nn.ConvTranspose2d, 2),
+    "ConvTranspose3d": (nn.ConvTranspose3d, 3),
+}
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+JSONScalar = None | bool | int | float | str
+
+
+def _damaged(what: str) -> InputError:
+    return InputError(f"deploy plan is damaged: {what}; write the deploy file again with "
+                      "repconv fuse")
+
+
+def check_path(path: object, *, empty_ok: bool = False) -> str:
+    """A plain attribute path ("stages.0.conv"), never a dunder or private hop."""
+    if not isinstance(path, str) or len(path) > 1000:
+        raise _damaged(f"module path {path!r} is not a string")
+    if path == "" and empty_ok:
+        return path
+    if not all(_PART.match(part) for part in path.split(".")):
+        raise _damaged(f"module path {path!r} is not a plain attribute path")
+    return path
+
+
+def _int(value: object, what: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise _damaged(f"{what} {value!r} is not a whole number in [{low}, {high}]")
+    return value
+
+
+def _ints(value: object, what: str, nd: int, low: int, high: int) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or len(value) != nd:
+        raise _damaged(f"{what} {value!r} is not a list of {nd} numbers")
+    return tuple(_int(v, what, low, high) for v in value)
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """An empty fused conv or linear layer: its type, dtype and constructor arguments."""
+
+    type: str
+    dtype: str
+    args: dict[str, Any]
+
+    @classmethod
+    def of(cls, module: nn.Module) -> ModuleSpec:
+        dtype = str(module.weight.dtype).removeprefix("torch.")
+        if isinstance(module, nn.Linear):
+            return cls("Linear", dtype, {"in_features": module.in_features,
+                                         "out_features": module.out_features})
+        args: dict[str, Any] = {
+            "in_channels": module.in_channels,
+            "out_channels": module.out_channels,
+            "kernel_size": list(module.kernel_size),
+            "stride": list(module.stride),
+            "padding": list(module.padding),
+            "dilation": list(module.dilation),
+            "groups": module.groups,
+            "padding_mode": module.padding_mode,
+        }
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):
+            args["output_padding"] = list(module.output_padding)
+        return cls(type(module).__name__, dtype, args)
+
+    @classmethod
+    def parse(cls, data: object) -> ModuleSpec:
+        if not isinstance(data, Mapping):
+            raise _damaged(f"module spec {data!r} is not a record")
+        kind, dtype = data.get("type"), data.get("dtype")
+        if dtype not in _DTYPES:
+            raise _damaged(f"dtype {dtype!r} is not a floating dtype")
+        raw = data.get("args")
+        if not isinstance(raw, Mapping):
+            raise _damaged(f"module spec {kind!r} has no argument record")
+        if kind == "Linear":
+            expected = {"in_features", "out_features"}
+            if set(raw) != expected:
+                raise _damaged(f"Linear takes {sorted(expected)}, not {sorted(raw)}")
+            args = {k: _int(raw[k], k, 1, 1 << 24) for k in sorted(expected)}
+            return cls("Linear", str(dtype), args)
+        if kind not in _CONVS:
+            raise _damaged(f"module type {kind!r} is not one repconv writes")
+        nd = _CONVS[kind][1]
+        expected = {"in_channels", "out_channels", "kernel_size", "stride", "padding",
+                    "dilation", "groups", "padding_mode"}
+        if kind.startswith("ConvTranspose"):
+            expected.add("output_padding")
+        if set(raw) != expected:
+            raise _damaged(f"{kind} takes {sorted(expected)}, not {sorted(raw)}")
+        args = {
+            "in_channels": _int(raw["in_channels"], "in_channels", 1, _MAX_CHANNELS),
+            "out_channels": _int(raw["out_channels"], "out_channels", 1, _MAX_CHANNELS),
+            "kernel_size": list(_ints(raw["kernel_size"], "kernel_size", nd, 1, _MAX_KERNEL)),
+            "stride": list(_ints(raw["stride"], "stride", nd, 1, _MAX_KERNEL)),
+            "padding": list(_ints(raw["padding"], "padding", nd, 0, _MAX_KERNEL)),
+            "dilation": list(_ints(raw["dilation"], "dilation", nd, 1, _MAX_KERNEL)),
+            "groups": _int(raw["groups"], "groups", 1, _MAX_CHANNELS),
+            "padding_mode": raw["padding_mode"],
+        }
+        if args["padding_mode"] not in _PADDING_MODES:
+            raise _damaged(f"padding_mode {args['padding_mode']!r} is not a torch padding mode")
+        if args["in_channels"] % args["groups"] or args["out_channels"] % args["groups"]:
+            raise _damaged(f"groups {args['groups']} does not divide the channels")
+        if "output_padding" in expected:
+            args["output_padding"] = list(_ints(raw["output_padding"], "output_padding", nd, 0,
+                                                _MAX_KERNEL))
+        return cls(str(kind), str(dtype), args)
+
+    def weight_shape(self) -> tuple[int, ...]:
+        a = self.args
+        if self.type == "Linear":
+            return (a["out_features"], a["in_features"])
+        if self.type.startswith("ConvTranspose"):
+            return (a["in_channels"], a["out_channels"] // a["groups"], *a["kernel_size"])
+        return (a["out_channels"], a["in_channels"] // a["groups"], *a["kernel_size"])
+
+    def build(self) -> nn.Module:
+        kind = nn.Linear if self.type == "Linear" else _CONVS[self.type][0]
+        # empty weights: load_state_dict fills them
+        return skip_init(kind, **self.args, dtype=_DTYPES[self.dtype])
+
+    def check_weights(self, path: str, weights: Mapping[str, Tensor]) -> None:
+        """The file's weights for ``path`` must have the shape this spec builds, so the spec
+        allocates no more than the file holds."""
+        weight = weights.get(f"{path}.weight")
+        expected = self.weight_shape()
+        if not isinstance(weight, Tensor) or tuple(weight.shape) != expected:
+            got = None if not isinstance(weight, Tensor) else list(weight.shape)
+            raise _damaged(f"{path} is a {self.type} with weight {list(expected)}, but the "
+                           f"file's {path}.weight is {got}")
+
+
+@dataclass(frozen=True)
+class NodeEdit:
+    root: str
+    first: str
+    sink: str
+    members: tuple[str, ...]  # their metadata reads (x.shape, x.ndim) move to the fused value
+    module: str | None
+    spec: ModuleSpec | None
+
+
+@dataclass(frozen=True)
+class FrameRewrite:
+    scope: str
+    leaves: tuple[str, ...]
+    concrete: dict[str, JSONScalar]
+    edits: tuple[NodeEdit, ...]
+
+
+@dataclass(frozen=True)
+class ModuleSwap:
+    path: str
+    spec: ModuleSpec | None  # None: nn.Identity
+
+
+Step = FrameRewrite | ModuleSwap
+
+
+def to_json(steps: list[Step]) -> list[dict[str, Any]]:
+    """The plan as plain JSON data (lists, not tuples), as a deploy file stores it."""
+    data = [{"kind": "frame" if isinstance(s, FrameRewrite) else "swap", **asdict(s)}
+            for s in steps]
+    return json.loads(json.dumps(data))
+
+
+def _scalar(value: object, what: str) -> JSONScalar:
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    raise _damaged(f"{what} {value!r} is not a plain value")
+
+
+def _spec_or_none(data: object) -> ModuleSpec | None:
+    return None if data is None else ModuleSpec.parse(data)
+
+
+def _edit(data: object) -> NodeEdit:
+    if not isinstance(data, Mapping):
+        raise _damaged(f"edit {data!r} is not a record")
+    names = [data.get(k) for k in ("root", "first", "sink")]
+    if not all(isinstance(n, str) and _NODE.match(n) for n in names):
+        raise _damaged(f"edit names nodes {names!r}")
+    members = data.get("members")
+    if not isinstance(members, list) or not all(
+            isinstance(n, str) and _NODE.match(n) for n in members):
+        raise _damaged(f"edit members {str(members)[:80]!r} are not node names")
+    module = data.get("module")
+    spec = _spec_or_none(data.get("spec"))
+    if (module is None) != (spec is None):
+        raise _damaged("an edit has a module without a spec, or a spec without a module")
+    return NodeEdit(*names, tuple(members), None if module is None else check_path(module), spec)
+
+
+def parse(data: object, weights: Mapping[str, Tensor] | None = None) -> list[Step]:
+    """The validated plan; InputError naming the first problem otherwise. With ``weights``,
+    every fused module's spec is checked against the weight the file holds for it."""
+    if not isinstance(data, list):
+        raise _damaged("the plan is not a list of steps")
+    steps: list[Step] = []
+    for raw in data:
+        if not isinstance(raw, Mapping) or raw.get("kind") not in ("frame", "swap"):
+            raise _damaged(f"step {str(raw)[:80]!r} is not a frame rewrite or a module swap")
+        if raw["kind"] == "swap":
+            step: Step = ModuleSwap(check_path(raw.get("path")), _spec_or_none(raw.get("spec")))
+            if weights is not None and step.spec is not None:
+                step.spec.check_weights(step.path, weights)
+        else:
+            leaves, concrete, edits = raw.get("leaves"), raw.get("concrete"), raw.get("edits")
+            if not isinstance(leaves, list) or not isinstance(concrete, Mapping) or not (
+                    isinstance(edits, list)):
+                raise _damaged("a frame rewrite lacks its leaves, arguments or edits")
+            scope = check_path(raw.get("scope"), empty_ok=True)
+            step = FrameRewrite(
+                scope,
+                tuple(check_path(leaf) for leaf in leaves),
+                {check_path(k): _scalar(v, k) for k, v in concrete.items()},
+                tuple(_edit(e) for e in edits),
+            )
+            for edit in step.edits:
+                if weights is not None and edit.spec is not None and edit.module is not None:
+                    prefix = f"{scope}.{edit.module}" if scope else edit.module
+                    edit.spec.check_weights(prefix, weights)
+        steps.append(step)
+    return steps

@@ -1,0 +1,428 @@
+"""Find the linear regions of a traced graph: what folds into one conv, what does not, and why.
+
+A linear region is a connected set of nodes the rules lowered, with one input (its root) and one
+output (its sink) whose intermediate values nothing else reads as data (metadata reads such as
+``x.ndim`` or ``x.shape`` are not uses of the values). Its value is one `Affine` of the root,
+built by walking the region in graph order with `algebra.then` / `add` / `concat`.
+
+Analysis only reads the graph. Where an operation is not exact or would cost more than the ops
+it replaces, the node's inputs become region boundaries and the reason is kept as a cut; the
+analysis repeats until it is stable, so the largest exact pieces still fold. A region with no
+conv in it is never turned into one: a lone BatchNorm runs faster than the depthwise conv it
+would become (DESIGN §0.2).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from repconv import algebra
+from repconv.algebra import Affine
+from repconv.errors import AlgebraError
+from repconv.graph import (
+    GraphContext,
+    data_users,
+    metadata_read,
+    mutated_input,
+    tensor_dtype,
+    tensor_shape,
+)
+from repconv.rules import RULES, LinearOp, Refusal, Sum, Unary
+from repconv.rules.base import channels, describe, spatial_dims
+
+# A region whose fused output differs from the original by more than this, relative to the
+# output's scale, in float64, is not rewritten: the algebra would be wrong, so keep the model.
+LOCAL_TOLERANCE = 1e-6
+LOCAL_CHECK_SIZE = 13
+CONV_LABELS = ("Conv1d", "Conv2d", "Conv3d", "conv1d", "conv2d", "conv3d", "Linear", "linear",
+               "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d")
+
+
+@dataclass(frozen=True)
+class Skip:
+    """Something left unfused, where, and why."""
+
+    where: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Region:
+    root: fx.Node
+    sink: fx.Node
+    members: tuple[fx.Node, ...]
+    affine: Affine
+    labels: tuple[str, ...]
+    macs_before: int
+    macs_after: int
+    chain: bool  # every member has one input: each can be rewritten where it runs
+    sources: tuple[fx.Node, ...]  # in a chain, what each member reads
+
+    @property
+    def convs(self) -> int:
+        return sum(label in CONV_LABELS for label in self.labels)
+
+    @property
+    def kind(self) -> str:
+        if self.affine.is_identity():
+            return "identity removed"
+        if any(label in ("add", "sub", "cat") for label in self.labels):
+            return "multi-branch"
+        if self.convs > 1:
+            return "conv chain"
+        if self.convs == 1:
+            has_bn = any("norm" in label.lower() for label in self.labels)
+            return "conv+bn" if has_bn else "conv+affine"
+        return "affine merge"
+
+
+@dataclass
+class Analysis:
+    regions: list[Region] = field(default_factory=list)
+    skips: list[Skip] = field(default_factory=list)  # ops left as they are, and why
+    cuts: list[Skip] = field(default_factory=list)  # where a larger fold was cut, and why
+
+
+@dataclass(frozen=True)
+class _Expr:
+    root: fx.Node
+    affine: Affine
+    members: frozenset[fx.Node]
+    macs: int
+
+
+@dataclass(frozen=True)
+class _Split:
+    """Fold failed at ``node``: make ``boundaries`` region outputs; ``drop`` the node if it can
+    no longer be a linear op (a sum or concat whose terms cannot be combined)."""
+
+    node: fx.Node
+    reason: str
+    boundaries: tuple[fx.Node, ...]
+    drop: bool
+
+
+def _inputs(op: LinearOp) -> tuple[fx.Node, ...]:
+    if isinstance(op, Unary):
+        return (op.source,)
+    if isinstance(op, Sum):
+        return tuple(term for term, _ in op.terms)
+    return op.parts
+
+
+def _inner_inputs(
+    node: fx.Node, ops: dict[fx.Node, LinearOp], boundaries: set[fx.Node]
+) -> tuple[fx.Node, ...]:
+    """The inputs of ``node`` that lie inside its region (folded into it, not its root)."""
+    return tuple(s for s in _inputs(ops[node]) if s in ops and s not in boundaries)
+
+
+def _numel(node: fx.Node) -> int:
+    shape = tensor_shape(node)
+    return math.prod(shape[1:]) if shape is not None else 0
+
+
+def _lower_all(
+    gm: fx.GraphModule, ctx: GraphContext
+) -> tuple[dict[fx.Node, LinearOp], dict[fx.Node, str]]:
+    """Each node's linear op, and the reasons of the rules that refused theirs."""
+    ops: dict[fx.Node, LinearOp] = {}
+    refused: dict[fx.Node, str] = {}
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        if tensor_shape(node) is None or mutated_input(node, gm) is not None:
+            continue  # in-place ops stay as they are: their effect is not in the data flow
+        for rule in RULES:
+            answer = rule(node, ctx)
+            if answer is None:
+                continue
+            if isinstance(answer, Refusal):
+                refused[node] = answer.reason
+            else:
+                ops[node] = answer
+            break
+    return ops, refused
+
+
+def _drop_multi_root(ops: dict[fx.Node, LinearOp], boundaries: set[fx.Node]) -> None:
+    """Sums and concats of values with different roots are not maps of one input: they stay as
+    they are, and their linear inputs become region outputs."""
+    changed = True
+    while changed:
+        changed = False
+        roots: dict[fx.Node, frozenset[fx.Node]] = {}
+        for node, op in ops.items():
+            found: set[fx.Node] = set()
+            for source in _inputs(op):
+                inner = source in ops and source not in boundaries
+                found |= roots[source] if inner else {source}
+            roots[node] = frozenset(found)
+            if len(found) > 1 and not isinstance(op, Unary):
+                del ops[node]
+                boundaries.update(s for s in _inputs(op) if s in ops)
+                changed = True
+                break
+
+
+def _fold(
+    ops: dict[fx.Node, LinearOp], boundaries: set[fx.Node]
+) -> dict[fx.Node, _Expr] | _Split:
+    exprs: dict[fx.Node, _Expr] = {}
+
+    def value(source: fx.Node) -> _Expr:
+        if source in ops and source not in boundaries:
+            return exprs[source]
+        return _Expr(source, algebra.identity(channels(source), spatial_dims(source)),
+                     frozenset(), 0)
+
+    for node, op in ops.items():
+        parts = [value(source) for source in _inputs(op)]
+        inner = _inner_inputs(node, ops, boundaries)
+        try:
+            if isinstance(op, Unary):
+                (part,) = parts
+                affine = op.affine if not part.members else algebra.then(part.affine, op.affine)
+                macs = part.macs + _op_macs(node, op.affine)
+            else:
+                if isinstance(op, Sum):
+                    affine = algebra.add(
+                        *(algebra.scaled(p.affine, c) for p, (_, c) in zip(parts, op.terms))
+                    )
+                else:
+                    affine = algebra.concat(*(p.affine for p in parts))
+                # Parallel branches always merge: one conv reads the input once. The budget a
+                # later chain is held to is what the merged conv costs.
+                macs = max(sum(p.macs for p in parts), _numel(node) * affine.macs_per_output())
+        except AlgebraError as exc:
+            return _Split(node, str(exc), inner, drop=not isinstance(op, Unary))
+        members = frozenset().union(*(p.members for p in parts)) | {node}
+        assert len({p.root for p in parts}) == 1, "multi-root nodes are dropped before folding"
+        exprs[node] = _Expr(parts[0].root, affine, members, macs)
+    return exprs
+
+
+def _op_macs(node: fx.Node, affine: Affine) -> int:
+    """What an op costs in the budget a fused conv is held to: per-channel maps (BN, scale,
+    identity) add no multiply-accumulates a conv would not do anyway."""
+    return 0 if algebra.is_per_channel(affine) else _numel(node) * affine.macs_per_output()
+
+
+def _fused_macs(node: fx.Node, expr: _Expr) -> int:
+    return _numel(node) * expr.affine.macs_per_output()
+
+
+def _cost_split(
+    ops: dict[fx.Node, LinearOp], boundaries: set[fx.Node], exprs: dict[fx.Node, _Expr]
+) -> _Split | None:
+    """A region whose one conv costs more than its ops splits where a chain first grows."""
+
+    def grows(node: fx.Node) -> bool:
+        expr = exprs[node]
+        return not algebra.is_per_channel(expr.affine) and _fused_macs(node, expr) > expr.macs
+
+    for sink in (n for n in ops if n in boundaries):
+        if not grows(sink):
+            continue
+        node = next(m for m in ops if m in exprs[sink].members and grows(m))
+        inner = _inner_inputs(node, ops, boundaries)
+        reason = (f"cost: one conv would take {_fused_macs(node, exprs[node]):,} MACs per sample, "
+                  f"the {len(exprs[node].members)} ops it replaces {exprs[node].macs:,}")
+        return _Split(node, reason, inner, drop=False)
+    return None
+
+
+def analyse(gm: fx.GraphModule) -> Analysis:
+    """The regions of ``gm`` (shapes already propagated) that fold into one conv, and what
+    stays unfused and why. Reads the graph; changes nothing."""
+    ctx = GraphContext(gm)
+    ops, refused = _lower_all(gm, ctx)
+    cut_at: dict[fx.Node, str] = {}
+    boundaries = {node for node in ops if any(user not in ops for user in data_users(node))}
+    _drop_multi_root(ops, boundaries)
+    while True:
+        folded = _fold(ops, boundaries)
+        if not isinstance(folded, _Split):
+            folded = (_structural_split(gm, ops, boundaries, folded)
+                      or _cost_split(ops, boundaries, folded) or folded)
+        if isinstance(folded, _Split):
+            cut_at.setdefault(folded.node, folded.reason)
+            boundaries.update(folded.boundaries)
+            if folded.drop:
+                del ops[folded.node]
+            _drop_multi_root(ops, boundaries)
+            continue
+        owner: dict[fx.Node, fx.Node] = {}
+        shared: set[fx.Node] = set()
+        for sink in (n for n in ops if n in boundaries):
+            for member in folded[sink].members - {sink}:
+                if owner.setdefault(member, sink) is not sink:
+                    shared.add(member)
+        if not shared:
+            break
+        # only the last shared node of each path must be computed once for both regions; what
+        # feeds it folds into it
+        boundaries.update(n for n in shared if any(u not in shared for u in data_users(n)))
+        _drop_multi_root(ops, boundaries)
+    regions, lone = [], []
+    for sink in (n for n in ops if n in boundaries):
+        expr = folded[sink]
+        members = tuple(n for n in ops if n in expr.members)
+        region = Region(
+            root=expr.root,
+            sink=sink,
+            members=members,
+            affine=expr.affine,
+            labels=tuple(ops[m].label for m in members),
+            macs_before=expr.macs,
+            macs_after=_fused_macs(sink, expr),
+            chain=all(isinstance(ops[m], Unary) for m in members),
+            sources=tuple(_inputs(ops[m])[0] for m in members),
+        )
+        if region.convs and len(members) > 1:
+            regions.append(region)
+        elif region.convs == 0 and not region.affine.is_identity():
+            lone.append(region)
+    return _account(regions, lone, refused, cut_at)
+
+
+def _account(
+    regions: list[Region], lone: list[Region], refused: dict[fx.Node, str],
+    cut_at: dict[fx.Node, str],
+) -> Analysis:
+    """Sort the reasons: each op left as it is is listed once with its real reason (a
+    BatchNorm that merges into nothing says why); a cut whose pieces still fold is not "left"."""
+    skips = [Skip(describe(node), reason) for node, reason in refused.items()]
+    explained: set[fx.Node] = set()
+    for region in lone:
+        norms = [m for m, label in zip(region.members, region.labels) if _is_norm(label)]
+        if not norms:
+            continue
+        near = [n for n in (region.sink, *data_users(region.sink)) if n in cut_at]
+        explained.update(near)
+        reason = cut_at[near[0]] if near else _no_conv_reason(region, refused)
+        skips += [Skip(describe(n), reason) for n in norms]
+    folded = {m for region in regions for m in region.members}
+    cuts = []
+    for node, reason in cut_at.items():
+        if node in folded:
+            cuts.append(Skip(describe(node), reason))
+        elif node not in explained:
+            skips.append(Skip(describe(node), reason))
+    return Analysis(regions, _unique(skips), _unique(cuts))
+
+
+def _is_norm(label: str) -> bool:
+    return "norm" in label.lower()
+
+
+def _no_conv_reason(region: Region, refused: dict[fx.Node, str]) -> str:
+    """Why a BatchNorm merges into no conv: it would run as a depthwise conv, slower than the
+    BatchNorm it replaced (DESIGN §0.2), so it stays."""
+    source = region.root
+    readers = [u.name for u in data_users(source) if u not in region.members]
+    if source.op == "placeholder":
+        where = f"it reads the input {source.name} directly"
+    elif source in refused:
+        where = f"{describe(source)} before it cannot fold: {refused[source]}"
+    elif readers:
+        users = len(data_users(source))
+        where = (f"its input {describe(source)} has {users} users ({', '.join(readers)} too), "
+                 "so folding into it would change what they see")
+    else:
+        where = f"its input comes from {describe(source)}, which is not a linear op"
+    return (f"no conv to merge into: {where}; kept as a BatchNorm, which runs faster than the "
+            "depthwise conv it would become")
+
+
+def _unique(records: list[Skip]) -> list[Skip]:
+    """Each place once (a conv shared by two call sites is refused at both)."""
+    return list(dict.fromkeys(records))
+
+
+def _structural_split(
+    gm: fx.GraphModule, ops: dict[fx.Node, LinearOp], boundaries: set[fx.Node],
+    exprs: dict[fx.Node, _Expr],
+) -> _Split | None:
+    """Cut a region where one conv cannot stand for it: where its dtype changes, where it
+    reads its input again after an op changed that input in place, or where code reads the
+    shape of a value inside it that the fused output would not have. The pieces on either side
+    still fold."""
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    for sink in (n for n in ops if n in boundaries):
+        root = exprs[sink].root
+        members = [n for n in ops if n in exprs[sink].members]
+        if len(members) < 2:
+            continue  # a single op is left as it is anyway
+        cut, reason = None, ""
+        changed = next((m for m in members if tensor_dtype(m) != tensor_dtype(root)), None)
+        if changed is not None:
+            cut = changed
+            reason = (f"dtype changes from {tensor_dtype(root)} to {tensor_dtype(changed)}: "
+                      "one conv has one dtype").replace("torch.", "")
+        mutations = [order[u] for u in root.users if mutated_input(u, gm) is root]
+        reads = [m for m in members if root in m.all_input_nodes]
+        late = [m for m in reads if any(order[reads[0]] < p < order[m] for p in mutations)]
+        if cut is None and late:
+            cut = late[0]
+            reason = (f"{root.name} is changed in place between the ops that read it: one conv "
+                      "cannot read both versions")
+        reshaped = next((m for m in members if m is not sink and _reads_shape(m)
+                         and tensor_shape(m) != tensor_shape(sink)), None)
+        if cut is None and reshaped is not None:
+            cut = reshaped
+            reason = (f"{reshaped.name}.shape is read, and differs from the fused output's shape "
+                      f"{list(tensor_shape(sink) or [])}")
+        if cut is not None:
+            inner = _inner_inputs(cut, ops, boundaries)
+            if inner or cut not in boundaries:  # each split must add a boundary, or it loops
+                return _Split(cut, reason, inner or (cut,), drop=False)
+    return None
+
+
+def _reads_shape(node: fx.Node) -> bool:
+    return any(metadata_read(u) == "shape" and u.args[0] is node for u in node.users)
+
+
+def region_module(gm: fx.GraphModule, region: Region) -> fx.GraphModule:
+    """The region as a standalone module of its root, for checking it alone."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {region.root: graph.placeholder("x")}
+
+    def copy_node(node: fx.Node) -> fx.Node:
+        if node not in env:
+            env[node] = graph.node_copy(node, copy_node)
+        return env[node]
+
+    for member in region.members:
+        copy_node(member)
+    graph.output(env[region.sink])
+    return fx.GraphModule(gm, graph)
+
+
+def local_error(gm: fx.GraphModule, region: Region, seed: int = 0) -> float:
+    """Scale-relative max error of the fused conv against the region's ops, both in float64."""
+    shape = tensor_shape(region.root)
+    generator = torch.Generator().manual_seed(seed)
+    # The maps are shift-invariant, so a small odd-sized crop checks interior and borders alike
+    # at a fraction of the cost of the model's full resolution.
+    extent, stride = region.affine.extent, region.affine.stride
+    spatial = [min(n, max(LOCAL_CHECK_SIZE, 2 * e + s + 1))
+               for n, e, s in zip(shape[2:], extent, stride)]
+    x = torch.randn((1, shape[1], *spatial), generator=generator, dtype=torch.float64)
+    original = copy.deepcopy(region_module(gm, region)).double().eval()
+    fused = algebra.to_module(region.affine, torch.float64)
+    with torch.no_grad():
+        expected, got = original(x), fused(x)
+    if expected.shape != got.shape:
+        return math.inf
+    scale = float(expected.abs().max())
+    error = float((expected - got).abs().max())
+    return error / scale if scale > 0 else error
+
+
