@@ -42,6 +42,25 @@ class _Tracer(fx.Tracer):
     def __init__(self, leaves: frozenset[str] = frozenset()) -> None:
         super().__init__()
         self.leaves = leaves
+        self.tensor_names: dict[int, str] = {}
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        if isinstance(root, nn.Module):
+            # fx finds a parameter's name by scanning every parameter on each access: one
+            # index instead keeps tracing linear in the model's size
+            named = [*root.named_parameters(), *root.named_buffers()]
+            self.tensor_names = {id(t): n for n, t in reversed(named)}
+        return super().trace(root, concrete_args)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if not isinstance(attr_val, Tensor):
+            return attr_val
+        name = self.tensor_names.get(id(attr_val))
+        if name is None:
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaves:

@@ -12,7 +12,7 @@ from reference_blocks import RepVGGBlock, randomize_bn
 from torch import Tensor, nn
 
 import repconv
-from repconv import regions as rewrite
+from repconv import regions
 from repconv.graph import propagate_shapes, trace
 
 
@@ -291,7 +291,7 @@ def test_avg_pool_after_bn_with_a_bias_keeps_the_border() -> None:
 # --------------------------------------------------------------------------- analyse is pure
 
 
-def _signature(analysis: rewrite.Analysis) -> list[tuple[object, ...]]:
+def _signature(analysis: regions.Analysis) -> list[tuple[object, ...]]:
     return [
         (
             r.root.name,
@@ -330,8 +330,8 @@ def test_analyse_reads_the_graph_without_changing_it() -> None:
     nodes = [(n.name, n.op, str(n.target), len(n.users)) for n in gm.graph.nodes]
     state = {k: v.clone() for k, v in gm.state_dict().items()}
 
-    first = rewrite.analyse(gm)
-    second = rewrite.analyse(gm)
+    first = regions.analyse(gm)
+    second = regions.analyse(gm)
 
     assert gm.code == code
     assert [(n.name, n.op, str(n.target), len(n.users)) for n in gm.graph.nodes] == nodes
@@ -345,3 +345,24 @@ def test_analyse_reads_the_graph_without_changing_it() -> None:
         for x, y in zip(a, b):
             assert torch.equal(x, y) if isinstance(x, Tensor) else x == y
     assert [(s.where, s.reason) for s in first.skips] == [(s.where, s.reason) for s in second.skips]
+
+
+class PoolFromShape(nn.Module):
+    """Global average pooling written as ``F.avg_pool2d(y, y.size()[2:])``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.bn(self.conv(x))
+        return F.avg_pool2d(y, y.size()[2:])
+
+
+def test_avg_pool_window_read_from_the_shape_is_not_baked_in() -> None:
+    model = randomize_bn(PoolFromShape(), seed=6)
+    result = fuse_checked(model, (1, 3, 16, 16))
+    assert count_bns(result.model) == 0
+    assert any("window from the input's shape" in r for r in reasons(result)), reasons(result)
+    x = randn(2, 3, 21, 21, seed=1)
+    assert rel_err(run(model, x), run(result.model, x)) < 1e-5

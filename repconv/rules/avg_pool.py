@@ -42,10 +42,14 @@ def lower(node: fx.Node, ctx: GraphContext) -> Unary | Refusal | None:
     nd = spatial_dims(source)
     if nd is None or nd == 0 or not ctx.is_tensor_input(source):
         return None
-    kernel = _as_tuple(args["kernel_size"], nd)
-    stride_arg = args.get("stride")
+    sizes = [args["kernel_size"], args.get("stride"), args.get("padding")]
+    if any(not ctx.is_constant(v) for v in sizes if v is not None):
+        return Refusal(f"avg pool {describe(node)} takes its window from the input's shape: a "
+                       "conv would fix it to the example's size")
+    kernel = _as_tuple(ctx.constant(args["kernel_size"]), nd)
+    stride_arg = ctx.constant(args.get("stride"))
     stride = kernel if stride_arg in (None, [], ()) else _as_tuple(stride_arg, nd)
-    padding = _as_tuple(args.get("padding") or 0, nd)
+    padding = _as_tuple(ctx.constant(args.get("padding")) or 0, nd)
     where = describe(node)
     if any(padding) and args.get("count_include_pad") is False:
         return Refusal(f"avg pool {where} excludes padding from the average: not a convolution")

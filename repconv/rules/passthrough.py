@@ -2,7 +2,8 @@
 
 Pattern: ``nn.Identity``, ``nn.Dropout*`` (eval), ``F.dropout(training=False)``, and the
 ``.contiguous()`` / ``.clone()`` / ``.detach()`` / ``+x`` methods.
-Conditions: dropout modules are in eval mode.
+Conditions: dropout modules are in eval mode; ``.contiguous()`` only where its input already
+was contiguous on the example (otherwise it copies, and a later ``.view`` may rely on that).
 Formula: the identity map.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import operator
 
+import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
@@ -22,6 +24,11 @@ _METHODS = ("contiguous", "clone", "detach")
 _FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, operator.pos)
 
 
+def _was_contiguous(node: object) -> bool:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return meta is not None and meta.memory_format == torch.contiguous_format
+
+
 def lower(node: fx.Node, ctx: GraphContext) -> Unary | Refusal | None:
     if node.op == "call_module":
         module = ctx.submodule(node)
@@ -31,6 +38,8 @@ def lower(node: fx.Node, ctx: GraphContext) -> Unary | Refusal | None:
             return None
         label = type(module).__name__
     elif node.op == "call_method" and node.target in _METHODS and len(node.args) == 1:
+        if node.target == "contiguous" and not _was_contiguous(node.args[0]):
+            return None
         label = node.target
     elif node.op == "call_function" and node.target in _FUNCTIONS:
         training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
