@@ -6,13 +6,13 @@ import copy
 
 import pytest
 import torch
+from reference_blocks import randomize_bn, tiny_net, tiny_net_example_input
 from torch import nn
 
 import repconv
 from repconv.errors import InputError
 from repconv.fuse import replay_plan
 from repconv.plan import parse
-from reference_blocks import randomize_bn, tiny_net, tiny_net_example_input
 
 
 def _fused_plan() -> tuple[list[dict], dict[str, torch.Tensor]]:
@@ -80,7 +80,7 @@ def test_spec_that_disagrees_with_the_file_weights_is_refused() -> None:
 
 
 def test_a_plan_naming_a_missing_module_is_an_input_error() -> None:
-    plan, weights = _fused_plan()
+    plan, _ = _fused_plan()
     _first(plan, "swap")["path"] = "no_such_module"
     with pytest.raises(InputError, match="does not have"):
         replay_plan(tiny_net("RepVGGBlock"), plan)
