@@ -135,6 +135,8 @@ class _Fuser:
                 macs_after=region.macs_after,
                 local_error=error,
                 replaced=describe(region.sink),
+                fused_module=applied.placed.get(id(region)),
+                sources=[_join(scope, rewrite.module_path(m)) for m in region.members],
             ))
         self.report.notes += applied.notes
         self.steps += applied.steps

@@ -45,6 +45,8 @@ class RewriteRecord:
     macs_after: int
     local_error: float
     replaced: str = ""  # the node whose value the fused op now computes
+    fused_module: str | None = None  # where the fused conv lives in the fused model
+    sources: list[str] = field(default_factory=list)  # the module running each op, in order
 
 
 @dataclass(frozen=True)

@@ -63,11 +63,19 @@ class Applied:
     steps: list[Step] = field(default_factory=list)
     refused: list[tuple[Region, str]] = field(default_factory=list)
     removed: list[Region] = field(default_factory=list)  # inside a child whose result is unused
+    placed: dict[int, str] = field(default_factory=dict)  # id(region) -> fused conv's path
     notes: list[str] = field(default_factory=list)
 
 
 def _stack(node: fx.Node) -> list[str]:
     return list(node.meta.get("nn_module_stack", {}))
+
+
+def module_path(node: fx.Node) -> str:
+    """The module that runs ``node``: the called module itself, or the one whose forward holds
+    the op ("" for the traced module's own forward)."""
+    stack = _stack(node)
+    return str(node.target) if node.op == "call_module" else (stack[-1] if stack else "")
 
 
 def _frame(node: fx.Node) -> str:
@@ -350,6 +358,7 @@ def apply(
             if edit.module is not None:
                 name = _module_name(fgm, members)
                 fgm.add_module(name, edit.module)
+                applied.placed[id(edit.region)] = _join(frame_path, name)
             recorded.append(NodeEdit(root.name, first.name, sink.name,
                                      tuple(m.name for m in members), name,
                                      None if edit.module is None else ModuleSpec.of(edit.module)))
@@ -377,11 +386,13 @@ def apply(
         applied.steps.append(ModuleSwap(".".join(filter(None, (scope, path))), None))
         applied.notes.append(f"{_join(scope, path)}: its result is computed and never used; "
                              "replaced by Identity")
-    for path, module, _region in swaps:
+    for path, module, region in swaps:
         replacement = module if module is not None else nn.Identity()
         _set_module(applied.module, path, replacement)
         spec = None if module is None else ModuleSpec.of(module)
-        applied.steps.append(ModuleSwap(".".join(filter(None, (scope, path))), spec))
+        applied.steps.append(ModuleSwap(_join(scope, path), spec))
+        if module is not None:
+            applied.placed[id(region)] = _join(scope, path)
     return applied
 
 
