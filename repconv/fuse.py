@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from repconv import plan as plan_record
@@ -35,8 +35,9 @@ def _join(scope: str, name: str) -> str:
     return f"{scope}.{name}" if scope else name
 
 
-def _copy(value: Any) -> Any:
-    return value.clone() if isinstance(value, Tensor) else value
+def _copies(values: Any) -> Any:
+    """Tensors cloned: a forward may change its input in place."""
+    return tree_map(lambda v: v.clone() if isinstance(v, Tensor) else v, values)
 
 
 def _nan_like(value: Any) -> Any:
@@ -50,21 +51,15 @@ def _poison(_module: nn.Module, _args: tuple, output: Any) -> Any:
     return tree_map(_nan_like, output)
 
 
-def _trace_mismatch(module: nn.Module, gm: fx.GraphModule, call: tuple, kwargs: dict,
-                    positional: tuple) -> str | None:
-    """Why the trace does not compute what eager code does on the example, or None."""
-    # each run gets its own copy: a forward may change its input in place
-    with torch.no_grad():
-        expected = module(*tree_map(_copy, call), **tree_map(_copy, kwargs))
-        got = gm(*tree_map(_copy, positional))
+def _trace_mismatch(expected: object, got: object) -> str | None:
+    """Why the traced forward's output ``got`` is not the module's own ``expected`` on the
+    example input, or None."""
     if type(expected) is not type(got) and not (
             isinstance(expected, (tuple, list)) and isinstance(got, (tuple, list))):
         return (f"the traced forward returns a {type(got).__name__} where the module returns a "
                 f"{type(expected).__name__}")
-    want, _ = tree_flatten(expected)
-    have, _ = tree_flatten(got)
-    want = [t for t in want if isinstance(t, Tensor)]
-    have = [t for t in have if isinstance(t, Tensor)]
+    want = [t for t in tree_flatten(expected)[0] if isinstance(t, Tensor)]
+    have = [t for t in tree_flatten(got)[0] if isinstance(t, Tensor)]
     if len(want) != len(have) or any(
             a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=1e-6, equal_nan=True)
             for a, b in zip(want, have)):
@@ -80,19 +75,21 @@ class _Fuser:
         self.model, self.inputs = model, inputs
         # every module's inputs are kept only when a part does not trace and its children are
         # fused one by one: they are all the model's activations
-        self.calls = record_calls(model, inputs, keep_tensors=False)
+        self.calls, self.output = record_calls(model, _copies(inputs), keep_tensors=False)
         self.calls_have_tensors = False
 
-    def fuse_scope(self, module: nn.Module, scope: str, args: tuple, kwargs: dict) -> nn.Module:
-        """Fuse ``module`` (at ``scope`` in the model, called as ``module(*args, **kwargs)``);
-        returns it, or what replaces it when its own forward was rewritten."""
+    def fuse_scope(self, module: nn.Module, scope: str, args: tuple, kwargs: dict,
+                   output: object) -> nn.Module:
+        """Fuse ``module`` (at ``scope`` in the model, called as ``module(*args, **kwargs)``,
+        which returned ``output``); returns it, or what replaces it when its own forward was
+        rewritten."""
         bound = bind_call(module, args, kwargs)
         try:
             if bound is None:
                 raise TraceError("its forward takes *args/**kwargs")
             gm = trace(module, concrete_args=bound.concrete)
-            propagate_shapes(gm, tree_map(_copy, bound.positional))
-            mismatch = _trace_mismatch(module, gm, args, kwargs, bound.positional)
+            traced_output = propagate_shapes(gm, _copies(bound.positional))
+            mismatch = _trace_mismatch(output, traced_output)
             if mismatch:
                 raise TraceError(mismatch)
         except TraceError as exc:
@@ -152,7 +149,7 @@ class _Fuser:
             "and discards is still computed)"
         )
         if not self.calls_have_tensors:
-            self.calls = record_calls(self.model, self.inputs, keep_tensors=True)
+            self.calls, _ = record_calls(self.model, _copies(self.inputs), keep_tensors=True)
             self.calls_have_tensors = True
         for name in self._discarded_children(module, scope):
             self.report.notes.append(
@@ -195,7 +192,7 @@ class _Fuser:
             path = _join(scope, name)
             record = self.calls.get(path)
             if record is not None and record.count:
-                fused = self.fuse_scope(child, path, record.args, record.kwargs)
+                fused = self.fuse_scope(child, path, record.args, record.kwargs, record.output)
                 if fused is not child:
                     setattr(container, name, fused)
             elif list(child.children()):
@@ -219,14 +216,16 @@ def fuse(
     of what was rewritten, what was not and why, and (with ``check``) the verification.
     """
     inputs = _as_inputs(example_inputs)
-    work = copy.deepcopy(model).eval()
+    # the working copy shares every tensor with ``model``: rewrites only ever add new modules
+    tensors = [*model.parameters(), *model.buffers()]
+    work = copy.deepcopy(model, memo={id(t): t for t in tensors}).eval()
     fuser = _Fuser(work, inputs, seed)
     training = [name or "the model" for name, m in model.named_modules() if m.training]
     if training:
         fuser.report.notes.append(
             f"{len(training)} module(s) were in train mode (first: {training[0]}); fused and "
             "verified the eval-mode model, which is what a deployed model runs")
-    fused = fuser.fuse_scope(work, "", inputs, {}).eval()
+    fused = fuser.fuse_scope(work, "", inputs, {}, fuser.output).eval()
     fuser.calls.clear()  # the recorded activations are no longer needed
     fuser.report.before = ModelCounts.of(model)
     fuser.report.after = ModelCounts.of(fused)

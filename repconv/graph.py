@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import operator
 from collections import Counter
 from dataclasses import dataclass, field
@@ -107,11 +109,18 @@ def run_model(module: nn.Module, example_inputs: tuple[Tensor, ...]) -> object:
                          "--input-shape") from exc
 
 
-def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[Tensor, ...]) -> None:
-    """Run ``gm`` once, recording each node's output shape and dtype in ``node.meta``."""
-    run_model(gm, example_inputs)  # ShapeProp prints a traceback on failure; fail cleanly first
-    with torch.no_grad():
-        ShapeProp(gm).propagate(*example_inputs)
+def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> object:
+    """Run ``gm`` once, recording each node's output shape and dtype in ``node.meta``; returns
+    its output."""
+    try:
+        # ShapeProp prints a traceback of its own before raising: the TraceError says it all
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            return ShapeProp(gm).propagate(*example_inputs)
+    except Exception as exc:  # the traced code failed on the example input
+        cause = exc.__cause__ or exc
+        lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+        reason = (lines[-1] if lines else type(cause).__name__)[:300]
+        raise TraceError(f"the traced forward fails on the example input: {reason}") from exc
 
 
 def _positional_inplace(node: fx.Node) -> bool:
@@ -281,6 +290,7 @@ class CallRecord:
     count: int = 0
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
+    output: Any = None
     flags: list[str] = field(default_factory=list)
 
 
@@ -296,10 +306,16 @@ def _holds_tensor(value: Any) -> bool:
 
 def record_calls(
     model: nn.Module, inputs: tuple[Tensor, ...], keep_tensors: bool
-) -> dict[str, CallRecord]:
-    """Every submodule's calls in one forward of ``model`` on ``inputs``, by qualified name."""
+) -> tuple[dict[str, CallRecord], object]:
+    """Every submodule's calls in one forward of ``model`` on ``inputs``, by qualified name
+    (with ``keep_tensors``, each one's first arguments and output too), and the model's
+    output."""
     records: dict[str, CallRecord] = {}
     handles = []
+
+    def keep_output(module: nn.Module, _args: tuple, output: Any, name: str) -> None:
+        if records[name].count == 1 and records[name].output is None:
+            records[name].output = output
     for name, child in model.named_modules():
         if not name:
             continue
@@ -314,12 +330,15 @@ def record_calls(
                 record.args, record.kwargs = args, dict(kwargs)
 
         handles.append(child.register_forward_pre_hook(hook, with_kwargs=True))
+        if keep_tensors:
+            handles.append(child.register_forward_hook(
+                lambda m, a, o, name=name: keep_output(m, a, o, name)))
     try:
-        run_model(model, inputs)
+        output = run_model(model, inputs)
     finally:
         for handle in handles:
             handle.remove()
-    return records
+    return records, output
 
 
 @dataclass(frozen=True)
