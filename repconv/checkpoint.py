@@ -1,4 +1,4 @@
-"""Reading training checkpoints and writing deploy checkpoints.
+"""Reading training checkpoints and repconv deploy files (writing them: ``output.py``).
 
 Nothing in an input file runs code: ``torch.load(weights_only=True)`` always, and a pickled
 module is loaded only when the caller passes ``trust_pickle=True``. A checkpoint may name its
@@ -13,9 +13,8 @@ import json
 import os
 import pickle
 import sys
-import tempfile
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,21 +22,21 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
 from torch import Tensor, nn
 
 from repconv.errors import InputError, ModelBuildError
+from repconv.metadata import (
+    DEPLOY_MARKER,
+    check_deploy_version,
+    recorded_kwargs,
+    recorded_shape,
+)
 
-DEPLOY_MARKER = "repconv_deploy"
-DEPLOY_VERSION = 1
-SUFFIXES = (".pt", ".pth", ".safetensors", ".pt2")
 # Where training scripts keep the weights, in the order repconv looks.
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "weights")
 MODULE_KEYS = ("ema", "model", "module", "net")
 PREFIXES = ("module.", "model.", "_orig_mod.")
-# A file may name its architecture, but repconv builds only its own sample architectures by
-# itself: importing or calling anything else a file names would run code the file chose.
-TRUSTED_ARCH_PREFIX = "repconv.samples:"
 
 
 @dataclass(frozen=True)
@@ -53,6 +52,10 @@ class Architecture:
 
 @dataclass
 class LoadedCheckpoint:
+    """A checkpoint's model and what surrounds it. ``extra``: the other entries of a weights-only
+    checkpoint; for a pickled module in a dict, the whole dict (in order) with the module under
+    ``slot``, so a deploy file can keep that layout."""
+
     model: nn.Module
     architecture: Architecture | None
     input_shape: tuple[int, ...] | None
@@ -60,30 +63,7 @@ class LoadedCheckpoint:
     found: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     deploy_plan: list[dict[str, Any]] | None = None
-
-
-def parse_shape(text: str) -> tuple[int, ...]:
-    """"1,3,224,224" -> (1, 3, 224, 224)."""
-    try:
-        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
-    except ValueError:
-        shape = ()
-    if not shape or any(n <= 0 for n in shape):
-        raise InputError(f"--input-shape {text!r} is not a shape; write it like 1,3,224,224")
-    return shape
-
-
-def parse_kwargs(text: str | None) -> dict[str, Any]:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"--model-kwargs is not valid JSON ({exc.msg} at char {exc.pos}); "
-                         "write it like '{\"width\": 32}'") from exc
-    if not isinstance(value, dict):
-        raise InputError("--model-kwargs must be a JSON object, like '{\"width\": 32}'")
-    return value
+    slot: str | None = None
 
 
 @contextmanager
@@ -128,7 +108,7 @@ def build_model(reference: str, kwargs: Mapping[str, Any]) -> nn.Module:
     return model
 
 
-def _check_readable(path: Path) -> None:
+def check_readable(path: Path) -> None:
     if not path.exists():
         raise InputError(f"{path} does not exist")
     if path.is_dir():
@@ -149,7 +129,11 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
 def read_file(path: Path, *, trust_pickle: bool) -> Any:
     """The object stored in a .pt/.pth/.safetensors file, loaded without running its code
     unless ``trust_pickle``."""
-    _check_readable(path)
+    check_readable(path)
+    if path.suffix == ".pt2":
+        raise InputError(f"{path} is a torch.export program (.pt2), not a checkpoint repconv "
+                         "can read as a training model; give the training checkpoint (.pt, .pth "
+                         "or .safetensors)")
     if path.suffix == ".safetensors":
         tensors, metadata = _read_safetensors(path)
         return {"state_dict": tensors, "safetensors_metadata": metadata}
@@ -221,6 +205,7 @@ def _load_weights(model: nn.Module, weights: Mapping[str, Tensor], found: list[s
             f"checkpoint does not fit the model: missing keys {listing(missing)}, unexpected "
             f"keys {listing(unexpected)}; check --model and --model-kwargs"
         )
+    check_tensors(weights, own)
     wrong = [
         f"{k} {tuple(weights[k].shape)} vs {tuple(v.shape)}"
         for k, v in own.items()
@@ -230,6 +215,40 @@ def _load_weights(model: nn.Module, weights: Mapping[str, Tensor], found: list[s
         raise ModelBuildError(f"checkpoint shapes do not fit the model: {len(wrong)} tensors "
                               f"differ ({'; '.join(wrong[:3])}); check --model-kwargs")
     model.load_state_dict({**own, **weights}, strict=True, assign=True)
+
+
+def _check_data(name: str, tensor: Tensor) -> None:
+    if tensor.is_meta:
+        raise InputError(f"tensor {name} is a meta tensor, which holds no values; the "
+                         "checkpoint was saved without its weights")
+    if tensor.layout != torch.strided or tensor.is_quantized:
+        raise InputError(f"tensor {name} is not a dense tensor ({tensor.layout}, quantized: "
+                         f"{tensor.is_quantized}); repconv reads dense weights only")
+
+
+def _check_float(name: str, tensor: Tensor) -> None:
+    if not tensor.is_floating_point():
+        raise InputError(f"tensor {name} has dtype {tensor.dtype} where the model needs "
+                         "floating-point values; the checkpoint is damaged")
+
+
+def check_tensors(weights: Mapping[str, Tensor], own: Mapping[str, Tensor]) -> None:
+    """Weights hold data in a dense layout, and every floating-point slot of the model gets a
+    floating-point tensor (an int64 or bool weight would fail deep inside torch)."""
+    for name, tensor in weights.items():
+        _check_data(name, tensor)
+        if own[name].is_floating_point():
+            _check_float(name, tensor)
+
+
+def check_module(model: nn.Module) -> None:
+    """The tensors of a pickled module, checked like loaded weights."""
+    for name, tensor in model.named_buffers():
+        _check_data(name, tensor)
+    for name, tensor in model.named_parameters():
+        _check_data(name, tensor)
+        _check_float(name, tensor)
+    check_statistics(model)
 
 
 def check_statistics(model: nn.Module) -> None:
@@ -254,21 +273,26 @@ def _trusted_sample(reference: str) -> bool:
     return any(spec.builder == reference for spec in SAMPLES.values())
 
 
-def _architecture_in(container: Mapping[str, Any]) -> Architecture | None:
+def _architecture_in(container: Mapping[str, Any], source: str) -> Architecture | None:
+    kwargs = recorded_kwargs(container.get("arch_kwargs"), source)
     reference = container.get("arch")
     if not isinstance(reference, str) or ":" not in reference:
         return None
-    kwargs = container.get("arch_kwargs") or {}
-    if isinstance(kwargs, str):
-        kwargs = json.loads(kwargs or "{}")
-    return Architecture(reference, dict(kwargs))
+    return Architecture(reference, kwargs)
 
 
-def _shape_in(container: Mapping[str, Any]) -> tuple[int, ...] | None:
-    shape = container.get("input_shape")
-    if isinstance(shape, str):
-        shape = json.loads(shape) if shape else None
-    return tuple(int(n) for n in shape) if shape else None
+def _pickled_in_dict(
+    container: dict[str, Any], path: Path, found: list[str]
+) -> LoadedCheckpoint | None:
+    """A pickled module under one of MODULE_KEYS ('ema' first: the weights to deploy)."""
+    slot = next((k for k in MODULE_KEYS if isinstance(container.get(k), nn.Module)), None)
+    if slot is None:
+        return None
+    model = container[slot]
+    found.append(f"a pickled {type(model).__name__} under {slot!r}")
+    check_module(model)
+    shape = recorded_shape(container.get("input_shape"), str(path))
+    return LoadedCheckpoint(model, None, shape, True, found, container, slot=slot)
 
 
 def load_checkpoint(
@@ -284,7 +308,7 @@ def load_checkpoint(
     found: list[str] = []
     if isinstance(obj, nn.Module):
         found.append(f"a pickled {type(obj).__name__}")
-        check_statistics(obj)
+        check_module(obj)
         return LoadedCheckpoint(obj, None, None, pickled=True, found=found)
     if not isinstance(obj, Mapping):
         raise InputError(f"{path} holds a {type(obj).__name__}, not a model or state_dict")
@@ -293,14 +317,9 @@ def load_checkpoint(
         metadata = container.pop("safetensors_metadata")
         container.update(metadata)
         found.append("a safetensors state_dict")
-    for key in MODULE_KEYS:
-        if isinstance(container.get(key), nn.Module):
-            model = container[key]
-            found.append(f"a pickled {type(model).__name__} under {key!r}")
-            # the other modules (a non-EMA 'model' beside 'ema') are the duplicates a deploy drops
-            extra = {k: v for k, v in container.items() if not isinstance(v, nn.Module)}
-            check_statistics(model)
-            return LoadedCheckpoint(model, None, _shape_in(container), True, found, extra)
+    pickled = _pickled_in_dict(container, path, found)
+    if pickled is not None:
+        return pickled
     if _is_state_dict(container):
         weights, key = container, None
         found.append("a bare state_dict")
@@ -313,8 +332,9 @@ def load_checkpoint(
         weights = container[key]
         if "safetensors_metadata" not in obj:
             found.append(f"state_dict under {key!r}")
-    deploy_plan = _deploy_plan(container)
-    architecture = _architecture_in(container)
+    input_shape = recorded_shape(container.get("input_shape"), str(path))
+    deploy_plan = _deploy_plan(container, path)
+    architecture = _architecture_in(container, str(path))
     if model_reference:
         architecture = Architecture(model_reference, dict(model_kwargs or {}))
     elif architecture is None:
@@ -328,24 +348,30 @@ def load_checkpoint(
     if deploy_plan is not None:
         from repconv.fuse import replay_plan  # deploy files rebuild the fused structure
 
-        model = replay_plan(model, deploy_plan)
+        model = replay_plan(model, deploy_plan, dict(weights))
         found.append(f"a repconv deploy file ({len(deploy_plan)} recorded rewrites)")
     _load_weights(model, weights, found)
     check_statistics(model)
     extra = {k: v for k, v in container.items() if k != key and not _is_state_dict(v)}
-    return LoadedCheckpoint(
-        model.eval(), architecture, _shape_in(container), False, found, extra, deploy_plan
-    )
+    return LoadedCheckpoint(model.eval(), architecture, input_shape, False, found, extra,
+                            deploy_plan)
 
 
-def _deploy_plan(container: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+def _deploy_plan(container: Mapping[str, Any], path: Path) -> list[dict[str, Any]] | None:
+    """The recorded rewrite plan of a deploy file (None for a training checkpoint). Its
+    entries are validated where they are replayed."""
     if DEPLOY_MARKER not in container:
         return None
+    check_deploy_version(container[DEPLOY_MARKER], str(path))
     plan = container.get("plan")
     if isinstance(plan, str):
-        plan = json.loads(plan)
+        try:
+            plan = json.loads(plan)
+        except json.JSONDecodeError:
+            plan = None
     if not isinstance(plan, list):
-        raise InputError("deploy file has no readable rewrite plan; it is damaged")
+        raise InputError(f"{path} has no readable rewrite plan; the deploy file is damaged: "
+                         "write it again with repconv fuse")
     return plan
 
 
@@ -367,87 +393,14 @@ def load_deploy_with_shape(
         raise InputError(f"{path} is not a repconv deploy file")
     container = dict(container)
     container.update(container.pop("safetensors_metadata", {}))
-    plan = _deploy_plan(container)
+    plan = _deploy_plan(container, path)
     if plan is None:
         raise InputError(f"{path} is not a repconv deploy file (no {DEPLOY_MARKER!r} entry)")
-    fused = replay_plan(model, plan)
+    if not _is_state_dict(container.get("state_dict")):
+        raise InputError(f"{path} has no fused weights under 'state_dict'; the deploy file is "
+                         "damaged: write it again with repconv fuse")
+    input_shape = recorded_shape(container.get("input_shape"), str(path))
+    recorded_kwargs(container.get("arch_kwargs"), str(path))
+    fused = replay_plan(model, plan, container["state_dict"])
     _load_weights(fused, container["state_dict"], [])
-    return fused.eval(), _shape_in(container)
-
-
-def _atomic_write(out: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temp file in OUT's folder, renamed into place: never a half-written OUT,
-    even on Ctrl-C or a full disk."""
-    handle, temp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(handle)
-    temp = Path(temp_name)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        write(temp)
-        os.chmod(temp, 0o666 & ~umask)  # mkstemp makes 0600; a deploy file is for others too
-        os.replace(temp, out)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-
-
-def check_output(in_path: Path, out: Path) -> None:
-    """Refuse an OUT that cannot be written, before any work is done."""
-    if out.suffix not in SUFFIXES:
-        raise InputError(f"OUT {out} must end in .pt, .pth, .safetensors or .pt2 (it picks the "
-                         "format)")
-    if out.exists() and in_path.exists() and out.resolve() == in_path.resolve():
-        raise InputError("OUT is the same file as IN; repconv never overwrites its input")
-    if not out.parent.exists():
-        raise InputError(f"folder {out.parent} does not exist; create it first")
-    if out.is_dir():
-        raise InputError(f"OUT {out} is a directory; give a file name")
-
-
-def _plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-
-
-def save_deploy(
-    out: Path,
-    fused: nn.Module,
-    plan: list[dict[str, Any]],
-    loaded: LoadedCheckpoint,
-    input_shape: tuple[int, ...],
-    example_inputs: tuple[Tensor, ...],
-    *,
-    keep_extra: bool = False,
-) -> str:
-    """Write the deploy checkpoint in the format OUT's suffix names; returns a description."""
-    arch = loaded.architecture
-    meta = {
-        DEPLOY_MARKER: DEPLOY_VERSION,
-        "arch": arch.reference if arch else "",
-        "arch_kwargs": arch.kwargs if arch else {},
-        "input_shape": list(input_shape),
-        "plan": plan,
-    }
-    if out.suffix == ".pt2":
-        try:
-            program = torch.export.export(fused, example_inputs)
-        except Exception as exc:  # export failures come from deep inside torch
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InputError(f"the fused model does not export with torch.export ({first[:200]});"
-                             " write .pt or .safetensors instead") from exc
-        _atomic_write(out, lambda temp: torch.export.save(program, temp))
-        return "torch.export program"
-    if out.suffix == ".safetensors":
-        metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-        state = _plain_state_dict(fused)
-        _atomic_write(out, lambda temp: save_file(state, str(temp), metadata=metadata))
-        return "safetensors weights with the rewrite plan in metadata"
-    if loaded.pickled:
-        payload: Any = {"model": fused, **loaded.extra} if keep_extra else fused
-        _atomic_write(out, lambda temp: torch.save(payload, temp))
-        return "pickled fused module"
-    payload = {**meta, "state_dict": _plain_state_dict(fused)}
-    if keep_extra:
-        payload = {**loaded.extra, **payload}
-    _atomic_write(out, lambda temp: torch.save(payload, temp))
-    return "fused state_dict with the rewrite plan (loads with weights_only=True)"
+    return fused.eval(), input_shape

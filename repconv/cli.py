@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any
 
 import typer
@@ -23,13 +26,32 @@ from repconv import __version__
 from repconv.errors import RepconvError, VerificationError
 from repconv.pipeline import Options, Progress, fuse_checkpoint, verify_checkpoints
 
+# The --json document's schema: bump when a field changes meaning or goes away.
+JSON_SCHEMA_VERSION = 1
+EXIT_INTERNAL = 3  # a bug in repconv, not the user's input
+EXIT_SIGTERM = 128 + signal.SIGTERM
+
+
+class Terminated(BaseException):
+    """SIGTERM (what CI runners and `timeout` send), raised where Python is running so that
+    every temp file is removed on the way out, as for Ctrl-C."""
+
+
+def _emit_json(payload: dict[str, Any], exit_code: int) -> None:
+    document = {"schema_version": JSON_SCHEMA_VERSION, **_jsonable(payload),
+                "exit_code": exit_code}
+    sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    sys.stdout.flush()
+
 
 class _OneLineErrors(TyperGroup):
-    """Usage errors (bad option value, unknown option) as one 'error:' line, exit code 2."""
+    """Usage errors (bad option value, unknown option) as one 'error:' line, exit code 2, and
+    with --json also as the one JSON document on stdout."""
 
-    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+    def main(self, args: list[str] | None = None, *rest: Any, standalone_mode: bool = True,
+             **kwargs: Any) -> Any:
         try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
+            code = super().main(args, *rest, standalone_mode=False, **kwargs)
         except ClickException as exc:
             if not standalone_mode:
                 raise
@@ -37,8 +59,11 @@ class _OneLineErrors(TyperGroup):
                 sys.exit(0)  # typer has printed the help already
             ctx = getattr(exc, "ctx", None)
             command = ctx.command_path if ctx else "repconv"
+            message = f"{exc.format_message()} (see {command} --help)"
+            if "--json" in (sys.argv[1:] if args is None else args):
+                _emit_json({"ok": False, "error": message}, exc.exit_code)
             Console(stderr=True, soft_wrap=True).print(Text.assemble(
-                ("error:", "bold red"), f" {exc.format_message()} (see {command} --help)"))
+                ("error:", "bold red"), f" {message}"))
             sys.exit(exc.exit_code)
         except typer.Abort:
             if not standalone_mode:
@@ -77,10 +102,11 @@ RtolOpt = Annotated[float | None, typer.Option(
     "--rtol", help="Allowed error relative to each output's max |value|. Default by the least "
     "precise dtype of the inputs and weights: 1e-5 fp32, 1e-9 fp64, 1e-2 fp16, 5e-2 bf16.")]
 AtolOpt = Annotated[float, typer.Option("--atol", help="Allowed absolute error on top of rtol.")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random verification inputs.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random verification inputs "
+                                        "(0 to 2**32 - 1).")]
 TrustOpt = Annotated[bool, typer.Option(
-    "--trust-pickle", help="Allow IN to be a pickled nn.Module. Unpickling runs code from the "
-    "file: only for files you trust.")]
+    "--trust-pickle", help="Allow a pickled nn.Module as IN, and a .pt2 DEPLOY holding pickled "
+    "entries or non-aten ops. Unpickling runs code from the file: only for files you trust.")]
 
 
 def _jsonable(value: Any) -> Any:
@@ -94,30 +120,56 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    def handler(_signum: int, _frame: FrameType | None) -> None:
+        raise Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals to whoever owns them
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _run(as_json: bool, action: Callable[[Progress], Any], exit_code: Callable[[Any], int]) -> None:
-    """Run ``action`` with a progress line on stderr; render its result; map errors to codes."""
+    """Run ``action`` with a progress line on stderr; render its result; map errors to codes.
+    Whatever happens, --json puts exactly one document on stdout: the model's own prints go to
+    stderr while it runs."""
     human = Console(stderr=as_json, highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+    def fail(code: int, message: str, payload: dict[str, Any] | None = None) -> None:
+        if as_json:
+            _emit_json({**(payload or {"ok": False}), "error": message}, code)
+        err.print(Text.assemble(("error:", "bold red"), f" {message}"))
+        raise typer.Exit(code)
+
     try:
-        with err.status("starting", spinner="dots") as status:
+        with _sigterm_raises(), contextlib.redirect_stdout(sys.stderr), \
+                err.status("starting", spinner="dots") as status:
             result = action(lambda message: status.update(Text(message)))
     except RepconvError as exc:
         outcome = getattr(exc, "outcome", None) if isinstance(exc, VerificationError) else None
         if outcome is not None:
             human.print(outcome)
-        if as_json:
-            payload = outcome.to_dict() if outcome is not None else {"ok": False}
-            sys.stdout.write(json.dumps(_jsonable({**payload, "error": str(exc)}), indent=2))
-            sys.stdout.write("\n")
-        err.print(Text.assemble(("error:", "bold red"), f" {exc}"))
-        raise typer.Exit(exc.exit_code) from None
+        fail(exc.exit_code, str(exc), outcome.to_dict() if outcome is not None else None)
     except KeyboardInterrupt:
-        err.print("[bold red]interrupted[/]: nothing written")
-        raise typer.Exit(130) from None
+        fail(130, "interrupted: nothing written")
+    except Terminated:
+        fail(EXIT_SIGTERM, "terminated by SIGTERM: nothing written")
+    except Exception as exc:  # a bug: still one line, one JSON document, and a distinct code
+        fail(EXIT_INTERNAL, f"internal error in repconv ({type(exc).__name__}: "
+                            f"{str(exc).strip()[:200]}); please report it with the command line")
     human.print(result)
+    code = exit_code(result)
     if as_json:
-        sys.stdout.write(json.dumps(_jsonable(result.to_dict()), indent=2) + "\n")
-    raise typer.Exit(exit_code(result))
+        _emit_json(result.to_dict(), code)
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -136,13 +188,14 @@ def fuse(
     seed: SeedOpt = 0,
     trust_pickle: TrustOpt = False,
     keep_extra: Annotated[bool, typer.Option(
-        "--keep-extra", help="Keep training-only entries (optimizer, scheduler, EMA, epoch) "
-        "in a .pt OUT.")] = False,
+        "--keep-extra", help="Keep training-only entries (optimizer, scheduler, scaler, other "
+        "copies of the model) in a .pt OUT.")] = False,
 ) -> None:
     """Fuse IN into one conv per linear region, verify it, write OUT.
 
     Exit 0: verified deploy checkpoint written. 1: verification failed (nothing written).
-    2: bad usage or unreadable input (nothing written).
+    2: bad usage or unreadable input (nothing written). 3: internal error. 130/143:
+    interrupted by Ctrl-C/SIGTERM (nothing written).
     """
     options = Options(model, model_kwargs, input_shape, rtol, atol, seed, trust_pickle)
     _run(
@@ -170,7 +223,8 @@ def verify(
 ) -> None:
     """Check that DEPLOY computes what ORIGINAL does, on seeded random inputs.
 
-    Exit 0: outputs agree within tolerance. 1: they do not. 2: bad usage or unreadable input.
+    Exit 0: outputs agree within tolerance. 1: they do not, or nothing could be compared.
+    2: bad usage or unreadable input. 3: internal error.
     """
     options = Options(model, model_kwargs, input_shape, rtol, atol, seed, trust_pickle)
     _run(
@@ -191,7 +245,7 @@ def inspect(
 ) -> None:
     """List what would be fused and what would not, and why. Writes nothing.
 
-    Exit 0: listed. 2: bad usage or unreadable input.
+    Exit 0: listed. 2: bad usage or unreadable input. 3: internal error.
     """
     options = Options(model, model_kwargs, input_shape, trust_pickle=trust_pickle)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -18,16 +18,15 @@ from torch import Tensor, nn
 
 from repconv.checkpoint import (
     LoadedCheckpoint,
-    check_output,
+    check_readable,
     load_checkpoint,
     load_deploy_with_shape,
-    parse_kwargs,
-    parse_shape,
-    read_file,
-    save_deploy,
 )
 from repconv.errors import InputError, VerificationError
 from repconv.fuse import fuse
+from repconv.metadata import check_seed, parse_kwargs, parse_shape
+from repconv.output import check_output, save_deploy
+from repconv.pt2 import load_program
 from repconv.report import FuseReport, ModelCounts
 from repconv.verify import VerifyReport, verify
 
@@ -56,17 +55,19 @@ class Options:
             trust_pickle=self.trust_pickle,
         )
 
-    def inputs(self, *recorded: tuple[int, ...] | None) -> tuple[Tensor, ...]:
-        """Example input: --input-shape, else the first shape a file recorded."""
+    def inputs(self, **recorded: tuple[int, ...] | None) -> tuple[tuple[Tensor, ...], str]:
+        """Example input and where its shape came from: --input-shape, else the first shape a
+        file recorded (keyword order: the caller's precedence). Recorded shapes were validated
+        when their file was read."""
         if self.input_shape is not None:
-            shape = parse_shape(self.input_shape)
+            shape, source = parse_shape(self.input_shape), "--input-shape"
         else:
-            shape = next((s for s in recorded if s), None)
+            source, shape = next(((k, s) for k, s in recorded.items() if s), ("", None))
             if shape is None:
                 raise InputError("no input shape recorded in the checkpoint; pass --input-shape "
                                  "like 1,3,224,224")
-        generator = torch.Generator().manual_seed(self.seed)
-        return (torch.randn(shape, generator=generator),)
+        generator = torch.Generator().manual_seed(check_seed(self.seed))
+        return (torch.randn(shape, generator=generator),), source
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -114,6 +115,32 @@ class FuseOutcome:
         return Group(*lines)
 
 
+# Norms that normalise each sample with statistics of that sample, computed at run time: no
+# fixed per-channel map that a conv could absorb.
+_PER_SAMPLE_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, nn.RMSNorm)
+
+
+def _unfoldable_norms(model: nn.Module) -> str | None:
+    """What a user with GroupNorm/LayerNorm/InstanceNorm models should hear instead of
+    'nothing to fuse'."""
+    per_sample: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        running = getattr(module, "track_running_stats", False)
+        if isinstance(module, _PER_SAMPLE_NORMS) or (
+            isinstance(module, nn.modules.instancenorm._InstanceNorm) and not running
+        ):
+            per_sample.setdefault(type(module).__name__, []).append(name)
+    if not per_sample:
+        return None
+    listed = "; ".join(
+        f"{len(names)} {kind} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+        for kind, names in per_sample.items()
+    )
+    return (f"{listed} cannot fold into a conv: these norms normalise each sample with the mean "
+            "and variance of that sample, computed at run time, so unlike an eval BatchNorm "
+            "they are not a fixed per-channel scale and shift")
+
+
 def fuse_checkpoint(
     in_path: Path,
     out_path: Path | None,
@@ -133,7 +160,8 @@ def fuse_checkpoint(
     progress(f"loading {in_path}")
     loaded = options.load(in_path)
     seconds["load"] = time.perf_counter() - start
-    inputs = _cast_inputs(options.inputs(loaded.input_shape), loaded.model)
+    inputs, _ = options.inputs(checkpoint=loaded.input_shape)
+    inputs = _cast_inputs(inputs, loaded.model)
     if loaded.deploy_plan is not None:
         # Already fused: pass it through unchanged, so a pipeline step stays idempotent.
         counts = ModelCounts.of(loaded.model)
@@ -150,15 +178,18 @@ def fuse_checkpoint(
                       seed=options.seed)
         seconds["fuse_and_verify"] = time.perf_counter() - start
         report, plan, fused_model = result.report, result.plan, result.model
+        norms = _unfoldable_norms(loaded.model)
         if not report.rewrites:
-            report.notes.append("nothing to fuse: the model has no Conv-BN pair or linear "
+            report.notes.append(f"nothing to fuse: {norms}" if norms else
+                                "nothing to fuse: the model has no Conv-BN pair or linear "
                                 "multi-branch block (already fused?)")
+        elif norms:
+            report.notes.append(norms)
     outcome = FuseOutcome(str(in_path), str(out_path) if out_path else None, loaded.found,
                           report, seconds=seconds)
     if not outcome.ok:
         raise VerificationError(
-            f"fused model does not match the original: {report.verification.summary()}; "
-            "nothing written",
+            f"{report.verification.summary()}; nothing written",
             outcome,
         )
     if out_path is not None:
@@ -177,13 +208,15 @@ class VerifyOutcome:
     original: str
     deploy: str
     report: VerifyReport
+    input_shape_from: str
 
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.report.passed, "original": self.original, "deploy": self.deploy,
-                **self.report.to_dict()}
+                "input_shape_from": self.input_shape_from, **self.report.to_dict()}
 
     def __rich__(self) -> RenderableType:
-        return Group(Text(f"{self.deploy} against {self.original}"), self.report)
+        return Group(Text(f"{self.deploy} against {self.original} (input shape from "
+                          f"{self.input_shape_from})"), self.report)
 
 
 def _load_deployed(
@@ -191,17 +224,8 @@ def _load_deployed(
 ) -> tuple[nn.Module, tuple[int, ...] | None]:
     """The deployed model and the input shape its file recorded."""
     if path.suffix == ".pt2":
-        if not path.is_file() or path.stat().st_size == 0:
-            read_file(path, trust_pickle=False)  # raises the message for a missing/empty file
-        logging.disable(logging.WARNING)  # torch logs a traceback of its own before raising
-        try:
-            return torch.export.load(path).module(), None
-        except Exception as exc:  # a damaged archive fails inside torch
-            first = str(exc).strip().splitlines()[0][:150] if str(exc).strip() else ""
-            raise InputError(f"{path} is not a readable torch.export program ({first}); "
-                             "write it again with repconv fuse") from exc
-        finally:
-            logging.disable(logging.NOTSET)
+        check_readable(path)
+        return load_program(path, trust_pickle=options.trust_pickle), None
     if original.pickled and path.suffix == ".safetensors" and options.model is None:
         # A pickled original is its own fresh training model: replay the plan onto a copy.
         # (Its .pt deploy files are pickled modules, loaded below like any pickled input.)
@@ -215,6 +239,21 @@ def _load_deployed(
     return loaded.model, loaded.input_shape
 
 
+def _batchnorms(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _check_original(original_path: Path, deploy_path: Path, original: LoadedCheckpoint) -> None:
+    """Swapped or repeated CI arguments must not pass: a deploy file compared with itself or
+    with another deploy file checks nothing about the training checkpoint."""
+    if deploy_path.exists() and os.path.samefile(original_path, deploy_path):
+        raise InputError("ORIGINAL and DEPLOY are the same file; give the training checkpoint "
+                         "first, then the deploy file repconv fuse wrote from it")
+    if original.deploy_plan is not None:
+        raise InputError(f"ORIGINAL {original_path} is a repconv deploy file; give the training "
+                         "checkpoint it was fused from first (are the arguments swapped?)")
+
+
 def verify_checkpoints(
     original_path: Path,
     deploy_path: Path,
@@ -222,13 +261,21 @@ def verify_checkpoints(
     *,
     progress: Progress = lambda _: None,
 ) -> VerifyOutcome:
-    """Compare a deploy file against its training checkpoint on seeded random inputs."""
+    """Compare a deploy file against its training checkpoint on seeded random inputs. The input
+    shape is --input-shape, else ORIGINAL's recorded one, else DEPLOY's: the file under test
+    does not choose its own test."""
     progress(f"loading {original_path}")
     original = options.load(original_path)
+    _check_original(original_path, deploy_path, original)
     progress(f"loading {deploy_path}")
     deployed, recorded = _load_deployed(deploy_path, original, options)
-    inputs = _cast_inputs(options.inputs(recorded, original.input_shape), original.model)
+    if _batchnorms(deployed) > _batchnorms(original.model):
+        raise InputError(f"DEPLOY {deploy_path} has more BatchNorms than ORIGINAL "
+                         f"{original_path}, and fusing never adds one: are the arguments "
+                         "swapped? Give the training checkpoint first")
+    inputs, source = options.inputs(ORIGINAL=original.input_shape, DEPLOY=recorded)
+    inputs = _cast_inputs(inputs, original.model)
     progress("comparing outputs")
     report = verify(original.model, deployed, inputs, rtol=options.rtol, atol=options.atol,
                     seed=options.seed)
-    return VerifyOutcome(str(original_path), str(deploy_path), report)
+    return VerifyOutcome(str(original_path), str(deploy_path), report, source)

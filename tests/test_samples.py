@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from torch import nn
 
 from repconv import make_samples, samples
 from repconv.checkpoint import build_model
+from repconv.pipeline import Options, fuse_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = samples.SAMPLES
@@ -116,29 +118,62 @@ def test_fx_symbolic_trace(name: str) -> None:
         torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_regeneration_matches_shipped(name: str, tmp_path: Path) -> None:
-    """Regenerating into tmp_path reproduces the shipped tensors bit for bit.
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
-    Takes ~1.5 s per sample on CPU (30 SGD steps of a tiny net), so it is not skipped.
-    """
+
+@pytest.mark.parametrize("name", NAMES)
+def test_regeneration_is_bit_exact_on_one_machine(name: str, tmp_path: Path) -> None:
+    """Two regenerations on this machine give the same bytes. Never compared bit for bit with
+    the shipped file: 30 SGD steps amplify the CPU-dependent summation order of float32 convs,
+    so another CPU legitimately trains slightly different weights."""
+    first, second = (make_samples.write_samples(tmp_path / run, [name], verbose=False)[0]
+                     for run in ("first", "second"))
+    assert first.final_loss < first.first_loss, "synthetic task should be learnable"
+    assert first.size == second.size > 0
+    assert _sha256(first.path) == _sha256(second.path)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_regeneration_has_the_shipped_structure(name: str, tmp_path: Path) -> None:
+    """Same keys, metadata, tensor names, shapes and dtypes as the shipped file; values are
+    this machine's own."""
     spec = SAMPLES[name]
     shipped = _load(spec)
     (result,) = make_samples.write_samples(tmp_path, [name], verbose=False)
-    assert result.final_loss < result.first_loss, "synthetic task should be learnable"
     regen = torch.load(result.path, weights_only=True)
-
     assert {k: v for k, v in regen.items() if k not in ("state_dict", "optimizer")} == {
         k: v for k, v in shipped.items() if k not in ("state_dict", "optimizer")
     }
     assert list(regen["state_dict"]) == list(shipped["state_dict"])
-    hint = "regeneration differs: different torch build / CPU kernels than when shipped?"
     for key, ref in shipped["state_dict"].items():
         got = regen["state_dict"][key]
-        assert got.dtype == ref.dtype, key
-        assert got.shape == ref.shape, key
-        assert torch.equal(got, ref), f"{key}: {hint}"
+        assert (got.dtype, got.shape) == (ref.dtype, ref.shape), key
     assert regen["optimizer"]["param_groups"] == shipped["optimizer"]["param_groups"]
-    for idx, state in shipped["optimizer"]["state"].items():
-        for k, ref in state.items():
-            assert torch.equal(regen["optimizer"]["state"][idx][k], ref), f"opt {idx}.{k}: {hint}"
+    assert set(regen["optimizer"]["state"]) == set(shipped["optimizer"]["state"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shipped_sample_looks_trained(name: str) -> None:
+    """BN statistics from 30 real steps: finite, positive variances that differ per channel,
+    means away from the init; weights moved by SGD (momentum buffers are non-zero)."""
+    shipped = _load(SAMPLES[name])
+    state = shipped["state_dict"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    for key in (k for k in state if k.endswith("running_var")):
+        var, mean = state[key], state[key.replace("running_var", "running_mean")]
+        assert (var > 0).all() and var.std() > 0, key
+        assert mean.abs().max() > 1e-3, key
+    momenta = [s["momentum_buffer"] for s in shipped["optimizer"]["state"].values()]
+    assert momenta and all(m.abs().max() > 0 for m in momenta)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shipped_sample_fuses(name: str) -> None:
+    """What the samples are for: every BatchNorm folds, and the fused model verifies."""
+    outcome = fuse_checkpoint(SAMPLE_DIR / SAMPLES[name].filename, None, Options())
+    assert outcome.report.before.batchnorms > 0
+    assert outcome.report.after.batchnorms == 0
+    verification = outcome.report.verification
+    assert verification.passed and verification.max_rel_error < 1e-5
+    assert verification.elements_compared == SAMPLES[name].num_classes

@@ -1,0 +1,243 @@
+"""Writing OUT, where the behaviour depends on the real process: an unwritable folder, a full
+disk, SIGTERM in the middle of a write, links and read-only files in OUT's place, and deploy
+files that are byte-identical from run to run.
+
+Faults that the machine cannot produce on demand are injected into a real `python -m repconv`
+process by a wrapper that replaces ``os.write`` (the call every deploy write goes through).
+Where the machine allows it (root with mount namespaces), the full disk is a real 32 KiB tmpfs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from cli_support import (
+    assert_process_refused,
+    assert_refused,
+    invoke,
+    json_document,
+    one_error_line,
+    repconv_process,
+    run_process,
+    sha256,
+    snapshot,
+)
+
+from repconv.plan import PLAN_VERSION
+
+FORMATS = (".pt", ".safetensors", ".pt2")
+WRITE_HOOK = """
+import errno, os, runpy, sys, time
+
+mode, folder, real_write = sys.argv[1], sys.argv[2], os.write
+
+def into_folder(fd):
+    # only writes to a file in OUT's folder: torch writes temp files of its own elsewhere
+    st = os.fstat(fd)
+    return any(e.inode() == st.st_ino for e in os.scandir(folder))
+
+def hooked(fd, data):
+    if not into_folder(fd):
+        return real_write(fd, data)
+    if mode == "enospc":  # some bytes reach the disk, then it is full
+        real_write(fd, bytes(data[:1000]))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    time.sleep(0.05)  # "slow": a write that takes seconds, to be interrupted
+    return real_write(fd, bytes(data[:4096]))
+
+os.write = hooked
+sys.argv = ["repconv", *sys.argv[3:]]
+runpy.run_module("repconv", run_name="__main__", alter_sys=True)
+"""
+
+
+def hooked_repconv(tmp_path: Path, mode: str, out: Path, *args: object) -> list[str]:
+    """`python -m repconv fuse ... OUT ...` whose writes into OUT's folder fail or crawl."""
+    hook = tmp_path / "write_hook.py"
+    hook.write_text(WRITE_HOOK)
+    return [sys.executable, str(hook), mode, str(out.parent), *map(str, args)]
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# ------------------------------------------------------------------------ OUT checked first
+
+
+def test_out_under_a_file_is_refused_before_loading(repvgg_ckpt: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    def never(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("IN was loaded before OUT was checked")
+
+    monkeypatch.setattr("repconv.pipeline.load_checkpoint", never)
+    not_a_folder = tmp_path / "notes.txt"
+    not_a_folder.write_text("a file")
+    before = snapshot(tmp_path)
+    result = invoke("fuse", repvgg_ckpt, not_a_folder / "deploy.pt")
+    assert_refused(result, before, snapshot(tmp_path), ["notes.txt", "is a file, not a folder"])
+
+
+@pytest.fixture
+def unwritable_folder(tmp_path: Path) -> Iterator[Path]:
+    """A folder this process really cannot create files in (root ignores permission bits)."""
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        undo = ["chmod", "755", str(folder)]
+    elif shutil.which("chattr") and run_process(["chattr", "+i", folder], tmp_path).returncode == 0:
+        undo = ["chattr", "-i", str(folder)]
+    else:
+        pytest.skip("root without chattr: no way to make a folder unwritable here")
+    try:
+        probe = folder / "probe"
+        with pytest.raises(OSError):
+            probe.write_bytes(b"")
+        yield folder
+    finally:
+        run_process(undo, tmp_path)
+
+
+def test_unwritable_folder_is_refused_in_the_real_process(repvgg_ckpt: Path, tmp_path: Path,
+                                                          unwritable_folder: Path) -> None:
+    started = time.monotonic()
+    proc = repconv_process("fuse", repvgg_ckpt, unwritable_folder / "deploy.pt", "--json",
+                           cwd=tmp_path)
+    assert_process_refused(proc, ["cannot write in folder", "locked"], as_json=True)
+    assert leftovers(unwritable_folder) == []
+    assert time.monotonic() - started < 60
+
+
+# ------------------------------------------------------------------------ full disk
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_full_disk_leaves_no_partial_out(repvgg_ckpt: Path, tmp_path: Path, fmt: str) -> None:
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / f"deploy{fmt}"
+    proc = run_process(hooked_repconv(tmp_path, "enospc", out, "fuse", repvgg_ckpt, out,
+                                      "--json"), tmp_path)
+    assert_process_refused(proc, ["cannot write", "No space left on device", "nothing written"],
+                           as_json=True)
+    assert leftovers(out_dir) == []
+
+
+def _can_mount_tmpfs(tmp_path: Path) -> bool:
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        return False
+    probe = run_process(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=32k tmpfs "
+                         f"{tmp_path}"], tmp_path, timeout=30)
+    return probe.returncode == 0
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_real_full_disk_leaves_no_partial_out(repvgg_ckpt: Path, tmp_path: Path,
+                                              fmt: str) -> None:
+    """A 32 KiB tmpfs, mounted in a private mount namespace so it vanishes with the process."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if not _can_mount_tmpfs(disk):
+        pytest.skip("cannot mount a tmpfs here (needs root and mount namespaces)")
+    script = (f"mount -t tmpfs -o size=32k tmpfs {disk} && "
+              f"{sys.executable} -m repconv fuse {repvgg_ckpt} {disk}/deploy{fmt}; "
+              f"code=$?; echo LISTING; ls -A {disk}; exit $code")
+    proc = run_process(["unshare", "-m", "sh", "-c", script], tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "No space left on device" in one_error_line(proc.stderr)
+    assert proc.stdout.split("LISTING", 1)[1].split() == []  # no OUT, no temp file
+
+
+# ------------------------------------------------------------------------ SIGTERM
+
+
+@pytest.mark.parametrize("fmt", [".pt", ".pt2"])
+def test_sigterm_during_the_write_leaves_nothing(repvgg_ckpt: Path, tmp_path: Path,
+                                                 fmt: str) -> None:
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / f"deploy{fmt}"
+    process = subprocess.Popen(
+        hooked_repconv(tmp_path, "slow", out, "fuse", repvgg_ckpt, out, "--json"),
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    while not any(p.stat().st_size for p in out_dir.glob("*.tmp")):  # the write has begun
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the write never started"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr
+    message = one_error_line(stderr)
+    assert message == "terminated by SIGTERM: nothing written"
+    assert json_document(stdout) == {"schema_version": 1, "ok": False, "error": message,
+                                     "exit_code": 143}
+    assert leftovers(out_dir) == []
+
+
+# ------------------------------------------------------------------------ what is in OUT's place
+
+
+def test_read_only_out_is_refused(repvgg_ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "deploy.pt"
+    out.write_bytes(b"an older deploy file")
+    out.chmod(0o444)
+    before = snapshot(tmp_path)
+    result = invoke("fuse", repvgg_ckpt, out)
+    assert_refused(result, before, snapshot(tmp_path), ["read-only", "chmod u+w"])
+    assert stat.S_IMODE(out.stat().st_mode) == 0o444
+
+
+@pytest.mark.parametrize("dangling", [False, True], ids=["to-a-file", "dangling"])
+def test_symlink_out_is_refused(repvgg_ckpt: Path, tmp_path: Path, dangling: bool) -> None:
+    target = tmp_path / "real" / "deploy.pt"
+    target.parent.mkdir()
+    if not dangling:
+        target.write_bytes(b"the link's target")
+    link = tmp_path / "latest.pt"
+    link.symlink_to(target)
+    before = snapshot(tmp_path)
+    result = invoke("fuse", repvgg_ckpt, link)
+    assert_refused(result, before, snapshot(tmp_path), ["symbolic link", str(target)])
+    assert link.is_symlink() and os.readlink(link) == str(target)
+
+
+def test_existing_regular_out_is_replaced(repvgg_ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "deploy.pt"
+    out.write_bytes(b"an older deploy file")
+    result = invoke("fuse", repvgg_ckpt, out)
+    assert result.exit_code == 0, result.output
+    assert torch.load(out, weights_only=True)["repconv_deploy"] == PLAN_VERSION
+    assert leftovers(tmp_path) == ["deploy.pt"]
+
+
+# ------------------------------------------------------------------------ byte-identical
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_deploy_files_are_byte_identical(repvgg_ckpt: Path, tmp_path: Path, fmt: str) -> None:
+    """Two runs (this process and a fresh one), different OUT names: the same bytes. The temp
+    file's random name must not reach the archive, and torch must not warn about it."""
+    first, second = tmp_path / "a" / f"deploy{fmt}", tmp_path / "b" / f"other_name{fmt}"
+    first.parent.mkdir()
+    second.parent.mkdir()
+    assert invoke("fuse", repvgg_ckpt, first).exit_code == 0
+    proc = repconv_process("fuse", repvgg_ckpt, second, "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json_document(proc.stdout)["ok"] is True
+    assert sha256(first) == sha256(second)
+    assert first.stat().st_size > 10_000
+    assert "warn" not in proc.stderr.lower() and ".tmp" not in proc.stderr
