@@ -25,6 +25,9 @@ class FuseResult:
     model: nn.Module
     report: FuseReport
     plan: list[dict[str, Any]] = field(default_factory=list)
+    # fused conv's path in ``model`` -> the original ops it replaced, as a module of the conv's
+    # input (sharing the original weights): what per-rewrite checks compare each fused conv to
+    originals: dict[str, nn.Module] = field(default_factory=dict)
 
 
 def _as_inputs(example_inputs: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
@@ -71,6 +74,7 @@ class _Fuser:
     def __init__(self, model: nn.Module, inputs: tuple[Tensor, ...], check_seed: int) -> None:
         self.report = FuseReport()
         self.steps: list[plan_record.Step] = []
+        self.originals: dict[str, nn.Module] = {}
         self.check_seed = check_seed
         self.model, self.inputs = model, inputs
         # every module's inputs are kept only when a part does not trace and its children are
@@ -135,6 +139,9 @@ class _Fuser:
                 fused_module=applied.placed.get(id(region)),
                 sources=[_join(scope, rewrite.module_path(m)) for m in region.members],
             ))
+            if id(region) in applied.placed:
+                self.originals[applied.placed[id(region)]] = region_analysis.region_module(
+                    gm, region)
         self.report.notes += applied.notes
         self.steps += applied.steps
         return applied.module
@@ -233,7 +240,7 @@ def fuse(
         with eval_mode(model):
             fuser.report.verification = verify(model, fused, inputs, rtol=rtol, atol=atol,
                                                seed=seed)
-    return FuseResult(fused, fuser.report, plan_record.to_json(fuser.steps))
+    return FuseResult(fused, fuser.report, plan_record.to_json(fuser.steps), fuser.originals)
 
 
 def replay_plan(
