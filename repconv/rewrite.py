@@ -37,7 +37,7 @@ from repconv.graph import (
     trace,
 )
 from repconv.plan import FrameRewrite, ModuleSpec, ModuleSwap, NodeEdit, Step
-from repconv.regions import Region
+from repconv.regions import CONV_LABELS, Region
 
 _JSON_SCALARS = (type(None), bool, int, float, str)
 
@@ -123,6 +123,18 @@ def _fused_module(region: Region, device: torch.device) -> nn.Module:
     return algebra.to_module(region.affine, tensor_dtype(region.sink) or torch.float32, device)
 
 
+def _chain_slot(gm: fx.GraphModule, region: Region) -> int:
+    """Which op of a chain becomes the fused conv (the others become identities): its first
+    conv, so the conv module keeps its name, unless the chain's input is changed in place
+    before that conv runs (then the first op, which read it first)."""
+    first_conv = next((i for i, label in enumerate(region.labels) if label in CONV_LABELS), 0)
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    start, end = order[region.members[0]], order[region.members[first_conv]]
+    changed = any(start < order[u] < end and mutated_input(u, gm) is region.root
+                  for u in region.root.users)
+    return 0 if changed else first_conv
+
+
 def _plan_edits(
     gm: fx.GraphModule, regions: list[Region], call_sites: Mapping[str, int]
 ) -> tuple[dict[str, list[_Edit]], list[tuple[str, nn.Module | None, Region]]]:
@@ -137,8 +149,9 @@ def _plan_edits(
             frames[frame].append(_Edit(region.root, region.members[0], region.sink,
                                        region.members, fused, region))
             continue
+        at = _chain_slot(gm, region)
         for i, (member, source) in enumerate(zip(region.members, region.sources)):
-            module = fused if i == 0 else None
+            module = fused if i == at else None
             if member.op == "call_module" and call_sites.get(str(member.target), 0) == 1:
                 swaps.append((str(member.target), module, region))
             else:
@@ -244,9 +257,41 @@ def _insert(
     sink.replace_all_uses_with(fused)
     for member in members:
         for user in list(member.users):
-            if metadata_read(user):
+            if not metadata_read(user):
+                continue
+            checks = _assertion_chain(user)
+            if checks is None:
                 user.replace_input_with(member, fused)
+            else:
+                # an assert on the metadata of an op that no longer runs (timm asserts x.ndim
+                # before each BatchNorm): the fused conv checks its own input
+                for node in reversed(checks):
+                    gm.graph.erase_node(node)
     return fused
+
+
+_CHECK_OPS = (operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
+              operator.and_, operator.or_, operator.not_, torch._assert)
+
+
+def _assertion_chain(read: fx.Node) -> list[fx.Node] | None:
+    """``read`` and everything downstream of it, in graph order, when all of it only compares
+    metadata with constants and ends in ``torch._assert``; else None."""
+    chain, frontier = [read], [read]
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            if user.op != "call_function" or user.target not in _CHECK_OPS:
+                return None
+            if any(i not in chain and i is not user for i in user.all_input_nodes):
+                return None
+            if user not in chain:
+                chain.append(user)
+                frontier.append(user)
+    if not any(n.target is torch._assert for n in chain):
+        return None
+    order = {n: i for i, n in enumerate(read.graph.nodes)}
+    return sorted(chain, key=order.__getitem__)
 
 
 def _free_name(gm: nn.Module, wanted: str) -> str:
@@ -259,11 +304,8 @@ def _free_name(gm: nn.Module, wanted: str) -> str:
     return candidate
 
 
-def _module_name(gm: fx.GraphModule, members: tuple[fx.Node, ...]) -> str:
-    """Name the fused conv after the first conv it replaces, at the frame's top level."""
-    for member in members:
-        if member.op == "call_module":
-            return _free_name(gm, f"fused_{str(member.target).split('.')[0]}")
+def _module_name(gm: fx.GraphModule) -> str:
+    """The fused conv's attribute name at the frame's top level."""
     return _free_name(gm, "fused_conv")
 
 
@@ -274,6 +316,9 @@ def _wrap(original: nn.Module, fgm: fx.GraphModule) -> fx.GraphModule:
     fgm.delete_all_unused_submodules()
     fgm.graph.lint()
     fgm.recompile()
+    # fx wraps each call in two more Python frames (for its error messages); a deploy model
+    # pays that on every forward, so it is called like any module
+    type(fgm).__call__ = nn.Module.__call__
     own = vars(fgm)
     for key, value in vars(original).items():
         # instance attributes shadow class ones (a detector's `m.type` shadows Module.type)
@@ -356,7 +401,7 @@ def apply(
                 continue
             name = None
             if edit.module is not None:
-                name = _module_name(fgm, members)
+                name = _module_name(fgm)
                 fgm.add_module(name, edit.module)
                 applied.placed[id(edit.region)] = _join(frame_path, name)
             recorded.append(NodeEdit(root.name, first.name, sink.name,
