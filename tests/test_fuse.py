@@ -425,3 +425,16 @@ def test_cheap_chain_folds_to_one_conv() -> None:
     assert record.macs_after < record.macs_before
     assert result.report.verification.passed
     assert rel_err(run(model, fresh), run(result.model, fresh)) < 1e-5
+
+
+@pytest.mark.parametrize("weights_seed", [38, 101, 102, 103])
+def test_dbb_pad_with_bn_value_folds_whatever_the_conv_weights(weights_seed: int) -> None:
+    """DBB pads with the BN's bias (``pad(t - c) + c``): the float32 rounding of ``c`` leaves a
+    residual bias that must still count as zero (seed 38 once split the block)."""
+    torch.manual_seed(weights_seed)
+    block, cin = _block("DBBWithInnerBN")
+    randomize_bn(block, seed=11)
+    result = repconv.fuse(block, randn(2, cin, *SPATIAL[2], seed=0))
+    assert count_bns(result.model) == 0 and count_convs(result.model) == 1
+    fresh = randn(3, cin, *(n + 5 for n in SPATIAL[2]), seed=2)
+    assert rel_err(run(block, fresh), run(result.model, fresh)) < 1e-5
