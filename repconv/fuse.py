@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,8 @@ from repconv.graph import bind_call, propagate_shapes, record_calls, trace
 from repconv.report import FuseReport, ModelCounts, RewriteRecord, SkipRecord
 from repconv.rules.base import describe
 from repconv.verify import eval_mode, verify
+
+FuseProgress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -71,7 +74,9 @@ def _trace_mismatch(expected: object, got: object) -> str | None:
 
 
 class _Fuser:
-    def __init__(self, model: nn.Module, inputs: tuple[Tensor, ...], check_seed: int) -> None:
+    def __init__(self, model: nn.Module, inputs: tuple[Tensor, ...], check_seed: int,
+                 progress: FuseProgress) -> None:
+        self.progress = progress
         self.report = FuseReport()
         self.steps: list[plan_record.Step] = []
         self.originals: dict[str, nn.Module] = {}
@@ -88,6 +93,7 @@ class _Fuser:
         which returned ``output``); returns it, or what replaces it when its own forward was
         rewritten."""
         bound = bind_call(module, args, kwargs)
+        self.progress(f"tracing {scope or 'the model'}", 0, 1)
         try:
             if bound is None:
                 raise TraceError("its forward takes *args/**kwargs")
@@ -103,7 +109,9 @@ class _Fuser:
         self.report.skipped += [SkipRecord(where + s.where, s.reason) for s in analysis.skips]
         self.report.cuts += [SkipRecord(where + s.where, s.reason) for s in analysis.cuts]
         accepted = []
-        for region in analysis.regions:
+        for done, region in enumerate(analysis.regions):
+            self.progress(f"checking regions of {scope or 'the model'}", done,
+                          len(analysis.regions))
             error = region_analysis.local_error(gm, region, self.check_seed)
             if error > region_analysis.LOCAL_TOLERANCE:
                 self.report.skipped.append(SkipRecord(
@@ -216,17 +224,19 @@ def fuse(
     rtol: float | None = None,
     atol: float = 0.0,
     seed: int = 0,
+    progress: FuseProgress | None = None,
 ) -> FuseResult:
     """Fold every Conv-BN pair and linear multi-branch block of ``model`` into single convs.
 
     ``model`` itself is left as it was; the result holds a fused copy in eval mode and a report
     of what was rewritten, what was not and why, and (with ``check``) the verification.
+    ``progress(stage, done, total)`` is called as tracing and each region's check advance.
     """
     inputs = _as_inputs(example_inputs)
     # the working copy shares every tensor with ``model``: rewrites only ever add new modules
     tensors = [*model.parameters(), *model.buffers()]
     work = copy.deepcopy(model, memo={id(t): t for t in tensors}).eval()
-    fuser = _Fuser(work, inputs, seed)
+    fuser = _Fuser(work, inputs, seed, progress or (lambda _stage, _done, _total: None))
     training = [name or "the model" for name, m in model.named_modules() if m.training]
     if training:
         fuser.report.notes.append(

@@ -38,7 +38,7 @@ from repconv.rules.base import channels, describe, spatial_dims
 # A region whose fused output differs from the original by more than this, relative to the
 # output's scale, in float64, is not rewritten: the algebra would be wrong, so keep the model.
 LOCAL_TOLERANCE = 1e-6
-LOCAL_CHECK_SIZE = 13
+LOCAL_CHECK_SIZE = 7  # at least: borders on both sides and an interior, per dim
 CONV_LABELS = ("Conv1d", "Conv2d", "Conv3d", "conv1d", "conv2d", "conv3d", "Linear", "linear",
                "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d")
 
