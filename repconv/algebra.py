@@ -244,7 +244,14 @@ def zero_pad(channels: int, padding: tuple[int, ...]) -> Affine:
 
 
 def scaled(a: Affine, factor: float) -> Affine:
+    if factor == 1:
+        return a
     return replace(a, weight=a.weight * factor, bias=a.bias * factor)
+
+
+def geometry_only(a: Affine) -> Affine:
+    """``a`` with its tensors on the meta device: its shape, groups and strides, no storage."""
+    return replace(a, weight=a.weight.to("meta"), bias=a.bias.to("meta"))
 
 
 def regroup(a: Affine, groups: int) -> Affine:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import fx
@@ -181,6 +181,12 @@ def _fold(
         return _Expr(source, algebra.identity(channels(source), spatial_dims(source)),
                      frozenset(), 0)
 
+    # a value's kernel is kept until its last reader in the region has folded it; after that
+    # only its geometry (for the cost check): a checkpoint's convs are never all held in float64
+    pending = {node: 0 for node in ops}
+    for node in ops:
+        for source in _inner_inputs(node, ops, boundaries):
+            pending[source] += 1
     for node, op in ops.items():
         parts = [value(source) for source in _inputs(op)]
         inner = _inner_inputs(node, ops, boundaries)
@@ -204,6 +210,11 @@ def _fold(
         members = frozenset().union(*(p.members for p in parts)) | {node}
         assert len({p.root for p in parts}) == 1, "multi-root nodes are dropped before folding"
         exprs[node] = _Expr(parts[0].root, affine, members, macs)
+        for source in inner:
+            pending[source] -= 1
+            if not pending[source]:
+                exprs[source] = replace(exprs[source],
+                                        affine=algebra.geometry_only(exprs[source].affine))
     return exprs
 
 
