@@ -202,9 +202,14 @@ def _fold(
                     )
                 else:
                     affine = algebra.concat(*(p.affine for p in parts))
-                # Parallel branches always merge: one conv reads the input once. The budget a
-                # later chain is held to is what the merged conv costs.
-                macs = max(sum(p.macs for p in parts), _numel(node) * affine.macs_per_output())
+                macs = sum(p.macs for p in parts)
+                merged = _numel(node) * affine.macs_per_output()
+                if merged > macs and not algebra.is_per_channel(affine):
+                    # branches of different shapes stacked: every output channel would read
+                    # every input channel through the largest kernel
+                    return _Split(node, f"cost: one conv would take {merged:,} MACs per sample, "
+                                  f"the {len(parts)} branches it merges {macs:,}", inner,
+                                  drop=True)
         except AlgebraError as exc:
             return _Split(node, str(exc), inner, drop=not isinstance(op, Unary))
         members = frozenset().union(*(p.members for p in parts)) | {node}
@@ -336,8 +341,11 @@ def _no_conv_reason(region: Region, refused: dict[fx.Node, str]) -> str:
     """Why a BatchNorm merges into no conv: it would run as a depthwise conv, slower than the
     BatchNorm it replaced (DESIGN §0.2), so it stays."""
     source = region.root
+    others = sorted({label for label in region.labels if not _is_norm(label)})
     readers = [u.name for u in data_users(source) if u not in region.members]
-    if source.op == "placeholder":
+    if others:
+        where = f"it merges only with {', '.join(others)}, which is no conv"
+    elif source.op == "placeholder":
         where = f"it reads the input {source.name} directly"
     elif source in refused:
         where = f"{describe(source)} before it cannot fold: {refused[source]}"

@@ -237,9 +237,17 @@ def test_random_linear_block_folds_or_says_why(spec: Spec) -> None:
         f"{spec.mode}, {len(spec.branches) + spec.identity} branches, "
         f"{'folds' if spec.foldable() else 'refused'}"
     )
-    if spec.foldable():
+    merged_costs_more = [r for r in reasons if r.startswith("cost:")]
+    for reason in merged_costs_more:  # never slower: a merge may not add multiply-accumulates
+        merged, branches = (int(n.replace(",", "")) for n in re.findall(r"[\d,]+(?= MACs)|"
+                                                                          r"(?<=merges )[\d,]+",
+                                                                          reason))
+        assert merged > branches, reason
+    if spec.foldable() and not merged_costs_more:
         assert count_convs(result.model) == 1, (reasons, spec)
         assert reasons == [], spec
+    elif spec.foldable():  # several convs, or one conv and the identity branch beside it
+        assert count_convs(result.model) + spec.identity > 1, spec
     else:
         # not one conv: several convs remain, or one conv and the identity branch beside it
         assert count_convs(result.model) + spec.identity > 1, spec
