@@ -21,6 +21,8 @@ from repconv.rules.base import describe
 from repconv.verify import eval_mode, verify
 
 FuseProgress = Callable[[str, int, int], None]
+# an untraceable module is run once per child to find results it discards: only for few
+MAX_DISCARD_CHECKS = 32
 
 
 @dataclass
@@ -175,29 +177,36 @@ class _Fuser:
         return module
 
     def _discarded_children(self, module: nn.Module, scope: str) -> list[str]:
-        """Children whose result the model's outputs ignore: each is tried by making its output
-        NaN and running the model once."""
-        with torch.no_grad():
-            baseline = [t for t in tree_flatten(self.model(*self.inputs))[0]
-                        if isinstance(t, Tensor)]
-        discarded = []
-        for name, child in module.named_children():
-            path = _join(scope, name)
-            if path not in self.calls:
-                continue
+        """Children whose result ``module``'s own outputs ignore: each is tried by making its
+        output NaN and running ``module`` once on its recorded call. Only where that is cheap:
+        a module with few children, called once."""
+        record = self.calls.get(scope)
+        if scope and (record is None or record.count != 1):
+            return []
+        args, kwargs = (record.args, record.kwargs) if scope else (self.inputs, {})
+        children = [(name, child) for name, child in module.named_children()
+                    if self.calls.get(_join(scope, name)) is not None]
+        if len(children) > MAX_DISCARD_CHECKS:
+            return []
 
+        def outputs() -> list[Tensor]:
+            with torch.no_grad():
+                result = module(*_copies(args), **_copies(kwargs))
+            return [t for t in tree_flatten(result)[0] if isinstance(t, Tensor)]
+
+        baseline = outputs()
+        discarded = []
+        for name, child in children:
             handle = child.register_forward_hook(_poison)
             try:
-                with torch.no_grad():
-                    outputs = [t for t in tree_flatten(self.model(*self.inputs))[0]
-                               if isinstance(t, Tensor)]
-            except Exception:  # a NaN the model chokes on: it reads the child
+                poisoned = outputs()
+            except Exception:  # a NaN the forward chokes on: it reads the child
                 continue
             finally:
                 handle.remove()
-            if len(outputs) == len(baseline) and all(
-                    torch.equal(a, b) for a, b in zip(outputs, baseline)):
-                discarded.append(path)
+            if len(poisoned) == len(baseline) and all(
+                    torch.equal(a, b) for a, b in zip(poisoned, baseline)):
+                discarded.append(_join(scope, name))
         return discarded
 
     def _fuse_called(self, container: nn.Module, scope: str) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils._pytree import tree_map
 
 from repconv.errors import TraceError
 
@@ -294,6 +295,10 @@ class CallRecord:
     flags: list[str] = field(default_factory=list)
 
 
+def _clone(value: Any) -> Any:
+    return value.clone() if isinstance(value, Tensor) else value
+
+
 def _holds_tensor(value: Any) -> bool:
     if isinstance(value, Tensor):
         return True
@@ -315,7 +320,7 @@ def record_calls(
 
     def keep_output(module: nn.Module, _args: tuple, output: Any, name: str) -> None:
         if records[name].count == 1 and records[name].output is None:
-            records[name].output = output
+            records[name].output = tree_map(_clone, output)
     for name, child in model.named_modules():
         if not name:
             continue
@@ -327,7 +332,8 @@ def record_calls(
             positional = [v if not _holds_tensor(v) else "<tensor>" for v in args]
             record.flags.append(repr((positional, sorted(flags.items()))))
             if record.count == 1 and keep_tensors:
-                record.args, record.kwargs = args, dict(kwargs)
+                # copies: a forward may change its input (a list of tensors, say) in place later
+                record.args, record.kwargs = tree_map(_clone, (args, dict(kwargs)))
 
         handles.append(child.register_forward_pre_hook(hook, with_kwargs=True))
         if keep_tensors:
