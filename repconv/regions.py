@@ -62,6 +62,7 @@ class Region:
     macs_after: int
     chain: bool  # every member has one input: each can be rewritten where it runs
     sources: tuple[fx.Node, ...]  # in a chain, what each member reads
+    passthrough: tuple[bool, ...]  # which members compute the identity (eval dropout, ...)
 
     @property
     def convs(self) -> int:
@@ -286,9 +287,13 @@ def analyse(gm: fx.GraphModule) -> Analysis:
         boundaries.update(n for n in shared if any(u not in shared for u in data_users(n)))
         _drop_multi_root(ops, boundaries)
     regions, lone = [], []
-    for sink in (n for n in ops if n in boundaries):
-        expr = folded[sink]
+    for boundary in (n for n in ops if n in boundaries):
+        expr, sink = folded[boundary], boundary
         members = tuple(n for n in ops if n in expr.members)
+        # trailing identities (eval dropout in a parent's forward) pass the fused value on as
+        # they are: leaving them keeps the rewrite inside the module that runs the rest
+        while len(members) > 1 and _is_passthrough(ops[sink]) and ops[sink].source in members:
+            members, sink = members[:-1], ops[sink].source
         region = Region(
             root=expr.root,
             sink=sink,
@@ -299,6 +304,7 @@ def analyse(gm: fx.GraphModule) -> Analysis:
             macs_after=_fused_macs(sink, expr),
             chain=all(isinstance(ops[m], Unary) for m in members),
             sources=tuple(_inputs(ops[m])[0] for m in members),
+            passthrough=tuple(_is_passthrough(ops[m]) for m in members),
         )
         if region.convs and len(members) > 1:
             regions.append(region)
@@ -331,6 +337,10 @@ def _account(
         elif node not in explained:
             skips.append(Skip(describe(node), reason))
     return Analysis(regions, _unique(skips), _unique(cuts))
+
+
+def _is_passthrough(op: LinearOp) -> bool:
+    return isinstance(op, Unary) and op.affine.is_identity()
 
 
 def _is_norm(label: str) -> bool:

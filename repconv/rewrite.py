@@ -151,6 +151,8 @@ def _plan_edits(
             continue
         at = _chain_slot(gm, region)
         for i, (member, source) in enumerate(zip(region.members, region.sources)):
+            if i != at and region.passthrough[i]:
+                continue  # it already passes its input on: rewriting its module gains nothing
             module = fused if i == at else None
             if member.op == "call_module" and call_sites.get(str(member.target), 0) == 1:
                 swaps.append((str(member.target), module, region))
