@@ -26,6 +26,7 @@ from safetensors.torch import load_file, safe_open
 from torch import Tensor, nn
 
 from repconv.errors import InputError, ModelBuildError
+from repconv.lazy_init import random_init_skipped
 from repconv.metadata import (
     DEPLOY_MARKER,
     check_deploy_version,
@@ -344,17 +345,31 @@ def load_checkpoint(
         raise InputError(f"{path} names its architecture {architecture.reference!r}; repconv "
                          "builds only its own sample architectures by itself: pass --model "
                          f"{architecture.reference} (and --model-kwargs) if you trust that code")
-    model = architecture.build()
+    model = _build_and_load(architecture, weights, deploy_plan, found)
     if deploy_plan is not None:
-        from repconv.fuse import replay_plan  # deploy files rebuild the fused structure
-
-        model = replay_plan(model, deploy_plan, dict(weights))
         found.append(f"a repconv deploy file ({len(deploy_plan)} recorded rewrites)")
-    _load_weights(model, weights, found)
     check_statistics(model)
     extra = {k: v for k, v in container.items() if k != key and not _is_state_dict(v)}
     return LoadedCheckpoint(model.eval(), architecture, input_shape, False, found, extra,
                             deploy_plan)
+
+
+def _build_and_load(architecture: Architecture, weights: Mapping[str, Tensor],
+                    deploy_plan: list[dict[str, Any]] | None, found: list[str]) -> nn.Module:
+    """The model with the checkpoint's weights, built without nn.init's random fills (the
+    weights overwrite them); built again the ordinary way should a tensor they were to fill be
+    left in the model, so the result is always what a plain build and load gives."""
+    from repconv.fuse import replay_plan  # deploy files rebuild the fused structure
+
+    for skip in (True, False):
+        with random_init_skipped(enabled=skip) as left_unfilled:
+            model = architecture.build()
+        if deploy_plan is not None:
+            model = replay_plan(model, deploy_plan, dict(weights))
+        _load_weights(model, weights, found if skip else [])
+        if not left_unfilled(model):
+            break
+    return model
 
 
 def _deploy_plan(container: Mapping[str, Any], path: Path) -> list[dict[str, Any]] | None:

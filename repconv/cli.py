@@ -24,7 +24,8 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 
 from repconv import __version__
 from repconv.errors import RepconvError, VerificationError
-from repconv.pipeline import Options, Progress, fuse_checkpoint, verify_checkpoints
+from repconv.pipeline import Options, bench_checkpoint, fuse_checkpoint, verify_checkpoints
+from repconv.progress import Progress, progress_display
 
 # The --json document's schema: bump when a field changes meaning or goes away.
 JSON_SCHEMA_VERSION = 1
@@ -100,10 +101,19 @@ JsonOpt = Annotated[bool, typer.Option(
     "--json", help="Print one JSON document on stdout (human output goes to stderr).")]
 RtolOpt = Annotated[float | None, typer.Option(
     "--rtol", help="Allowed error relative to each output's max |value|. Default by the least "
-    "precise dtype of the inputs and weights: 1e-5 fp32, 1e-9 fp64, 1e-2 fp16, 5e-2 bf16.")]
+    "precise dtype of the inputs and weights (fp16/bf16 models are compared in float32): 1e-5 "
+    "fp32, 1e-9 fp64, 5e-3 fp16, 2e-2 bf16.")]
 AtolOpt = Annotated[float, typer.Option("--atol", help="Allowed absolute error on top of rtol.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random verification inputs "
                                         "(0 to 2**32 - 1).")]
+InputsOpt = Annotated[Path | None, typer.Option(
+    "--inputs", metavar="FILE", help="Sample inputs to compare on as well (real data): a .pt "
+    "(loaded weights-only) or .safetensors file holding a tensor, a tuple of tensors (one per "
+    "model input) or a dict with one tensor; floating point.", show_default=False)]
+RewriteRtolOpt = Annotated[float | None, typer.Option(
+    "--rewrite-rtol", help="Allowed error of each fused conv against the ops it replaced, at "
+    "every output element relative to the sum of |weight * input| + |bias| it adds up. Default "
+    "by dtype: 1e-4 fp32, 1e-3 fp16, 4e-3 bf16 (their rounding is 6e-8, 4.9e-4, 3.9e-3).")]
 TrustOpt = Annotated[bool, typer.Option(
     "--trust-pickle", help="Allow a pickled nn.Module as IN, and a .pt2 DEPLOY holding pickled "
     "entries or non-aten ops. Unpickling runs code from the file: only for files you trust.")]
@@ -151,8 +161,8 @@ def _run(as_json: bool, action: Callable[[Progress], Any], exit_code: Callable[[
 
     try:
         with _sigterm_raises(), contextlib.redirect_stdout(sys.stderr), \
-                err.status("starting", spinner="dots") as status:
-            result = action(lambda message: status.update(Text(message)))
+                progress_display(err) as progress:
+            result = action(progress)
     except RepconvError as exc:
         outcome = getattr(exc, "outcome", None) if isinstance(exc, VerificationError) else None
         if outcome is not None:
@@ -186,22 +196,29 @@ def fuse(
     rtol: RtolOpt = None,
     atol: AtolOpt = 0.0,
     seed: SeedOpt = 0,
+    inputs: InputsOpt = None,
+    rewrite_rtol: RewriteRtolOpt = None,
     trust_pickle: TrustOpt = False,
     keep_extra: Annotated[bool, typer.Option(
         "--keep-extra", help="Keep training-only entries (optimizer, scheduler, scaler, other "
         "copies of the model) in a .pt OUT.")] = False,
+    skip_verify: Annotated[bool, typer.Option(
+        "--skip-verify", help="Skip the global verification (the fused model against the "
+        "original on seeded inputs); each rewrite is still checked on its own. Run repconv "
+        "verify later.")] = False,
 ) -> None:
     """Fuse IN into one conv per linear region, verify it, write OUT.
 
-    Exit 0: verified deploy checkpoint written. 1: verification failed (nothing written).
-    2: bad usage or unreadable input (nothing written). 3: internal error. 130/143:
-    interrupted by Ctrl-C/SIGTERM (nothing written).
+    Exit 0: deploy checkpoint written (verified unless --skip-verify). 1: verification failed
+    (nothing written). 2: bad usage or unreadable input (nothing written). 3: internal error.
+    130/143: interrupted by Ctrl-C/SIGTERM (nothing written).
     """
-    options = Options(model, model_kwargs, input_shape, rtol, atol, seed, trust_pickle)
+    options = Options(model, model_kwargs, input_shape, rtol, atol, seed, trust_pickle, inputs,
+                      rewrite_rtol)
     _run(
         as_json,
         lambda progress: fuse_checkpoint(in_path, out_path, options, keep_extra=keep_extra,
-                                         progress=progress),
+                                         check=not skip_verify, progress=progress),
         lambda outcome: 0,
     )
 
@@ -219,14 +236,19 @@ def verify(
     rtol: RtolOpt = None,
     atol: AtolOpt = 0.0,
     seed: SeedOpt = 0,
+    inputs: InputsOpt = None,
+    rewrite_rtol: RewriteRtolOpt = None,
     trust_pickle: TrustOpt = False,
 ) -> None:
-    """Check that DEPLOY computes what ORIGINAL does, on seeded random inputs.
+    """Check that DEPLOY computes what ORIGINAL does: every output on seeded random inputs at
+    the recorded shape, batch 2 and another spatial size (and on --inputs), and each fused conv
+    against the ops it replaced.
 
-    Exit 0: outputs agree within tolerance. 1: they do not, or nothing could be compared.
-    2: bad usage or unreadable input. 3: internal error.
+    Exit 0: outputs and rewrites agree within tolerance. 1: they do not, or nothing could be
+    compared. 2: bad usage or unreadable input. 3: internal error.
     """
-    options = Options(model, model_kwargs, input_shape, rtol, atol, seed, trust_pickle)
+    options = Options(model, model_kwargs, input_shape, rtol, atol, seed, trust_pickle, inputs,
+                      rewrite_rtol)
     _run(
         as_json,
         lambda progress: verify_checkpoints(original, deploy, options, progress=progress),
@@ -255,6 +277,36 @@ def inspect(
         return outcome
 
     _run(as_json, action, lambda outcome: 0)
+
+
+@app.command()
+def bench(
+    in_path: InPath,
+    out_path: Annotated[Path | None, typer.Argument(
+        metavar="[OUT]", help="Deploy file to time as loaded (.pt, .safetensors, .pt2); "
+        "without it, IN is fused in memory.", show_default=False)] = None,
+    model: ModelOpt = None,
+    model_kwargs: KwargsOpt = None,
+    input_shape: ShapeOpt = None,
+    as_json: JsonOpt = False,
+    seconds: Annotated[float, typer.Option(
+        "--seconds", help="Time budget of the timed rounds (at least 5 rounds run).")] = 10.0,
+    threads: Annotated[int | None, typer.Option(
+        "--threads", help="torch intra-op threads. Default: torch's (the cores it sees).")] = None,
+    trust_pickle: TrustOpt = False,
+) -> None:
+    """Time IN's model against its fused form on this machine: latency (warm-up, interleaved
+    rounds, median and spread), aten ops executed, parameters, MACs, peak memory.
+
+    Exit 0: measured. 2: bad usage or unreadable input. 3: internal error.
+    """
+    options = Options(model, model_kwargs, input_shape, trust_pickle=trust_pickle)
+    _run(
+        as_json,
+        lambda progress: bench_checkpoint(in_path, out_path, options, seconds=seconds,
+                                          threads=threads, progress=progress),
+        lambda outcome: 0,
+    )
 
 
 @app.command()

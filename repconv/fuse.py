@@ -106,7 +106,7 @@ class _Fuser:
                 raise TraceError(mismatch)
         except TraceError as exc:
             return self._fuse_children(module, scope, str(exc))
-        analysis = region_analysis.analyse(gm)
+        analysis = region_analysis.analyse(gm, keep_own_forward=module is self.model)
         where = f"{scope}: " if scope else ""
         self.report.skipped += [SkipRecord(where + s.where, s.reason) for s in analysis.skips]
         self.report.cuts += [SkipRecord(where + s.where, s.reason) for s in analysis.cuts]

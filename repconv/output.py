@@ -11,11 +11,11 @@ symbolic link or a read-only file is refused rather than silently replaced.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -73,15 +73,48 @@ def check_output(in_path: Path, out: Path) -> None:
                          "another OUT or make the folder writable") from exc
 
 
-def write_atomically(out: Path, data: bytes) -> None:
-    """``data`` into ``out`` through a temp file in its folder, renamed into place."""
+class _FdWriter:
+    """A file object over a descriptor whose every write goes through ``os.write`` in pieces,
+    so a signal is handled between them: torch.save streams into it, with no copy in memory."""
+
+    def __init__(self, handle: int) -> None:
+        self.handle = handle
+        self.failure: BaseException | None = None  # torch's writer wraps what write raises
+
+    def write(self, data: bytes | memoryview) -> int:
+        if self.failure is not None:
+            raise self.failure
+        view = memoryview(data).cast("B")
+        size = len(view)
+        try:
+            while view:
+                view = view[os.write(self.handle, view[:_CHUNK]):]
+        except BaseException as exc:  # a full disk, Ctrl-C or SIGTERM: kept for the caller
+            self.failure = exc
+            raise
+        return size
+
+    def flush(self) -> None:
+        """Every write is already in the file."""
+
+
+def write_atomically(out: Path, data: bytes | Callable[[_FdWriter], None]) -> None:
+    """``data`` (bytes, or a function writing them to the file object it gets) into ``out``
+    through a temp file in its folder, renamed into place."""
     handle, temp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     temp = Path(temp_name)
     try:
+        writer = _FdWriter(handle)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(handle, view[:_CHUNK]):]
+            try:
+                if callable(data):
+                    data(writer)
+                else:
+                    writer.write(data)
+            except BaseException as exc:
+                if writer.failure is not None and writer.failure is not exc:
+                    raise writer.failure from exc
+                raise
             os.fchmod(handle, 0o666 & ~_umask())  # mkstemp makes 0600; deploy files are shared
             os.fsync(handle)
         finally:
@@ -101,25 +134,38 @@ def _umask() -> int:
     return current
 
 
-def _torch_bytes(payload: Any) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    return buffer.getvalue()
+def _torch_save(payload: Any) -> Callable[[_FdWriter], None]:
+    """torch.save streamed into the file (a file object, not a name: no name is recorded)."""
+    return lambda file: torch.save(payload, file)
 
 
-def _safetensors_bytes(state: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
-    """safetensors bytes with the header's keys sorted: the library writes its metadata in hash
+def _safetensors_writer(state: dict[str, Tensor],
+                        metadata: dict[str, str]) -> Callable[[_FdWriter], None]:
+    """safetensors with the header's keys sorted: the library writes its metadata in hash
     order, which changes from process to process."""
-    data = safetensors_bytes(state, metadata=metadata)
-    length = int.from_bytes(data[:8], "little")
-    header = json.dumps(json.loads(data[8:8 + length]), sort_keys=True,
-                        separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)  # the tensor data stays 8-byte aligned
-    return len(header).to_bytes(8, "little") + header + data[8 + length:]
+
+    def write(file: _FdWriter) -> None:
+        data = safetensors_bytes(state, metadata=metadata)
+        length = int.from_bytes(data[:8], "little")
+        header = json.dumps(json.loads(data[8:8 + length]), sort_keys=True,
+                            separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the tensor data stays 8-byte aligned
+        file.write(len(header).to_bytes(8, "little") + header)
+        file.write(memoryview(data)[8 + length:])
+
+    return write
+
+
+def _owns_storage(tensor: Tensor) -> bool:
+    return (tensor.is_contiguous() and tensor.storage_offset() == 0
+            and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size())
 
 
 def _plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    """The state_dict with every tensor owning exactly its storage (a view of a bigger one
+    would save all of it); tensors that already do are not copied."""
+    return {k: v.detach() if _owns_storage(v) else v.detach().contiguous().clone()
+            for k, v in model.state_dict().items()}
 
 
 def _pickled_payload(fused: nn.Module, loaded: LoadedCheckpoint, keep_extra: bool) -> Any:
@@ -161,18 +207,20 @@ def save_deploy(
         "plan": plan,
     }
     if out.suffix == ".pt2":
-        write_atomically(out, export_bytes(fused, example_inputs))
-        return "torch.export program"
+        exported = export_bytes(fused, example_inputs, {
+            DEPLOY_MARKER: DEPLOY_VERSION, "input_shape": list(input_shape)})
+        write_atomically(out, exported.data)
+        return exported.describe()
     if out.suffix == ".safetensors":
         metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-        write_atomically(out, _safetensors_bytes(_plain_state_dict(fused), metadata))
+        write_atomically(out, _safetensors_writer(_plain_state_dict(fused), metadata))
         return "safetensors weights with the rewrite plan in metadata"
     if loaded.pickled:
-        write_atomically(out, _torch_bytes(_pickled_payload(fused, loaded, keep_extra)))
+        write_atomically(out, _torch_save(_pickled_payload(fused, loaded, keep_extra)))
         where = f" under {loaded.slot!r}, in IN's layout" if loaded.slot else ""
         return f"pickled fused module{where}"
     payload = {**meta, "state_dict": _plain_state_dict(fused)}
     if keep_extra:
         payload = {**loaded.extra, **payload}
-    write_atomically(out, _torch_bytes(payload))
+    write_atomically(out, _torch_save(payload))
     return "fused state_dict with the rewrite plan (loads with weights_only=True)"

@@ -6,7 +6,6 @@ import copy
 import json
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from rich.console import Group, RenderableType
 from rich.text import Text
 from torch import Tensor, nn
 
+from repconv.bench import BenchReport, Form, bench
 from repconv.checkpoint import (
     LoadedCheckpoint,
     check_readable,
@@ -23,14 +23,15 @@ from repconv.checkpoint import (
     load_deploy_with_shape,
 )
 from repconv.errors import InputError, VerificationError
-from repconv.fuse import fuse
+from repconv.fuse import FuseResult, fuse
+from repconv.input_files import load_inputs
 from repconv.metadata import check_seed, parse_kwargs, parse_shape
 from repconv.output import check_output, save_deploy
-from repconv.pt2 import load_program
+from repconv.progress import Progress, no_progress
+from repconv.pt2 import load_program, read_record
 from repconv.report import FuseReport, ModelCounts
-from repconv.verify import VerifyReport, verify
-
-Progress = Callable[[str], None]
+from repconv.rewrite_check import RewriteCheck
+from repconv.verify import VARIATIONS, VerifyReport, verify
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class Options:
     atol: float = 0.0
     seed: int = 0
     trust_pickle: bool = False
+    inputs_file: Path | None = None  # --inputs: sample data compared first
+    rewrite_rtol: float | None = None
 
     def load(self, path: Path) -> LoadedCheckpoint:
         if self.model_kwargs is not None and self.model is None:
@@ -55,19 +58,42 @@ class Options:
             trust_pickle=self.trust_pickle,
         )
 
-    def inputs(self, **recorded: tuple[int, ...] | None) -> tuple[tuple[Tensor, ...], str]:
+    def samples(self, model: nn.Module) -> dict[str, tuple[Tensor, ...]]:
+        """The --inputs tensors, in the model's dtype, under the label the report shows."""
+        if self.inputs_file is None:
+            return {}
+        return {"--inputs": _cast_inputs(load_inputs(self.inputs_file), model)}
+
+    def inputs(self, samples: dict[str, tuple[Tensor, ...]],
+               **recorded: tuple[int, ...] | None) -> tuple[tuple[Tensor, ...], str]:
         """Example input and where its shape came from: --input-shape, else the first shape a
-        file recorded (keyword order: the caller's precedence). Recorded shapes were validated
-        when their file was read."""
+        file recorded (keyword order: the caller's precedence), else the --inputs tensors'.
+        Recorded shapes were validated when their file was read."""
+        given = next(iter(samples.values()), None)
         if self.input_shape is not None:
-            shape, source = parse_shape(self.input_shape), "--input-shape"
+            shapes, source = [parse_shape(self.input_shape)], "--input-shape"
         else:
             source, shape = next(((k, s) for k, s in recorded.items() if s), ("", None))
-            if shape is None:
+            shapes = [shape] if shape is not None else None
+            if given is not None and (shapes is None or len(given) > 1):
+                shapes, source = [tuple(x.shape) for x in given], "--inputs"
+            if shapes is None:
                 raise InputError("no input shape recorded in the checkpoint; pass --input-shape "
-                                 "like 1,3,224,224")
+                                 "like 1,3,224,224 (or --inputs with sample data)")
         generator = torch.Generator().manual_seed(check_seed(self.seed))
-        return (torch.randn(shape, generator=generator),), source
+        return tuple(torch.randn(shape, generator=generator) for shape in shapes), source
+
+    def verify(self, original: nn.Module, deployed: nn.Module, inputs: tuple[Tensor, ...],
+               samples: dict[str, tuple[Tensor, ...]], progress: Progress, *,
+               reference: FuseResult | None = None, vary: tuple[str, ...] = VARIATIONS,
+               lenient: tuple[str, ...] = ()) -> VerifyReport:
+        """The global verification: every output on every input and, with ``reference`` (the
+        original fused in memory), each of its rewrites against the deployed model's conv."""
+        rewrites = None if reference is None else RewriteCheck(
+            reference.model, reference.originals, reference.report.rewrites, deployed)
+        return verify(original, deployed, inputs, rtol=self.rtol, atol=self.atol, seed=self.seed,
+                      trials=1, vary=vary, upcast=True, samples=samples, rewrites=rewrites,
+                      rewrite_rtol=self.rewrite_rtol, lenient=lenient, progress=progress)
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -89,6 +115,7 @@ class FuseOutcome:
     report: FuseReport
     written: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    verification_skipped: bool = False  # --skip-verify
 
     @property
     def ok(self) -> bool:
@@ -102,12 +129,17 @@ class FuseOutcome:
             "loaded": self.loaded,
             "written": self.written,
             "seconds": self.seconds,
+            "verification_skipped": self.verification_skipped,
             **self.report.to_dict(),
         }
 
     def __rich__(self) -> RenderableType:
         lines: list[RenderableType] = [Text(f"{self.input}: {', '.join(self.loaded)}")]
         lines.append(self.report)
+        if self.verification_skipped:
+            lines.append(Text("verification skipped (--skip-verify): the fused model was not "
+                              "compared with the original as a whole; each rewrite was checked "
+                              "on its own", style="yellow"))
         if self.written:
             lines.append(Text(f"wrote {self.output} ({self.written})", style="bold green"))
         elif self.output:
@@ -148,20 +180,22 @@ def fuse_checkpoint(
     *,
     keep_extra: bool = False,
     check: bool = True,
-    progress: Progress = lambda _: None,
+    progress: Progress = no_progress,
 ) -> FuseOutcome:
-    """Load IN, fuse, verify (``check``) and, when ``out_path`` is given and verification
-    passes, write OUT. Raises VerificationError (nothing written) when the fused model does not
-    match; ``out_path=None, check=False`` is `repconv inspect`: it only reports."""
+    """Load IN, fuse, verify (``check``; the local check of each rewrite always runs) and, when
+    ``out_path`` is given and verification passes, write OUT. Raises VerificationError (nothing
+    written) when the fused model does not match; ``out_path=None, check=False`` is `repconv
+    inspect`: it only reports."""
     seconds: dict[str, float] = {}
     if out_path is not None:
         check_output(in_path, out_path)
     start = time.perf_counter()
     progress(f"loading {in_path}")
     loaded = options.load(in_path)
-    seconds["load"] = time.perf_counter() - start
-    inputs, _ = options.inputs(checkpoint=loaded.input_shape)
+    samples = options.samples(loaded.model)
+    inputs, _ = options.inputs(samples, checkpoint=loaded.input_shape)
     inputs = _cast_inputs(inputs, loaded.model)
+    seconds["load"] = time.perf_counter() - start
     if loaded.deploy_plan is not None:
         # Already fused: pass it through unchanged, so a pipeline step stays idempotent.
         counts = ModelCounts.of(loaded.model)
@@ -174,19 +208,19 @@ def fuse_checkpoint(
     else:
         progress("tracing and fusing")
         start = time.perf_counter()
-        result = fuse(loaded.model, inputs, check=check, rtol=options.rtol, atol=options.atol,
-                      seed=options.seed)
-        seconds["fuse_and_verify"] = time.perf_counter() - start
+        result = fuse(loaded.model, inputs, check=False, seed=options.seed)
+        seconds["fuse"] = time.perf_counter() - start
         report, plan, fused_model = result.report, result.plan, result.model
-        norms = _unfoldable_norms(loaded.model)
-        if not report.rewrites:
-            report.notes.append(f"nothing to fuse: {norms}" if norms else
-                                "nothing to fuse: the model has no Conv-BN pair or linear "
-                                "multi-branch block (already fused?)")
-        elif norms:
-            report.notes.append(norms)
+        _note_norms(report, loaded.model)
+        if check:
+            start = time.perf_counter()
+            # each rewrite was checked before it was applied: the table is verify's, for files
+            report.verification = options.verify(loaded.model, fused_model, inputs, samples,
+                                                 progress)
+            seconds["verify"] = time.perf_counter() - start
     outcome = FuseOutcome(str(in_path), str(out_path) if out_path else None, loaded.found,
-                          report, seconds=seconds)
+                          report, seconds=seconds,
+                          verification_skipped=not check and out_path is not None)
     if not outcome.ok:
         raise VerificationError(
             f"{report.verification.summary()}; nothing written",
@@ -203,40 +237,76 @@ def fuse_checkpoint(
     return outcome
 
 
+def _note_norms(report: FuseReport, model: nn.Module) -> None:
+    norms = _unfoldable_norms(model)
+    if not report.rewrites:
+        report.notes.append(f"nothing to fuse: {norms}" if norms else
+                            "nothing to fuse: the model has no Conv-BN pair or linear "
+                            "multi-branch block (already fused?)")
+    elif norms:
+        report.notes.append(norms)
+
+
 @dataclass
 class VerifyOutcome:
     original: str
     deploy: str
     report: VerifyReport
     input_shape_from: str
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.report.passed, "original": self.original, "deploy": self.deploy,
-                "input_shape_from": self.input_shape_from, **self.report.to_dict()}
+                "input_shape_from": self.input_shape_from, "notes": self.notes,
+                **self.report.to_dict()}
 
     def __rich__(self) -> RenderableType:
         return Group(Text(f"{self.deploy} against {self.original} (input shape from "
-                          f"{self.input_shape_from})"), self.report)
+                          f"{self.input_shape_from})"),
+                     *(Text(f"note: {note}", style="yellow") for note in self.notes), self.report)
 
 
-def _load_deployed(
-    path: Path, original: LoadedCheckpoint, options: Options
-) -> tuple[nn.Module, tuple[int, ...] | None]:
-    """The deployed model and the input shape its file recorded."""
+@dataclass(frozen=True)
+class _Deployed:
+    model: nn.Module
+    input_shape: tuple[int, ...] | None  # what its file recorded
+    vary: tuple[str, ...] = VARIATIONS  # the sizes it accepts besides the recorded one
+    note: str = ""
+    lenient: tuple[str, ...] = ()  # variations it may refuse: torch.export bounds sizes
+
+
+def _pt2_variations(path: Path, dynamic: list[list[int]] | None) -> tuple[tuple[str, ...], str]:
+    if dynamic is None:
+        return (), (f"{path} records no dynamic dimensions (written by an older repconv, "
+                    "which exported one fixed shape): compared at that shape only; fuse it "
+                    "again for a dynamic batch")
+    dims = set(dynamic[0]) if dynamic else set()
+    vary = tuple(v for v, ok in (("batch", 0 in dims), ("spatial", bool(dims - {0}))) if ok)
+    static = [v for v in VARIATIONS if v not in vary]
+    note = (f"{path} was exported with a static {' and '.join(static)} size (the model fixes "
+            "it): not compared at other sizes there") if static else ""
+    return vary, note
+
+
+def _load_deployed(path: Path, original: LoadedCheckpoint, options: Options) -> _Deployed:
+    """The deployed model, the input shape its file recorded and the sizes it accepts."""
     if path.suffix == ".pt2":
         check_readable(path)
-        return load_program(path, trust_pickle=options.trust_pickle), None
+        record = read_record(path)
+        vary, note = _pt2_variations(path, record.dynamic)
+        return _Deployed(load_program(path, trust_pickle=options.trust_pickle),
+                         record.input_shape, vary, note, lenient=("spatial",))
     if original.pickled and path.suffix == ".safetensors" and options.model is None:
         # A pickled original is its own fresh training model: replay the plan onto a copy.
         # (Its .pt deploy files are pickled modules, loaded below like any pickled input.)
-        return load_deploy_with_shape(copy.deepcopy(original.model), path)
+        return _Deployed(*load_deploy_with_shape(copy.deepcopy(original.model), path))
     if options.model is None and original.architecture is not None:
         arch = original.architecture
         options = replace(options, model=arch.reference, model_kwargs=json.dumps(arch.kwargs))
     loaded = options.load(path)
     if loaded.deploy_plan is None and not loaded.pickled:
         raise InputError(f"{path} is not a repconv deploy file; give the file repconv fuse wrote")
-    return loaded.model, loaded.input_shape
+    return _Deployed(loaded.model, loaded.input_shape)
 
 
 def _batchnorms(model: nn.Module) -> int:
@@ -259,23 +329,66 @@ def verify_checkpoints(
     deploy_path: Path,
     options: Options,
     *,
-    progress: Progress = lambda _: None,
+    progress: Progress = no_progress,
 ) -> VerifyOutcome:
-    """Compare a deploy file against its training checkpoint on seeded random inputs. The input
-    shape is --input-shape, else ORIGINAL's recorded one, else DEPLOY's: the file under test
-    does not choose its own test."""
+    """Compare a deploy file against its training checkpoint: outputs on seeded random inputs
+    (and --inputs), and each fused conv against the ops it replaced. The input shape is
+    --input-shape, else ORIGINAL's recorded one, else DEPLOY's: the file under test does not
+    choose its own test."""
     progress(f"loading {original_path}")
     original = options.load(original_path)
     _check_original(original_path, deploy_path, original)
     progress(f"loading {deploy_path}")
-    deployed, recorded = _load_deployed(deploy_path, original, options)
-    if _batchnorms(deployed) > _batchnorms(original.model):
+    deployed = _load_deployed(deploy_path, original, options)
+    if _batchnorms(deployed.model) > _batchnorms(original.model):
         raise InputError(f"DEPLOY {deploy_path} has more BatchNorms than ORIGINAL "
                          f"{original_path}, and fusing never adds one: are the arguments "
                          "swapped? Give the training checkpoint first")
-    inputs, source = options.inputs(ORIGINAL=original.input_shape, DEPLOY=recorded)
+    samples = options.samples(original.model)
+    inputs, source = options.inputs(samples, ORIGINAL=original.input_shape,
+                                    DEPLOY=deployed.input_shape)
     inputs = _cast_inputs(inputs, original.model)
-    progress("comparing outputs")
-    report = verify(original.model, deployed, inputs, rtol=options.rtol, atol=options.atol,
-                    seed=options.seed)
-    return VerifyOutcome(str(original_path), str(deploy_path), report, source)
+    progress(f"fusing {original_path} in memory, for the per-rewrite table")
+    reference = fuse(original.model, inputs, check=False, seed=options.seed)
+    report = options.verify(original.model, deployed.model, inputs, samples, progress,
+                            reference=reference, vary=deployed.vary, lenient=deployed.lenient)
+    return VerifyOutcome(str(original_path), str(deploy_path), report, source,
+                         [deployed.note] if deployed.note else [])
+
+
+def bench_checkpoint(
+    in_path: Path,
+    out_path: Path | None,
+    options: Options,
+    *,
+    seconds: float = 10.0,
+    threads: int | None = None,
+    progress: Progress = no_progress,
+) -> BenchReport:
+    """Latency and cost of IN's model against its fused form: OUT as loaded from the file when
+    given (a .pt2 included), else IN fused in memory."""
+    if threads is not None:
+        if threads < 1:
+            raise InputError(f"--threads {threads} must be at least 1")
+        torch.set_num_threads(threads)
+    progress(f"loading {in_path}")
+    loaded = options.load(in_path)
+    if loaded.deploy_plan is not None:
+        raise InputError(f"IN {in_path} is a repconv deploy file; give the training checkpoint "
+                         "as IN and the deploy file as OUT")
+    if out_path is not None:
+        check_readable(out_path)
+        progress(f"loading {out_path}")
+        deployed = _load_deployed(out_path, loaded, options)
+        inputs, _ = options.inputs({}, IN=loaded.input_shape, OUT=deployed.input_shape)
+        fused, name = deployed.model, out_path.name
+    else:
+        inputs, _ = options.inputs({}, IN=loaded.input_shape)
+        progress("tracing and fusing")
+        fused = fuse(loaded.model, _cast_inputs(inputs, loaded.model), check=False).model
+        name = "fused"
+    inputs = _cast_inputs(inputs, loaded.model)
+    forms = [Form("original", loaded.model, loaded.model), Form(name, fused, fused)]
+    return bench(forms, inputs, input_path=str(in_path),
+                 deploy_path=str(out_path) if out_path else None, seconds=seconds,
+                 progress=progress)

@@ -25,6 +25,7 @@ import re
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from repconv.errors import InputError
+from repconv.metadata import DEPLOY_MARKER, check_deploy_version, recorded_shape
 
 _TRUST_HINT = "load it only if you trust the file, with --trust-pickle"
 # Record names a plain exported program consists of, relative to the archive's root folder.
@@ -54,23 +56,133 @@ _SYMBOLIC_HELPERS: set[Callable[..., Any]] = {
 _FORBIDDEN_ATEN = {"from_file"}  # reads a file named by the graph
 
 
-def export_bytes(model: nn.Module, example_inputs: tuple[Tensor, ...]) -> bytes:
-    """The .pt2 bytes of ``model``. Saved to memory, so no file name is recorded inside."""
+RECORD = "repconv.json"  # extra/repconv.json: the deploy record, plain JSON
+_RECORD_SEED = 0x5EED  # the batch-2 export example is seeded: same model, same bytes
+
+
+@dataclass(frozen=True)
+class Exported:
+    data: bytes
+    dynamic: list[list[int]]  # per input, the dimensions that may change size
+    static_because: str = ""  # why the dynamic export failed, when it did
+
+    def describe(self) -> str:
+        if self.static_because:
+            return (f"torch.export program with static shapes (a dynamic export failed: "
+                    f"{self.static_because})")
+        dims = set(self.dynamic[0]) if self.dynamic else set()
+        batch = "dynamic batch" if 0 in dims else "static batch (the model fixes it)"
+        spatial = [d for d in dims if d >= 2]
+        rank = max((len(d) for d in self.dynamic), default=0)
+        size = ("" if not self.dynamic or rank < 2 else
+                ", dynamic spatial size" if spatial else
+                ", static spatial size (the model fixes it: verify compares only the recorded "
+                "size)")
+        return f"torch.export program, {batch}{size}"
+
+
+def _example_for_export(inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Batch 1 would be specialized (torch.export fixes dimensions of size 0 and 1): export at
+    batch 2, seeded."""
+    generator = torch.Generator().manual_seed(_RECORD_SEED)
+    return tuple(
+        torch.randn((2, *x.shape[1:]), generator=generator, dtype=torch.float64).to(x.dtype)
+        if x.is_floating_point() and x.ndim >= 1 and x.shape[0] == 1 else x
+        for x in inputs
+    )
+
+
+def _dynamic_spec(inputs: tuple[Tensor, ...]) -> tuple[dict[int, Any] | None, ...]:
+    """Batch and spatial dimensions of every floating input: dynamic where the model allows
+    (``Dim.AUTO`` keeps a dimension static where the model's code fixes it)."""
+    return tuple({d: torch.export.Dim.AUTO for d in (0, *range(2, x.ndim))}
+                 if x.is_floating_point() and x.ndim >= 1 else None for x in inputs)
+
+
+def _dynamic_dims(program: torch.export.ExportedProgram) -> list[list[int]]:
+    user = set(program.graph_signature.user_inputs)
+    return [[d for d, size in enumerate(node.meta["val"].shape) if isinstance(size, torch.SymInt)]
+            for node in program.graph.nodes
+            if node.op == "placeholder" and node.name in user and "val" in node.meta
+            and isinstance(node.meta["val"], Tensor)]
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _export(model: nn.Module,
+            inputs: tuple[Tensor, ...]) -> tuple[torch.export.ExportedProgram, str]:
+    """The program, dynamic where the model allows; else static, with the reason."""
+    logging.disable(logging.WARNING)  # torch logs each specialized dimension
     try:
-        program = torch.export.export(model, example_inputs)
+        return torch.export.export(model, _example_for_export(inputs),
+                                   dynamic_shapes=_dynamic_spec(inputs)), ""
+    except Exception as exc:  # a model that exports only statically still exports
+        return torch.export.export(model, inputs), _first_line(exc)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def export_bytes(model: nn.Module, example_inputs: tuple[Tensor, ...],
+                 record: dict[str, Any]) -> Exported:
+    """The .pt2 bytes of ``model`` with ``record`` (plus the dynamic dimensions) as
+    extra/repconv.json. Saved to memory, so no file name is recorded inside."""
+    try:
+        program, static_because = _export(model, example_inputs)
     except Exception as exc:  # export failures come from deep inside torch
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"the fused model does not export with torch.export ({first[:200]}); "
-                         "write .pt or .safetensors instead") from exc
+        raise InputError(f"the fused model does not export with torch.export "
+                         f"({_first_line(exc)}); write .pt or .safetensors instead") from exc
     # stack traces name this machine's paths and per-process counters ("<eval_with_key>.64"):
     # without them the same model gives the same bytes
     for module in program.graph_module.modules():
         if isinstance(module, torch.fx.GraphModule):
             for node in module.graph.nodes:
                 node.meta.pop("stack_trace", None)
+    dynamic = _dynamic_dims(program)
     buffer = io.BytesIO()
-    torch.export.save(program, buffer)
-    return buffer.getvalue()
+    torch.export.save(program, buffer, extra_files={
+        RECORD: json.dumps({**record, "dynamic_dims": dynamic}, sort_keys=True)})
+    return Exported(buffer.getvalue(), dynamic, static_because)
+
+
+@dataclass(frozen=True)
+class Pt2Record:
+    """What repconv recorded in a .pt2: the verification input shape and the dimensions the
+    program accepts at any size."""
+
+    input_shape: tuple[int, ...] | None
+    dynamic: list[list[int]] | None
+
+
+def read_record(path: Path) -> Pt2Record:
+    """extra/repconv.json of ``path``, read as JSON and validated (absent: nothing known)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.partition("/")[2] == f"extra/{RECORD}"),
+                        None)
+            text = archive.read(name) if name else None
+    except (zipfile.BadZipFile, OSError, KeyError) as exc:
+        raise InputError(f"{path} is not a readable torch.export program ({exc}); write it "
+                         "again with repconv fuse") from exc
+    if text is None:
+        return Pt2Record(None, None)
+    try:
+        record = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: extra/{RECORD} is not JSON; the file is damaged: write it "
+                         "again with repconv fuse") from exc
+    if not isinstance(record, dict):
+        raise InputError(f"{path}: extra/{RECORD} is not a JSON object; the file is damaged")
+    dynamic = record.get("dynamic_dims")
+    if dynamic is not None and not (isinstance(dynamic, list) and all(
+            isinstance(dims, list) and all(type(d) is int and 0 <= d < 8 for d in dims)
+            for dims in dynamic)):
+        raise InputError(f"{path} records dynamic_dims {str(dynamic)[:60]!r}, which is not a "
+                         "list of dimension lists; the file is damaged")
+    if DEPLOY_MARKER in record:
+        check_deploy_version(record[DEPLOY_MARKER], str(path))
+    return Pt2Record(recorded_shape(record.get("input_shape"), str(path)), dynamic)
 
 
 def load_program(path: Path, *, trust_pickle: bool) -> nn.Module:

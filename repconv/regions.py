@@ -254,9 +254,11 @@ def _cost_split(
     return None
 
 
-def analyse(gm: fx.GraphModule) -> Analysis:
+def analyse(gm: fx.GraphModule, keep_own_forward: bool = False) -> Analysis:
     """The regions of ``gm`` (shapes already propagated) that fold into one conv, and what
-    stays unfused and why. Reads the graph; changes nothing."""
+    stays unfused and why. Reads the graph; changes nothing. With ``keep_own_forward`` (``gm``
+    is the user's whole model), a chain does not fold ops written in the model's own forward:
+    that would rewrite the root, its class and methods, to save an elementwise op."""
     ctx = GraphContext(gm)
     ops, refused = _lower_all(gm, ctx)
     cut_at: dict[fx.Node, str] = {}
@@ -306,11 +308,47 @@ def analyse(gm: fx.GraphModule) -> Analysis:
             sources=tuple(_inputs(ops[m])[0] for m in members),
             passthrough=tuple(_is_passthrough(ops[m]) for m in members),
         )
-        if region.convs and len(members) > 1:
-            regions.append(region)
-        elif region.convs == 0 and not region.affine.is_identity():
-            lone.append(region)
+        pieces = _without_own_ops(region, ops) if keep_own_forward and region.chain else None
+        if pieces is not None:
+            for node in region.members:
+                if node not in {m for piece in pieces for m in piece.members} and _is_norm(
+                        ops[node].label):
+                    refused[node] = ("runs in the model's own forward: folding it would rewrite "
+                                     "the model's forward, its class and methods")
+        for piece in [region] if pieces is None else pieces:
+            if piece.convs and len(piece.members) > 1:
+                regions.append(piece)
+            elif piece.convs == 0 and not piece.affine.is_identity():
+                lone.append(piece)
     return _account(regions, lone, refused, cut_at)
+
+
+def _without_own_ops(region: Region, ops: dict[fx.Node, LinearOp]) -> list[Region] | None:
+    """The chain's stretches between ops that run in the traced module's own forward (not
+    inside a submodule), each as a chain of its own; None when it has no such op."""
+    own = [m.op != "call_module" and not m.meta.get("nn_module_stack") for m in region.members]
+    if not any(own):
+        return None
+    pieces: list[Region] = []
+    stretch: list[int] = []
+    for i, is_own in enumerate([*own, True]):
+        if not is_own:
+            stretch.append(i)
+            continue
+        if stretch:
+            members = tuple(region.members[j] for j in stretch)
+            affine = ops[members[0]].affine
+            for m in members[1:]:
+                affine = algebra.then(affine, ops[m].affine)
+            pieces.append(replace(
+                region, root=region.sources[stretch[0]], sink=members[-1], members=members,
+                affine=affine, labels=tuple(region.labels[j] for j in stretch),
+                macs_before=sum(_op_macs(m, ops[m].affine) for m in members),
+                macs_after=_numel(members[-1]) * affine.macs_per_output(),
+                sources=tuple(region.sources[j] for j in stretch),
+                passthrough=tuple(region.passthrough[j] for j in stretch)))
+        stretch = []
+    return pieces
 
 
 def _account(

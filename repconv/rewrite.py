@@ -192,7 +192,9 @@ def _flat_nodes(node: fx.Node) -> list[Any]:
     return flat
 
 
-def _align(gm: fx.GraphModule, fgm: fx.GraphModule, frame: str) -> dict[fx.Node, fx.Node]:
+def _align(
+    gm: fx.GraphModule, fgm: fx.GraphModule, frame: str
+) -> dict[fx.Node, fx.Node | None]:
     """Map the nodes of the scope trace ``gm`` that run inside ``frame`` (and the values it
     reads from outside) to the nodes of ``frame``'s own trace ``fgm``. Both traces run the same
     Python in the same order; a child kept as a call in ``fgm`` stands for all its nodes."""
@@ -201,9 +203,12 @@ def _align(gm: fx.GraphModule, fgm: fx.GraphModule, frame: str) -> dict[fx.Node,
         frame in _stack(n) or (frame == "" and n.op not in ("placeholder", "output")))]
     inner = [n for n in fgm.graph.nodes
              if n.op not in ("placeholder", "output") and n not in inner_guards]
-    mapping: dict[fx.Node, fx.Node] = {}
+    mapping: dict[fx.Node, fx.Node | None] = {}
+    kept_calls: set[fx.Node] = set()
     i = 0
     for node in inner:
+        if node.target is operator.getitem and node.args[0] in kept_calls:
+            continue  # unpacking a kept child's tuple: inlined, the tuple never existed
         if i >= len(outer):
             raise _AlignmentError(f"{node.name} has no counterpart")
         child = f"{frame}.{node.target}" if frame else str(node.target)
@@ -213,9 +218,11 @@ def _align(gm: fx.GraphModule, fgm: fx.GraphModule, frame: str) -> dict[fx.Node,
                 group.append(outer[i])
                 i += 1
             members = set(group)
-            for g in group:
-                if any(u not in members for u in g.users):
-                    mapping[g] = node
+            outputs = [g for g in group if any(u not in members for u in g.users)]
+            kept_calls.add(node)
+            for g in outputs:
+                # one output is the call's value; of several, which is which is unknown here
+                mapping[g] = node if len(outputs) == 1 else None
             continue
         if not _same_op(outer[i], node, frame):
             raise _AlignmentError(f"{outer[i].name} vs {node.name}")
@@ -374,33 +381,48 @@ def apply(
                        if any(_inside(p, d) for m in r.members for p in _stack(m) for d in dead)]
     live = [r for r in regions if r not in applied.removed]
     frames, swaps = _plan_edits(gm, live, call_sites)
-    built: list[tuple[str, fx.GraphModule]] = []
+    # phase 1: trace and align every frame; a region any part of which cannot be placed is
+    # applied nowhere (half a chain applied would fold its BN twice)
+    refused: dict[int, str] = {}
+    traced: dict[str, tuple[fx.GraphModule, dict[fx.Node, fx.Node], dict[str, Any]]] = {}
     for frame in sorted(frames, key=lambda f: (f.count("."), f) if f else (-1, "")):
+        if frame not in frames:
+            continue  # merged into an enclosing frame that inlines it
         edits = frames[frame]
-        frame_module = scope_module.get_submodule(frame) if frame else scope_module
-        frame_path = ".".join(filter(None, (scope, frame)))
-        concrete = _frame_arguments(frame_path, calls, frame_module,
-                                    scope_concrete if frame == "" else None)
+        frame_path = _join(scope, frame)
         try:
-            if isinstance(concrete, str):
-                raise TraceError(concrete)
-            touched = _touched(edits, frame)
-            leaves = frozenset(n for n, _ in frame_module.named_modules() if n and n not in touched)
-            fgm = trace(frame_module, leaves, concrete)
-            mapping = _align(gm, fgm, frame)
+            traced[frame] = _trace_and_align(gm, scope_module, frame, frame_path, edits, calls,
+                                             scope_concrete)
+            if traced[frame][1].keys() >= set(_inside_nodes(gm, frame)):
+                # every child inlined: a deeper frame's rewrite happens here, in this trace
+                for inner in [f for f in frames if f != frame and _inside(f, frame)]:
+                    edits += frames.pop(inner)
         except (TraceError, _AlignmentError) as exc:
             why = f"{frame_path or 'the model'}'s forward could not be rewritten alone ({exc})"
-            applied.refused += [(edit.region, why) for edit in edits]
+            refused.update((id(edit.region), why) for edit in edits)
             continue
+        fgm, mapping, _ = traced[frame]
+        for edit in edits:
+            if mapping.get(edit.root) is None or mapping.get(edit.first) is None:
+                refused[id(edit.region)] = ("its input is not visible in "
+                                            f"{frame_path or 'the model'}'s own forward")
+    applied.refused = [(r, refused[id(r)]) for r in live if id(r) in refused]
+    # phase 2: rewrite
+    built: list[tuple[str, fx.GraphModule]] = []
+    for frame, (fgm, mapping, concrete) in traced.items():
+        order = {node: i for i, node in enumerate(gm.graph.nodes)}
+        edits = sorted((e for e in frames[frame] if id(e.region) not in refused),
+                       key=lambda e: order[e.sink])
+        if not edits:
+            continue
+        replaced: dict[fx.Node, fx.Node] = {}  # a sink rewritten earlier may be a later root
+        frame_path = _join(scope, frame)
         leaves_used = sorted(str(n.target) for n in fgm.graph.nodes if n.op == "call_module")
         recorded: list[NodeEdit] = []
         for edit in edits:
-            root, first, sink = mapping.get(edit.root), mapping.get(edit.first), mapping[edit.sink]
+            root, first, sink = mapping[edit.root], mapping[edit.first], mapping[edit.sink]
             members = tuple(mapping[m] for m in edit.members)
-            if root is None or first is None:
-                applied.refused.append((edit.region, "its input is not visible in "
-                                        f"{frame_path or 'the model'}'s own forward"))
-                continue
+            fused_root = replaced.get(root, root)
             name = None
             if edit.module is not None:
                 name = _module_name(fgm)
@@ -409,7 +431,8 @@ def apply(
             recorded.append(NodeEdit(root.name, first.name, sink.name,
                                      tuple(m.name for m in members), name,
                                      None if edit.module is None else ModuleSpec.of(edit.module)))
-            _insert(fgm, root, first, sink, members, name)
+            replaced[sink] = _insert(fgm, fused_root, first, sink, members, name)
+        frame_module = scope_module.get_submodule(frame) if frame else scope_module
         built.append((frame, _wrap(frame_module, fgm)))
         applied.steps.append(FrameRewrite(frame_path, tuple(leaves_used), concrete,
                                           tuple(recorded)))
@@ -434,6 +457,8 @@ def apply(
         applied.notes.append(f"{_join(scope, path)}: its result is computed and never used; "
                              "replaced by Identity")
     for path, module, region in swaps:
+        if id(region) in refused:
+            continue
         replacement = module if module is not None else nn.Identity()
         _set_module(applied.module, path, replacement)
         spec = None if module is None else ModuleSpec.of(module)
@@ -441,6 +466,33 @@ def apply(
         if module is not None:
             applied.placed[id(region)] = _join(scope, path)
     return applied
+
+
+def _inside_nodes(gm: fx.GraphModule, frame: str) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr")
+            and (frame == "" or frame in _stack(n))]
+
+
+def _trace_and_align(
+    gm: fx.GraphModule, scope_module: nn.Module, frame: str, frame_path: str,
+    edits: list[_Edit], calls: Mapping[str, CallRecord], scope_concrete: dict[str, Any],
+) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node], dict[str, Any]]:
+    """The frame's own trace, with its untouched children kept as calls where the two traces
+    still line up (else inlined), and the map from the scope trace's nodes to it."""
+    frame_module = scope_module.get_submodule(frame) if frame else scope_module
+    concrete = _frame_arguments(frame_path, calls, frame_module,
+                                scope_concrete if frame == "" else None)
+    if isinstance(concrete, str):
+        raise TraceError(concrete)
+    touched = _touched(edits, frame)
+    leaves = frozenset(n for n, _ in frame_module.named_modules() if n and n not in touched)
+    try:
+        fgm = trace(frame_module, leaves, concrete)
+        return fgm, _align(gm, fgm, frame), concrete
+    except (TraceError, _AlignmentError):
+        # a child kept as a call may return a tuple its caller unpacks: inline every child
+        fgm = trace(frame_module, frozenset(), concrete)
+        return fgm, _align(gm, fgm, frame), concrete
 
 
 def dead_children(gm: fx.GraphModule, calls: Mapping[str, CallRecord], scope: str) -> list[str]:

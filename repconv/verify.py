@@ -1,71 +1,59 @@
 """Numerical proof that a fused model computes what the original did.
 
-Both models run on the same seeded random inputs; every leaf of (possibly nested) tuple, list
-or dict outputs is compared. Error is measured relative to each output's scale (max |value|):
-activations of networks with real BN statistics reach 1e16, so absolute tolerances lie.
-A verification that compared nothing (no output tensor, or an empty one) fails: it proved
-nothing.
+Both models run on the same inputs and every leaf of (possibly nested) tuple, list or dict
+outputs is compared. Error is measured relative to each output's scale (max |value|):
+activations of networks with real BN statistics reach 1e16, so absolute tolerances lie. A
+verification that compared nothing (no output tensor, or an empty one) fails: it proved nothing.
+
+Inputs: the caller's ``samples`` first, then ``trials`` seeded random inputs shaped like the
+example, then (``vary``) one at batch 2 and one at another spatial size. A varied size the
+ORIGINAL does not run at is skipped with the reason; a fused model that fails where the original
+runs fails verification (unless the caller allows that variation to be refused: ``lenient``).
+
+Precision (``upcast``): a float16/bfloat16 model runs in float32 on both sides, every such
+tensor upcast in place (exactly) and restored afterwards. What is left is what fusing changed,
+the rounding of the fused weights to the model's dtype, without the dtype's arithmetic noise,
+which is several times larger (benchmarks/numerics.py measures both): compared natively, a
+bfloat16 conv with weights x1.02 hides in the noise.
+
+``rewrites`` (:mod:`repconv.rewrite_check`) adds the per-rewrite table: each fused conv against
+the ops it replaced, on the activation that reaches it, so a failure names the rewrite.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from rich.text import Text
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from repconv.errors import InputError, TraceError
-from repconv.metadata import check_seed
+from repconv.metadata import MAX_INPUT_ELEMENTS, check_seed
+from repconv.progress import Progress, no_progress
+from repconv.verify_report import OutputError, Run, SkippedRun, VerifyReport
 
-# Default scale-relative tolerance by dtype: fused weights are exact in float64 and rounded
-# once, so what remains is the rounding of the arithmetic. The least precise floating dtype among
-# the inputs and the model's tensors sets it (a float32 conv feeding a float64 scale rounds like
-# float32).
-DEFAULT_RTOL = {
-    torch.float64: 1e-9,
-    torch.float32: 1e-5,
-    torch.float16: 1e-2,
-    torch.bfloat16: 5e-2,
-}
+if TYPE_CHECKING:
+    from repconv.rewrite_check import RewriteCheck, RewriteError
 
-
-@dataclass(frozen=True)
-class VerifyReport:
-    passed: bool
-    max_abs_error: float
-    max_rel_error: float
-    rtol: float
-    atol: float
-    trials: int
-    seed: int
-    input_shapes: list[list[int]]
-    outputs_compared: int
-    worst_output: str
-    elements_compared: int = 0  # output elements compared per seeded input
-    problem: str = ""  # why it failed other than by error size: outputs that cannot be compared
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
-
-    def summary(self) -> str:
-        verdict = "passed" if self.passed else "FAILED"
-        problem = f": {self.problem}" if self.problem else ""
-        # zero elements compared always comes with a problem that says so
-        elements = f" of {self.elements_compared:,} element(s)" if self.elements_compared else ""
-        return (
-            f"verification {verdict}{problem}: max scale-relative error "
-            f"{self.max_rel_error:.2e} (tolerance {self.rtol:.0e}), max abs error "
-            f"{self.max_abs_error:.2e}, {self.outputs_compared} output(s){elements} x "
-            f"{self.trials} seeded input(s)"
-        )
-
-    def __rich__(self) -> Text:
-        return Text(self.summary(), style="green" if self.passed else "bold red")
+# Scale-relative tolerance of the outputs when both models run in the model's own dtype, by the
+# least precise floating dtype among the inputs and the model's tensors.
+DEFAULT_RTOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 1e-2,
+                torch.bfloat16: 5e-2}
+# ... when fp16/bf16 models run upcast (what the CLI does); README "Tolerances" has the
+# measured error distributions these separate.
+UPCAST_RTOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 5e-3,
+               torch.bfloat16: 2e-2}
+# Each fused conv against the ops it replaced, per output element relative to the sum of
+# |w * x| + |b| it adds up: rounding the fused weights to the dtype changes that by at most the
+# dtype's unit roundoff (2^-8 bf16, 2^-11 fp16), whatever the depth or the cancellation.
+REWRITE_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-3,
+                torch.bfloat16: 4e-3}
+VARIATIONS = ("batch", "spatial")
 
 
 @contextmanager
@@ -81,14 +69,79 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def random_inputs(example_inputs: tuple[Tensor, ...], seed: int) -> tuple[Tensor, ...]:
+_PRECISION = {torch.float16: 0, torch.bfloat16: 0, torch.float32: 1, torch.float64: 2}
+
+
+def _tensors_of(model: nn.Module) -> Iterator[Tensor]:
+    for module in model.modules():
+        yield from (t for t in module._parameters.values() if t is not None)
+        yield from (t for t in module._buffers.values() if t is not None)
+        yield from (v for v in vars(module).values() if isinstance(v, Tensor))
+
+
+@contextmanager
+def computed_in(dtype: torch.dtype | None, *models: nn.Module) -> Iterator[None]:
+    """Every floating tensor of ``models`` less precise than ``dtype`` upcast in place (exact),
+    and its own data put back afterwards (storage sharing included)."""
+    saved: dict[int, tuple[Tensor, Tensor]] = {}
+    for model in models if dtype is not None else ():
+        for tensor in _tensors_of(model):
+            if (tensor.is_floating_point() and id(tensor) not in saved
+                    and _PRECISION.get(tensor.dtype, 2) < _PRECISION[dtype]):
+                saved[id(tensor)] = (tensor, tensor.data)
+                tensor.data = tensor.data.to(dtype)
+    try:
+        yield
+    finally:
+        for tensor, data in saved.values():
+            tensor.data = data
+
+
+def random_inputs(example_inputs: tuple[Tensor, ...], seed: int,
+                  shapes: Sequence[Sequence[int]] | None = None) -> tuple[Tensor, ...]:
+    """Seeded normal inputs like ``example_inputs`` (or at ``shapes``); others as they are."""
     generator = torch.Generator().manual_seed(seed)
+    shapes = shapes or [x.shape for x in example_inputs]
     return tuple(
-        torch.randn(x.shape, generator=generator, dtype=torch.float64).to(x.dtype)
-        if x.is_floating_point()
-        else x
-        for x in example_inputs
+        torch.randn(tuple(shape), generator=generator, dtype=torch.float64).to(x.dtype)
+        if x.is_floating_point() else x
+        for x, shape in zip(example_inputs, shapes)
     )
+
+
+def _other_size(size: int) -> int:
+    """Another spatial size with the same power-of-two alignment (up to 32), so a model that
+    needs sizes divisible by its total stride still runs: 224 -> 160, 32 -> 64, 17 -> 12."""
+    if size <= 2:
+        return size
+    align = min(size & -size, 32)
+    other = size * 3 // 4 // align * align
+    return other if align <= other != size else size + align
+
+
+def varied_shapes(shapes: list[list[int]],
+                  vary: Sequence[str]) -> list[tuple[str, list[list[int]]]]:
+    """(label, shapes) of the batch and spatial variations of an (N, C, *spatial) input."""
+    variants = []
+    if "batch" in vary and all(len(s) >= 2 for s in shapes):
+        batch = 2 if shapes[0][0] != 2 else 1
+        variants.append((f"batch {batch}", [[batch, *s[1:]] for s in shapes]))
+    if "spatial" in vary and all(len(s) >= 3 for s in shapes):
+        other = [[*s[:2], *(_other_size(n) for n in s[2:])] for s in shapes]
+        if other != shapes:
+            variants.append(("spatial " + "x".join(map(str, other[0][2:])), other))
+    return variants
+
+
+def error_of(expected: Tensor, got: Tensor) -> tuple[float, float, float]:
+    """(max abs error, max abs error / max |expected|, max |expected|), in float64; NaN is
+    infinitely wrong."""
+    a64, b64 = expected.detach().double(), got.detach().double()
+    scale = float(a64.abs().max()) if a64.numel() else 0.0
+    abs_error = float((a64 - b64).abs().max()) if a64.numel() else 0.0
+    if abs_error != abs_error:
+        abs_error = float("inf")
+    return abs_error, abs_error / scale if scale > 0 else abs_error, scale
 
 
 def _leaves(output: object) -> tuple[list[tuple[str, Tensor]], str]:
@@ -111,7 +164,55 @@ def _structure_problem(expected: list[tuple[str, Tensor]], got: list[tuple[str, 
     if len(expected) != len(got) or expected_structure != got_structure:
         return (f"the fused model returns {len(got)} tensor(s) in a different structure than "
                 f"the original's {len(expected)}")
-    return ""
+    shape = next((f"{n} has shape {list(b.shape)}, the original's {list(a.shape)}"
+                  for (n, a), (_, b) in zip(expected, got) if a.shape != b.shape), "")
+    return shape
+
+
+@dataclass
+class _Planned:
+    source: str
+    seed: int | None
+    shapes: list[list[int]]
+    given: tuple[Tensor, ...] | None = None  # the caller's tensors; else seeded at ``shapes``
+    optional: bool = False  # a varied size: skipped where the original does not run
+
+
+def _plan(inputs: tuple[Tensor, ...], samples: Mapping[str, tuple[Tensor, ...]], seed: int,
+          trials: int, vary: Sequence[str]) -> tuple[list[_Planned], list[SkippedRun]]:
+    example = [list(x.shape) for x in inputs]
+    planned = [_Planned(label, None, [list(x.shape) for x in given], given)
+               for label, given in samples.items()]
+    planned += [_Planned("example" if t == 0 else f"example, seed {seed + t}", seed + t, example)
+                for t in range(trials)]
+    skipped = []
+    for label, shapes in varied_shapes(example, vary):
+        if not all(x.is_floating_point() for x in inputs):
+            skipped.append(SkippedRun(label, shapes, "non-float inputs are used only as given"))
+        elif sum(math.prod(s) for s in shapes) > MAX_INPUT_ELEMENTS:
+            skipped.append(SkippedRun(label, shapes, f"more than {MAX_INPUT_ELEMENTS:,} "
+                                                     "input elements"))
+        else:
+            planned.append(_Planned(label, seed + len(planned) - len(samples), shapes,
+                                    optional=True))
+    return planned, skipped
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
+def _least_precise(inputs: tuple[Tensor, ...], model: nn.Module) -> torch.dtype:
+    tensors = [*inputs, *model.parameters(), *model.buffers()]
+    dtypes = {t.dtype for t in tensors if t.is_floating_point()} & set(DEFAULT_RTOL)
+    return max(dtypes, key=DEFAULT_RTOL.__getitem__, default=torch.float32)
+
+
+def _check_tolerance(name: str, value: float | None) -> None:
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise InputError(f"{name} must be a finite number >= 0, not {value}; pass "
+                         f"--{name.replace('_', '-')} like 1e-5")
 
 
 def verify(
@@ -123,66 +224,113 @@ def verify(
     atol: float = 0.0,
     seed: int = 0,
     trials: int = 3,
+    vary: Sequence[str] = (),
+    upcast: bool = False,
+    samples: Mapping[str, tuple[Tensor, ...]] | None = None,
+    rewrites: RewriteCheck | None = None,
+    rewrite_rtol: float | None = None,
+    lenient: Sequence[str] = (),
+    progress: Progress = no_progress,
 ) -> VerifyReport:
-    """Compare ``original`` and ``fused`` on ``trials`` seeded random inputs shaped like
-    ``example_inputs``. Passes when every leaf has ``max|a-b| <= atol + rtol * max|a|``."""
-    for name, value in (("rtol", rtol), ("atol", atol)):
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise InputError(f"{name} must be a finite number >= 0, not {value}; pass --{name} "
-                             "like 1e-5")
+    """Compare ``original`` and ``fused`` on the inputs described in the module docstring.
+    Passes when every output leaf has ``max|a-b| <= atol + rtol * max|a|`` and every rewrite
+    of ``rewrites`` is within ``rewrite_rtol`` of the ops it replaced. A variation in
+    ``lenient`` that the fused model refuses (a .pt2 whose spatial range torch.export fixed)
+    is skipped with the reason instead of failing."""
+    for name, value in (("rtol", rtol), ("atol", atol), ("rewrite_rtol", rewrite_rtol)):
+        _check_tolerance(name, value)
     check_seed(seed)
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    if rtol is None:
-        tensors = [*inputs, *original.parameters(), *original.buffers()]
-        dtypes = {t.dtype for t in tensors if t.is_floating_point()}
-        rtol = max((DEFAULT_RTOL.get(d, 1e-5) for d in dtypes), default=1e-5)
-    worst_rel, worst_abs, worst_name, compared, elements = 0.0, 0.0, "", 0, 0
-    problem = ""
-    passed = True
-    with eval_mode(original, fused), torch.no_grad():
-        for trial in range(trials):
-            trial_inputs = random_inputs(inputs, seed + trial)
+    dtype = _least_precise(inputs, original)
+    rtol = (UPCAST_RTOL if upcast else DEFAULT_RTOL)[dtype] if rtol is None else rtol
+    rewrite_rtol = REWRITE_RTOL[dtype] if rewrite_rtol is None else rewrite_rtol
+    compute = (torch.float64 if dtype == torch.float64 else torch.float32) if upcast else dtype
+    planned, skipped = _plan(inputs, samples or {}, seed, trials, vary)
+    runs: list[Run] = []
+    problem, rewrite_errors = "", []
+    extra = rewrites.modules() if rewrites is not None else []
+    with eval_mode(original, fused, *extra), torch.no_grad(), \
+            computed_in(compute, original, fused, *extra):
+        for index, plan in enumerate(planned):
+            progress("comparing outputs", index, len(planned))
+            given = plan.given if plan.given is not None else random_inputs(
+                inputs, plan.seed or 0, plan.shapes)
+            given = tuple(x.to(compute) if x.is_floating_point() else x for x in given)
             try:  # each model gets its own copy: a model may change its input in place
-                expected, expected_structure = _leaves(
-                    original(*(x.clone() for x in trial_inputs)))
-                got, got_structure = _leaves(fused(*(x.clone() for x in trial_inputs)))
+                expected = _leaves(original(*(x.clone() for x in given)))
             except Exception as exc:  # model code failing on the input is a usage problem
-                raise TraceError(f"the model fails on inputs of shape "
-                                 f"{[list(x.shape) for x in inputs]}: {exc}"[:300]) from exc
-            problem = _structure_problem(expected, got, expected_structure, got_structure)
-            if problem:
-                passed, worst_rel, worst_abs = False, float("inf"), float("inf")
-                break
-            compared = len(expected)
-            elements = sum(a.numel() for _, a in expected)
-            for (name, a), (_, b) in zip(expected, got):
-                if a.shape != b.shape:
-                    passed, worst_name = False, name
-                    worst_rel = worst_abs = float("inf")
-                    problem = f"{name} has shape {list(b.shape)}, the original's {list(a.shape)}"
+                if plan.optional:
+                    skipped.append(SkippedRun(plan.source, plan.shapes, "the original model "
+                                              f"does not run at this size ({_first_line(exc)})"))
                     continue
-                a64, b64 = a.double(), b.double()
-                scale = float(a64.abs().max())
-                abs_error = float((a64 - b64).abs().max())
-                if abs_error != abs_error:  # NaN in either output
-                    abs_error = float("inf")
-                rel_error = abs_error / scale if scale > 0 else abs_error
-                if abs_error > atol + rtol * scale:
-                    passed = False
-                if rel_error >= worst_rel:
-                    worst_rel, worst_abs, worst_name = rel_error, abs_error, name
-                worst_abs = max(worst_abs, abs_error)
+                raise TraceError(f"the model fails on {plan.source} inputs of shape "
+                                 f"{plan.shapes}: {_first_line(exc)}") from exc
+            try:
+                got = _leaves(fused(*(x.clone() for x in given)))
+            except Exception as exc:  # the deployed model refusing what the original runs
+                if plan.optional and plan.source.partition(" ")[0] in lenient:
+                    skipped.append(SkippedRun(plan.source, plan.shapes, "the fused model does "
+                                              f"not accept this size ({_first_line(exc)})"))
+                    continue
+                problem = (f"the fused model fails on inputs of shape {plan.shapes} where the "
+                           f"original runs ({_first_line(exc)})")
+                break
+            problem = _structure_problem(expected[0], got[0], expected[1], got[1])
+            if problem:
+                break
+            runs.append(_compare(plan, expected[0], got[0], rtol, atol))
+        if rewrites is not None and planned and not problem:
+            progress("comparing each rewrite", 0, None)
+            first = planned[0]
+            given = first.given if first.given is not None else random_inputs(
+                inputs, first.seed or 0, first.shapes)
+            rewrite_errors = rewrites.errors(
+                tuple(x.to(compute) if x.is_floating_point() else x for x in given),
+                rewrite_rtol, atol)
+    return _report(runs, skipped, problem, rewrite_errors, inputs, dtype, compute,
+                   rtol=rtol, atol=atol, seed=seed, rewrite_rtol=rewrite_rtol)
+
+
+def _compare(plan: _Planned, expected: list[tuple[str, Tensor]], got: list[tuple[str, Tensor]],
+             rtol: float, atol: float) -> Run:
+    outputs = []
+    for (name, a), (_, b) in zip(expected, got):
+        abs_error, rel_error, scale = error_of(a, b)
+        outputs.append(OutputError(name, list(a.shape), abs_error, rel_error,
+                                   abs_error <= atol + rtol * scale))
+    return Run(plan.source, plan.seed, plan.shapes, len(outputs),
+               sum(a.numel() for _, a in expected), outputs)
+
+
+def _report(runs: list[Run], skipped: list[SkippedRun], problem: str,
+            rewrite_errors: list[RewriteError], inputs: tuple[Tensor, ...], dtype: torch.dtype,
+            compute: torch.dtype, *, rtol: float, atol: float, seed: int,
+            rewrite_rtol: float) -> VerifyReport:
+    outputs = [o for run in runs for o in run.outputs]
+    worst = max(outputs, key=lambda o: o.max_rel_error, default=None)
+    rewrite_worst = max((r for r in rewrite_errors if not r.problem),
+                        key=lambda r: r.magnitude_error, default=None)
+    passed = (not problem and bool(runs) and all(o.passed for o in outputs)
+              and all(r.passed for r in rewrite_errors if not r.problem))
+    infinite = float("inf") if problem else 0.0
     return VerifyReport(
         passed=passed,
-        max_abs_error=worst_abs,
-        max_rel_error=worst_rel,
+        max_abs_error=max((o.max_abs_error for o in outputs), default=infinite),
+        max_rel_error=worst.max_rel_error if worst else infinite,
         rtol=rtol,
         atol=atol,
-        trials=trials,
+        trials=len(runs),
         seed=seed,
         input_shapes=[list(x.shape) for x in inputs],
-        outputs_compared=compared,
-        worst_output=worst_name,
-        elements_compared=elements,
+        outputs_compared=runs[0].outputs_compared if runs else 0,
+        worst_output=worst.name if worst else "",
+        elements_compared=runs[0].elements_compared if runs else 0,
         problem=problem,
+        dtype=str(dtype).removeprefix("torch."),
+        compared_in=str(compute).removeprefix("torch."),
+        runs=runs,
+        skipped_runs=skipped,
+        rewrite_rtol=rewrite_rtol,
+        rewrite_errors=rewrite_errors,
+        worst_rewrite=rewrite_worst.fused_module if rewrite_worst else "",
     )
