@@ -1,12 +1,19 @@
-"""Conversion cost: `repconv fuse` (load, trace, fuse, verify, write) against what any deploy step
-already pays, a plain load + save of the same checkpoint. Reported as ratios of time and of peak
-memory (max RSS of a fresh process each), measured in one run.
+"""Conversion cost: `repconv fuse`, with and without its verification, against what any deploy
+step already pays, a plain ``torch.load`` + ``torch.save`` of the same checkpoint. Each job runs
+in a fresh process that first imports torch and repconv (identical for every job, not timed);
+the figures are the job's wall time and its peak RSS above that interpreter baseline (the
+kernel's high-water mark, reset after the imports, minus the RSS then), best of a few runs.
 
-Run: `make bench` or `python benchmarks/conversion_cost.py`.
+Checkpoints: a small one (a RepVGG of the sample family, width 96, 224px, 7 MB) and a large one
+generated into a temp folder (a RepVGG-style network of 21 blocks, widths 256 to 1024, 120M
+parameters, 480 MB, 128px, built with ``--model conversion_cost:big_repvgg``).
+
+Run: `make bench` or `python benchmarks/conversion_cost.py [--runs 2]`.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -14,63 +21,125 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+BIG = {"width": 256, "num_blocks": (1, 3, 7, 10), "width_multipliers": (1, 1, 2, 4)}
 
-# Each child process does one job and prints its wall time and peak RSS as JSON.
+# One job per process: imports first (the baseline), then the job; prints JSON.
 _CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 from pathlib import Path
 import torch
-job, source, target = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+import repconv.cli  # the CLI's imports are part of the baseline
+from repconv.pipeline import Options, fuse_checkpoint
+
+def status_mb(key):
+    with open("/proc/self/status") as status:
+        return next(int(l.split()[1]) for l in status if l.startswith(key)) / 1024
+
+job, source, target, model = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+baseline = status_mb("VmRSS")
+with open("/proc/self/clear_refs", "w") as refs:  # the peak (VmHWM) starts again from here
+    refs.write("5")
 start = time.perf_counter()
+seconds = {}
 if job == "plain":
-    from repconv.checkpoint import load_checkpoint
-    loaded = load_checkpoint(source)
-    torch.save(loaded.model.state_dict(), target)
+    torch.save(torch.load(source, map_location="cpu", weights_only=True), target)
 else:
-    from repconv.pipeline import Options, fuse_checkpoint
-    fuse_checkpoint(source, target, Options())
-seconds = time.perf_counter() - start
-peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"seconds": seconds, "rss_mb": peak_mb}))
+    options = Options(model=model or None)
+    seconds = fuse_checkpoint(source, target, options, check=job == "fuse").seconds
+total = time.perf_counter() - start
+print(json.dumps({"seconds": total, "rss_mb": status_mb("VmHWM") - baseline,
+                  "baseline_mb": baseline, "stages": seconds}))
 """
 
 
-def _run(job: str, source: Path, target: Path) -> dict[str, float]:
-    out = subprocess.run([sys.executable, "-c", _CHILD, job, str(source), str(target)],
-                         check=True, capture_output=True, text=True).stdout
+def big_repvgg() -> nn.Module:
+    """The large checkpoint's architecture (``--model conversion_cost:big_repvgg``)."""
+    from repconv.samples import RepVGGTiny
+
+    return RepVGGTiny(num_classes=1000, **BIG)
+
+
+def _randomize_bn(model: nn.Module) -> nn.Module:
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            shape = module.running_var.shape
+            module.running_mean.copy_(torch.randn(shape, generator=generator) * 0.5)
+            module.running_var.copy_(torch.rand(shape, generator=generator) * 2 + 0.5)
+            module.weight.data.copy_(torch.rand(shape, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.randn(shape, generator=generator) * 0.1)
+    return model
+
+
+def _checkpoints(folder: Path) -> list[tuple[Path, str]]:
+    from repconv.samples import repvgg_tiny
+
+    torch.manual_seed(0)
+    small = folder / "repvgg_w96.pt"
+    kwargs = {"num_classes": 1000, "width": 96}
+    torch.save({"state_dict": _randomize_bn(repvgg_tiny(**kwargs)).state_dict(),
+                "arch": "repconv.samples:repvgg_tiny", "arch_kwargs": kwargs,
+                "input_shape": [1, 3, 224, 224]}, small)
+    big = folder / "repvgg_120m.pt"
+    torch.save({"state_dict": _randomize_bn(big_repvgg()).state_dict(),
+                "input_shape": [1, 3, 128, 128]}, big)
+    return [(small, ""), (big, "conversion_cost:big_repvgg")]
+
+
+def _run(job: str, source: Path, target: Path, model: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", _CHILD, job, str(source), str(target), model],
+                         check=True, capture_output=True, text=True, cwd=HERE).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _bigger_checkpoint(folder: Path) -> Path:
-    """A wider RepVGG of the sample family at 224px: ~3M parameters."""
-    from repconv.samples import repvgg_tiny
-
-    kwargs = {"num_classes": 1000, "width": 96}
-    model = repvgg_tiny(**kwargs)
-    path = folder / "repvgg_w96.pt"
-    torch.save({"state_dict": model.state_dict(), "arch": "repconv.samples:repvgg_tiny",
-                "arch_kwargs": kwargs, "input_shape": [1, 3, 224, 224]}, path)
-    return path
+def _best(job: str, source: Path, target: Path, model: str, runs: int) -> dict:
+    results = [_run(job, source, target, model) for _ in range(runs)]
+    best = min(results, key=lambda r: r["seconds"])
+    return {"seconds": best["seconds"], "rss_mb": min(r["rss_mb"] for r in results),
+            "verify": best["stages"].get("verify", 0.0), "stages": best["stages"]}
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3,
+                        help="fresh processes per figure for the small checkpoint (1 for the "
+                        "large one: each of its runs takes a minute)")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, best of {args.runs} "
+          "fresh processes (1 for the large checkpoint); RSS = peak above the interpreter after "
+          "imports\n")
+    print("| checkpoint | size | load+save s | fuse --skip-verify s (ratio) | fuse s (ratio) | "
+          "of which verification s | fuse − verification (ratio) | load+save RSS MB | "
+          "--skip-verify RSS MB (÷ size) | fuse RSS MB (÷ size) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    stages = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        sources = [ROOT / "sample_checkpoints" / "repvgg_tiny.pt",
-                   ROOT / "sample_checkpoints" / "resnet_tiny.pt", _bigger_checkpoint(folder)]
-        print("| checkpoint | size | load+save s | repconv fuse s | time ratio | RSS ratio |")
-        print("|---|---:|---:|---:|---:|---:|")
-        for source in sources:
-            plain = min((_run("plain", source, folder / "plain.pt") for _ in range(3)),
-                        key=lambda r: r["seconds"])
-            fused = min((_run("fuse", source, folder / "fused.pt") for _ in range(3)),
-                        key=lambda r: r["seconds"])
-            size_mb = source.stat().st_size / 2**20
-            print(f"| {source.name} | {size_mb:.1f} MB | {plain['seconds']:.2f} | "
-                  f"{fused['seconds']:.2f} | {fused['seconds'] / plain['seconds']:.1f}x | "
-                  f"{fused['rss_mb'] / plain['rss_mb']:.2f}x |")
+        for index, (source, model) in enumerate(_checkpoints(folder)):
+            size = source.stat().st_size / 2**20
+            runs = args.runs if index == 0 else 1
+            plain = _best("plain", source, folder / "plain.pt", model, runs)
+            quick = _best("skip", source, folder / "fused.pt", model, runs)
+            full = _best("fuse", source, folder / "fused.pt", model, runs)
+            rest = full["seconds"] - full["verify"]
+            print(f"| {source.name} | {size:.0f} MB | {plain['seconds']:.2f} | "
+                  f"{quick['seconds']:.2f} ({quick['seconds'] / plain['seconds']:.1f}x) | "
+                  f"{full['seconds']:.2f} ({full['seconds'] / plain['seconds']:.1f}x) | "
+                  f"{full['verify']:.2f} | {rest:.2f} ({rest / plain['seconds']:.1f}x) | "
+                  f"{plain['rss_mb']:.0f} | {quick['rss_mb']:.0f} ({quick['rss_mb'] / size:.1f}x)"
+                  f" | {full['rss_mb']:.0f} ({full['rss_mb'] / size:.1f}x) |", flush=True)
+            stages.append((source.name, full["stages"]))
+    print("\nWhere `repconv fuse` spends its time (s): load (read, build, check), fuse (trace, "
+          "fold, local checks, rewrite), verify, write\n")
+    print("| checkpoint | load | fuse | verify | write |")
+    print("|---|---:|---:|---:|---:|")
+    for name, seconds in stages:
+        print(f"| {name} | " + " | ".join(f"{seconds.get(k, 0.0):.2f}" for k in
+                                          ("load", "fuse", "verify", "write")) + " |")
 
 
 if __name__ == "__main__":

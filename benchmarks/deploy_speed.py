@@ -1,5 +1,6 @@
-"""Deploy speed: latency of each block family's network before and after `repconv.fuse`, and of
-the fused RepVGG sample against a hand-written deploy architecture with the same weights.
+"""Deploy speed: latency of each block family's network before and after `repconv.fuse`, and
+against a hand-written deploy architecture with the same weights (each block one plain conv,
+where the family's deploy form is one conv), and the same for the fused RepVGG sample.
 
 Every figure is a ratio of two latencies measured in the same run (median of 30 after warm-up),
 so it does not depend on how fast this machine is. Run: `make bench` or
@@ -39,6 +40,22 @@ class RepVGGTinyDeploy(nn.Module):
         return self.head(self.body(x))
 
 
+def hand_written(fused: nn.Sequential, x: torch.Tensor) -> nn.Sequential | None:
+    """What a deploy architecture written for a block family is: the same layers with every
+    block one plain conv holding the fused weights. None where a fused block is more than one
+    conv (the ResNet blocks keep their residual: their deploy form is the fused model)."""
+    layers = []
+    for layer in fused:
+        convs = [m for m in layer.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+        if len(convs) > 1:
+            return None
+        layers.append(convs[0] if convs else layer)
+    hand = nn.Sequential(*layers).eval()
+    with torch.inference_mode():
+        same = torch.allclose(hand(x), fused(x), rtol=1e-5, atol=1e-5)
+    return hand if same else None
+
+
 def _input(name: str, batch: int, size: int) -> torch.Tensor:
     if name == "Branchy1d":
         return torch.randn(batch, 3, size * size // 4)
@@ -58,20 +75,26 @@ def main() -> None:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"batch {args.batch}, width {args.channels}, input {args.size}px")
-    print("\n| network | unfused ms | fused ms | speed-up | BN before→after | convs before→after |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("\n| network | unfused ms | fused ms | hand-written ms | speed-up | fused / hand | "
+          "BN before→after | convs before→after |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name in BLOCK_NAMES:
         net = randomize_bn(tiny_net(name, channels=args.channels), seed=0).eval()
         x = _input(name, args.batch, args.size)
         result = repconv.fuse(net, x)
         assert result.report.verification.passed, name
-        net, fused, x = net.to(device), result.model.to(device), x.to(device)
+        hand = hand_written(result.model, x)
+        models = {"unfused": net, "fused": result.model, **({"hand": hand} if hand else {})}
+        models = {key: model.to(device) for key, model in models.items()}
         with torch.inference_mode():
-            ms = interleaved_ms({"unfused": net, "fused": fused}, x, sync=sync)
+            ms = interleaved_ms(models, x.to(device), sync=sync)
         unfused_ms, fused_ms = ms["unfused"], ms["fused"]
+        hand_ms = f"{ms['hand']:.2f}" if hand else "—"
+        ratio = f"{fused_ms / ms['hand']:.2f}" if hand else "—"
         before, after = result.report.before, result.report.after
-        print(f"| {name} | {unfused_ms:.2f} | {fused_ms:.2f} | {unfused_ms / fused_ms:.2f}x | "
-              f"{before.batchnorms}→{after.batchnorms} | {before.convs}→{after.convs} |")
+        print(f"| {name} | {unfused_ms:.2f} | {fused_ms:.2f} | {hand_ms} | "
+              f"{unfused_ms / fused_ms:.2f}x | {ratio} | {before.batchnorms}→{after.batchnorms} "
+              f"| {before.convs}→{after.convs} |")
     loaded = load_checkpoint(ROOT / "sample_checkpoints" / "repvgg_tiny.pt")
     x = torch.randn(args.batch, 3, args.size, args.size)
     fused = repconv.fuse(loaded.model, x).model

@@ -10,8 +10,9 @@ at that path (a .pt2 program keeps its weights' names, not its modules).
 
 A rewrite passes when at every output element ``|error| <= rtol * (sum |w * x| + |b|)``, the
 sum of magnitudes that element adds up, computed by the same conv on ``|x|`` with ``|w|``,
-``|b|``. Rounding the fused weights to the model's dtype moves an element by at most the dtype's
-unit roundoff times that sum, however much its terms cancel, so the bound holds at any depth and
+``|b|`` (each at least the dtype's smallest normal number, under which rounding is absolute).
+Rounding the fused weights to the model's dtype moves an element by at most the dtype's unit
+roundoff times that sum, however much its terms cancel, so the bound holds at any depth and
 width; a scale-relative error (kept in the row as ``max_rel_error``) has no such guarantee.
 """
 
@@ -58,8 +59,10 @@ class RewriteCheck:
         """Every module whose tensors take part (to run them in one dtype)."""
         return [self.reference, *self.originals.values()]
 
-    def errors(self, inputs: tuple[Tensor, ...], rtol: float, atol: float) -> list[RewriteError]:
-        """Run the reference model once on ``inputs``; at each fused conv, compare."""
+    def errors(self, inputs: tuple[Tensor, ...], rtol: float, atol: float,
+               floor: float) -> list[RewriteError]:
+        """Run the reference model once on ``inputs``; at each fused conv, compare. ``floor``:
+        the smallest normal number of the weights' dtype, below which rounding is absolute."""
         records = {r.fused_module: r for r in self.records if r.fused_module}
         rows: dict[str, RewriteError] = {}
         handles = []
@@ -68,7 +71,8 @@ class RewriteCheck:
                 if path in rows:  # a conv called twice is checked on its first call
                     return
                 rows[path] = _row(path, None, problem="being compared")  # hooks re-enter
-                rows[path] = self._compare(path, records.get(path), args[0], output, rtol, atol)
+                rows[path] = self._compare(path, records.get(path), args[0], output, rtol, atol,
+                                           floor)
             handles.append(self.reference.get_submodule(path).register_forward_hook(hook))
         self._state = {} if self.deployed is self.reference else dict(
             self.deployed.state_dict(keep_vars=True))
@@ -82,7 +86,7 @@ class RewriteCheck:
                 for path in self.originals]
 
     def _compare(self, path: str, record: RewriteRecord | None, x: Tensor, output: Tensor,
-                 rtol: float, atol: float) -> RewriteError:
+                 rtol: float, atol: float, floor: float) -> RewriteError:
         try:
             conv, weights = self._deployed_conv(path)
         except LookupError as exc:
@@ -92,7 +96,9 @@ class RewriteCheck:
         if not isinstance(got, Tensor) or got.shape != expected.shape:
             return _row(path, record, problem="the deployed conv returns another shape")
         # what each output element sums: sum |w * x| + |b|, the scale rounding errors scale with
-        magnitude = functional_call(conv, {k: v.abs() for k, v in weights.items()}, (x.abs(),))
+        # (a weight under ``floor`` is rounded to an absolute step: counted as ``floor``)
+        magnitude = functional_call(conv, {k: v.abs().clamp_min(floor)
+                                           for k, v in weights.items()}, (x.abs(),))
         error = (expected.double() - got.double()).abs().nan_to_num(float("inf"))
         abs_error, rel_error, _ = error_of(expected, got)
         relative = error / magnitude.double().clamp_min(torch.finfo(torch.float64).tiny)

@@ -286,7 +286,7 @@ def verify(
                 inputs, first.seed or 0, first.shapes)
             rewrite_errors = rewrites.errors(
                 tuple(x.to(compute) if x.is_floating_point() else x for x in given),
-                rewrite_rtol, atol)
+                rewrite_rtol, atol, torch.finfo(dtype).tiny)
     return _report(runs, skipped, problem, rewrite_errors, inputs, dtype, compute,
                    rtol=rtol, atol=atol, seed=seed, rewrite_rtol=rewrite_rtol)
 

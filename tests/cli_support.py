@@ -21,6 +21,9 @@ from typer.testing import CliRunner, Result
 from repconv.cli import app
 from repconv.samples import repvgg_tiny
 
+# Plain progress lines go to stderr every few seconds when it is not a terminal; on a slow
+# machine they would precede the one error line the tests check. test_cli_progress.py tests them.
+os.environ["REPCONV_PROGRESS_SECONDS"] = "3600"
 RUNNER = CliRunner()
 CONSOLE_SCRIPT = Path(sys.executable).with_name("repconv")
 SHAPE8 = "1,3,16,16"  # verification input for the width-8 test models

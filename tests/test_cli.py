@@ -125,6 +125,26 @@ def test_fuse_json(deploys: Deploys) -> None:
     assert "verification passed" not in deploys.repvgg_stdout
 
 
+def test_skip_verify_says_so(repvgg_ckpt: Path, tmp_path: Path) -> None:
+    """--skip-verify: no global verification (the local checks still run), said in the human
+    output and the JSON; the deploy file is written and still verifies."""
+    human = invoke("fuse", repvgg_ckpt, tmp_path / "a.pt", "--skip-verify")
+    assert_no_traceback(human)
+    assert human.exit_code == 0, human.output
+    assert "verification skipped (--skip-verify)" in human.stdout
+    assert "verification passed" not in human.stdout
+    result = invoke("fuse", repvgg_ckpt, tmp_path / "b.pt", "--skip-verify", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["ok"] is True and data["written"]
+    assert data["verification"] is None and data["verification_skipped"] is True
+    assert "verify" not in data["seconds"] and {"load", "fuse", "write"} <= set(data["seconds"])
+    assert all(r["local_error"] < 1e-6 for r in data["rewrites"])  # checked one by one
+    assert invoke("verify", repvgg_ckpt, tmp_path / "b.pt").exit_code == 0
+    normal = json.loads(invoke("inspect", repvgg_ckpt, "--json").stdout)
+    assert normal["verification_skipped"] is False
+
+
 def test_fuse_failed_verification_writes_nothing(repvgg_ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "deploy.pt"
     before = snapshot(tmp_path, repvgg_ckpt)

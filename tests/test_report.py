@@ -26,7 +26,7 @@ left unfused (1):
   pre_bn: a bias before a zero-padded conv (e.g. BN before a padded conv):
 borders differ
 verification passed: max scale-relative error 2.50e-08 (tolerance 1e-05), max
-abs error 1.50e-07, 1 output(s) x 3 seeded input(s)"""
+abs error 1.50e-07, 1 output(s) x 3 input(s)"""
 
 
 def _report(passed: bool = True) -> FuseReport:

@@ -1,0 +1,191 @@
+"""Numerical error, in two tables measured in one run.
+
+1. Folding error: repconv folds in float64 and rounds the fused weights once to the
+   checkpoint's dtype; hand-written deploy code (RepVGG's ``get_equivalent_kernel_bias``, a
+   Conv-BN fold) computes in the checkpoint's own dtype. Both fused models run in float64
+   against the original run in float64, so the figure is the folding error alone.
+2. Tolerances: the scale-relative error `repconv verify` measures on correctly fused models
+   (every block family of tests/reference_blocks.py, 2 seeds, at the example shape, batch 2
+   and another size) and on tampered ones (one fused conv's weights x1.02, each conv in turn,
+   at the example shape), for the outputs (scale-relative) and for the per-rewrite table
+   (relative to the sum of |w * x| + |b| at each element), with both models run upcast to
+   float32 (what the CLI does) and in the model's dtype, and how many clean models fail and
+   tampered ones are caught with the default tolerances.
+
+Run: `make bench` or `python benchmarks/numerics.py`.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests")]
+
+from reference_blocks import BLOCK_NAMES, randomize_bn, tiny_net  # noqa: E402
+
+import repconv  # noqa: E402
+from repconv.checkpoint import load_checkpoint  # noqa: E402
+from repconv.rewrite_check import RewriteCheck  # noqa: E402
+from repconv.samples import RepVGGBlock, RepVGGTiny  # noqa: E402
+from repconv.verify import (  # noqa: E402
+    DEFAULT_RTOL,
+    REWRITE_RTOL,
+    UPCAST_RTOL,
+    VARIATIONS,
+    VerifyReport,
+    verify,
+)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _bn_fold(weight: Tensor, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """RepVGG's ``_fuse_bn_tensor``, in the tensors' own dtype."""
+    t = bn.weight / (bn.running_var + bn.eps).sqrt()
+    return weight * t.reshape(-1, 1, 1, 1), bn.bias - bn.running_mean * t
+
+
+def _repvgg_fold(block: RepVGGBlock) -> tuple[Tensor, Tensor]:
+    """RepVGG's ``get_equivalent_kernel_bias``, in the block's dtype."""
+    k3, b3 = _bn_fold(block.rbr_dense.conv.weight, block.rbr_dense.bn)
+    k1, b1 = _bn_fold(block.rbr_1x1.conv.weight, block.rbr_1x1.bn)
+    kernel, bias = k3 + nn.functional.pad(k1, [1, 1, 1, 1]), b3 + b1
+    if block.rbr_identity is not None:
+        identity = torch.zeros_like(k3)
+        identity[torch.arange(k3.shape[0]), torch.arange(k3.shape[0]), 1, 1] = 1
+        ki, bi = _bn_fold(identity, block.rbr_identity)
+        kernel, bias = kernel + ki, bias + bi
+    return kernel, bias
+
+
+def _own_dtype_fold(original: nn.Module, result: repconv.FuseResult) -> nn.Module:
+    """The fused model with every fused conv's weights folded in the checkpoint's dtype."""
+    model = copy.deepcopy(result.model)
+    for record in result.report.rewrites:
+        conv = model.get_submodule(record.fused_module)
+        owner = original.get_submodule(record.fused_module.rpartition(".")[0])
+        if isinstance(owner, RepVGGBlock):
+            weight, bias = _repvgg_fold(owner)
+        else:
+            weight, bias = _bn_fold(original.get_submodule(record.sources[0]).weight,
+                                    original.get_submodule(record.sources[1]))
+        conv.weight.data, conv.bias.data = weight.detach(), bias.detach()
+    return model
+
+
+def _rel(expected: Tensor, got: Tensor) -> float:
+    return float((expected - got).abs().max() / expected.abs().max())
+
+
+def _folding_models() -> list[tuple[str, nn.Module]]:
+    models = [(name, load_checkpoint(ROOT / "sample_checkpoints" / f"{name}.pt").model)
+              for name in ("repvgg_tiny", "resnet_tiny")]
+    for seed in range(2):
+        torch.manual_seed(seed)
+        models.append((f"RepVGG w64 seed {seed}", randomize_bn(RepVGGTiny(width=64), seed)))
+    return models
+
+
+def folding_table() -> None:
+    print("| dtype | network | float64 fold, cast once | fold in own dtype | own / float64 |")
+    print("|---|---|---:|---:|---:|")
+    x64 = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0),
+                      dtype=torch.float64)
+    for label, dtype in DTYPES.items():
+        for name, model in _folding_models():
+            original = copy.deepcopy(model).to(dtype).eval()
+            x = x64.to(dtype)
+            result = repconv.fuse(original, x, check=False)
+            own = _own_dtype_fold(original, result)
+            with torch.no_grad():
+                reference = copy.deepcopy(original).double()(x.double())
+                ours = _rel(reference, copy.deepcopy(result.model).double()(x.double()))
+                theirs = _rel(reference, own.double()(x.double()))
+            print(f"| {label} | {name} | {ours:.2e} | {theirs:.2e} | "
+                  f"{theirs / max(ours, 1e-300):.1f}x |")
+
+
+@dataclass
+class _Tally:
+    """What verify found on clean and on tampered models, with its default tolerances."""
+
+    clean_outputs: list[float] = field(default_factory=list)
+    clean_rewrites: list[float] = field(default_factory=list)
+    false_failures: int = 0
+    tampered_rewrites: list[float] = field(default_factory=list)
+    detected: int = 0
+
+
+def _verify(original: nn.Module, result: repconv.FuseResult, deployed: nn.Module, x: Tensor,
+            upcast: bool, vary: tuple[str, ...]) -> VerifyReport:
+    return verify(original, deployed, x, trials=1, vary=vary, upcast=upcast,
+                  rewrites=RewriteCheck(result.model, result.originals, result.report.rewrites,
+                                        deployed))
+
+
+def _measure(dtype: torch.dtype) -> dict[bool, _Tally]:
+    """upcast -> tally, over every block family (2 seeds) and every fused conv tampered."""
+    tallies = {True: _Tally(), False: _Tally()}
+    for name in BLOCK_NAMES:
+        for seed in range(2):
+            original = randomize_bn(tiny_net(name, channels=16), seed).to(dtype)
+            nd = original[0].weight.ndim - 2
+            x = torch.randn((1, 3, *{1: (32,), 2: (32, 32), 3: (16, 16, 16)}[nd]),
+                            generator=torch.Generator().manual_seed(seed),
+                            dtype=torch.float64).to(dtype)
+            result = repconv.fuse(original, x, check=False)
+            for upcast, tally in tallies.items():
+                report = _verify(original, result, result.model, x, upcast, VARIATIONS)
+                tally.clean_outputs.append(report.max_rel_error)
+                tally.clean_rewrites += [r.magnitude_error for r in report.rewrite_errors]
+                tally.false_failures += not report.passed
+                for path in result.originals:  # the example shape is enough to see a change
+                    broken = copy.deepcopy(result.model)
+                    with torch.no_grad():
+                        broken.get_submodule(path).weight.mul_(1.02)
+                    report = _verify(original, result, broken, x, upcast, ())
+                    tally.tampered_rewrites += [r.magnitude_error for r in report.rewrite_errors
+                                                if r.fused_module == path]
+                    tally.detected += not report.passed
+    return tallies
+
+
+def tolerance_table() -> None:
+    print("| dtype | compared in | clean: outputs max | rtol | clean: rewrites max | "
+          "rewrite rtol | clean models failed | tampered: rewrite min, median | "
+          "tampered detected |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for label, dtype in DTYPES.items():
+        for upcast, tally in _measure(dtype).items():
+            if dtype == torch.float32 and not upcast:
+                continue  # the same comparison: float32 runs in float32 either way
+            rtol = (UPCAST_RTOL if upcast else DEFAULT_RTOL)[dtype]
+            tampered = tally.tampered_rewrites
+            print(f"| {label} | {'float32' if upcast else label} | "
+                  f"{max(tally.clean_outputs):.1e} | {rtol:.0e} | "
+                  f"{max(tally.clean_rewrites):.1e} | {REWRITE_RTOL[dtype]:.0e} | "
+                  f"{tally.false_failures} of {len(BLOCK_NAMES) * 2} | "
+                  f"{min(tampered):.1e}, {statistics.median(tampered):.1e} | "
+                  f"{tally.detected} of {len(tampered)} |")
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    print("Folding error: output error against the original run in float64, both fused "
+          "models run in float64 (4x3x32x32 input)\n")
+    folding_table()
+    print(f"\nVerification error: {len(BLOCK_NAMES)} block families x 2 seeds, width 16; "
+          "tampered = one fused conv's weights x1.02 (each conv in turn)\n")
+    tolerance_table()
+
+
+if __name__ == "__main__":
+    main()
