@@ -2,8 +2,9 @@
 against a hand-written deploy architecture with the same weights (each block one plain conv,
 where the family's deploy form is one conv), and the same for the fused RepVGG sample.
 
-Every figure is a ratio of two latencies measured in the same run (median of 30 after warm-up),
-so it does not depend on how fast this machine is. Run: `make bench` or
+Every figure is a ratio of two latencies measured in the same run (median of 20 interleaved
+rounds after warm-up; 100 for the sample), so it does not depend on how fast this machine is.
+Run: `make bench` or
 `python benchmarks/deploy_speed.py [--device cuda] [--batch 16] [--channels 32]`.
 """
 
@@ -87,7 +88,7 @@ def main() -> None:
         models = {"unfused": net, "fused": result.model, **({"hand": hand} if hand else {})}
         models = {key: model.to(device) for key, model in models.items()}
         with torch.inference_mode():
-            ms = interleaved_ms(models, x.to(device), sync=sync)
+            ms = interleaved_ms(models, x.to(device), rounds=20, sync=sync)
         unfused_ms, fused_ms = ms["unfused"], ms["fused"]
         hand_ms = f"{ms['hand']:.2f}" if hand else "—"
         ratio = f"{fused_ms / ms['hand']:.2f}" if hand else "—"
@@ -104,7 +105,7 @@ def main() -> None:
         model, fused, hand = loaded.model.to(device), fused.to(device), hand.to(device)
         x = x.to(device)
         # fused vs hand-written differ by a few percent: more rounds to resolve that
-        ms = interleaved_ms({"unfused": model, "fused": fused, "hand": hand}, x, rounds=200,
+        ms = interleaved_ms({"unfused": model, "fused": fused, "hand": hand}, x, rounds=100,
                             sync=sync)
         unfused_ms, fused_ms, hand_ms = ms["unfused"], ms["fused"], ms["hand"]
     print(f"\nsample repvgg_tiny: unfused {unfused_ms:.2f} ms, repconv-fused {fused_ms:.2f} ms, "

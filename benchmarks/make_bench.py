@@ -24,11 +24,17 @@ SCRIPTS = (("1. Deploy latency", "deploy_speed.py"),
            ("3. Numerical error", "numerics.py"))
 
 
+def _load() -> str:
+    return "/".join(f"{value:.1f}" for value in os.getloadavg())
+
+
 def main() -> int:
     start = time.perf_counter()
     lines = [f"# make bench, {datetime.date.today()}", "",
              f"{platform.machine()}, {os.cpu_count()} CPU cores, Python "
-             f"{platform.python_version()}, torch {torch.__version__}", ""]
+             f"{platform.python_version()}, torch {torch.__version__}; load average at the "
+             f"start {_load()} (other jobs on the machine slow every figure; ratios are "
+             "measured within one run)", ""]
     print("\n".join(lines), flush=True)
     for title, script in SCRIPTS:
         lines += [f"## {title}", "", f"`python benchmarks/{script}`", "", "```"]
@@ -44,7 +50,7 @@ def main() -> int:
             print(f"{script} failed with exit code {process.returncode}", file=sys.stderr)
             return process.returncode
         lines += ["```", "", f"({time.perf_counter() - began:.0f} s)", ""]
-    lines.append(f"Total: {time.perf_counter() - start:.0f} s")
+    lines.append(f"Total: {time.perf_counter() - start:.0f} s; load average at the end {_load()}")
     print(lines[-1])
     RESULTS.write_text("\n".join(lines) + "\n")
     print(f"saved to {RESULTS.relative_to(HERE.parent)}")
