@@ -8,7 +8,7 @@ Checkpoints: a small one (a RepVGG of the sample family, width 96, 224px, 7 MB) 
 generated into a temp folder (a RepVGG-style network of 21 blocks, widths 256 to 1024, 120M
 parameters, 480 MB, 128px, built with ``--model conversion_cost:big_repvgg``).
 
-Run: `make bench` or `python benchmarks/conversion_cost.py [--runs 2]`.
+Run: `make bench` or `python benchmarks/conversion_cost.py [--runs 3]`.
 """
 
 from __future__ import annotations
@@ -106,11 +106,11 @@ def _best(job: str, source: Path, target: Path, model: str, runs: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3,
-                        help="fresh processes per figure for the small checkpoint (1 for the "
-                        "large one: each of its runs takes a minute)")
+                        help="fresh processes per figure for the small checkpoint (2 for the "
+                        "large one: each of its runs takes 10 to 60 s)")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, best of {args.runs} "
-          "fresh processes (1 for the large checkpoint); RSS = peak above the interpreter after "
+          "fresh processes (2 for the large checkpoint); RSS = peak above the interpreter after "
           "imports\n")
     print("| checkpoint | size | load+save s | fuse --skip-verify s (ratio) | fuse s (ratio) | "
           "of which verification s | fuse − verification (ratio) | load+save RSS MB | "
@@ -121,7 +121,7 @@ def main() -> None:
         folder = Path(tmp)
         for index, (source, model) in enumerate(_checkpoints(folder)):
             size = source.stat().st_size / 2**20
-            runs = args.runs if index == 0 else 1
+            runs = args.runs if index == 0 else 2
             plain = _best("plain", source, folder / "plain.pt", model, runs)
             quick = _best("skip", source, folder / "fused.pt", model, runs)
             full = _best("fuse", source, folder / "fused.pt", model, runs)
