@@ -39,10 +39,6 @@ def _as_inputs(example_inputs: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...
     return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
 
 
-def _join(scope: str, name: str) -> str:
-    return f"{scope}.{name}" if scope else name
-
-
 def _copies(values: Any) -> Any:
     """Tensors cloned: a forward may change its input in place."""
     return tree_map(lambda v: v.clone() if isinstance(v, Tensor) else v, values)
@@ -147,7 +143,7 @@ class _Fuser:
                 local_error=error,
                 replaced=describe(region.sink),
                 fused_module=applied.placed.get(id(region)),
-                sources=[_join(scope, rewrite.module_path(m)) for m in region.members],
+                sources=[rewrite.join_path(scope, rewrite.module_path(m)) for m in region.members],
             ))
             if id(region) in applied.placed:
                 self.originals[applied.placed[id(region)]] = region_analysis.region_module(
@@ -185,7 +181,7 @@ class _Fuser:
             return []
         args, kwargs = (record.args, record.kwargs) if scope else (self.inputs, {})
         children = [(name, child) for name, child in module.named_children()
-                    if self.calls.get(_join(scope, name)) is not None]
+                    if self.calls.get(rewrite.join_path(scope, name)) is not None]
         if len(children) > MAX_DISCARD_CHECKS:
             return []
 
@@ -206,14 +202,14 @@ class _Fuser:
                 handle.remove()
             if len(poisoned) == len(baseline) and all(
                     torch.equal(a, b) for a, b in zip(poisoned, baseline)):
-                discarded.append(_join(scope, name))
+                discarded.append(rewrite.join_path(scope, name))
         return discarded
 
     def _fuse_called(self, container: nn.Module, scope: str) -> None:
         """Fuse each child of ``container`` that was called; walk into children that were not
         (ModuleList, ModuleDict) to reach the blocks inside them."""
         for name, child in container.named_children():
-            path = _join(scope, name)
+            path = rewrite.join_path(scope, name)
             record = self.calls.get(path)
             if record is not None and record.count:
                 fused = self.fuse_scope(child, path, record.args, record.kwargs, record.output)

@@ -86,7 +86,8 @@ def _frame(node: fx.Node) -> str:
     return stack[-1] if stack else ""
 
 
-def _join(scope: str, path: str) -> str:
+def join_path(scope: str, path: str) -> str:
+    """``path`` inside module ``scope`` ("" is the model itself)."""
     return ".".join(filter(None, (scope, path)))
 
 
@@ -389,7 +390,7 @@ def apply(
         if frame not in frames:
             continue  # merged into an enclosing frame that inlines it
         edits = frames[frame]
-        frame_path = _join(scope, frame)
+        frame_path = join_path(scope, frame)
         try:
             traced[frame] = _trace_and_align(gm, scope_module, frame, frame_path, edits, calls,
                                              scope_concrete)
@@ -416,7 +417,7 @@ def apply(
         if not edits:
             continue
         replaced: dict[fx.Node, fx.Node] = {}  # a sink rewritten earlier may be a later root
-        frame_path = _join(scope, frame)
+        frame_path = join_path(scope, frame)
         leaves_used = sorted(str(n.target) for n in fgm.graph.nodes if n.op == "call_module")
         recorded: list[NodeEdit] = []
         for edit in edits:
@@ -427,7 +428,7 @@ def apply(
             if edit.module is not None:
                 name = _module_name(fgm)
                 fgm.add_module(name, edit.module)
-                applied.placed[id(edit.region)] = _join(frame_path, name)
+                applied.placed[id(edit.region)] = join_path(frame_path, name)
             recorded.append(NodeEdit(root.name, first.name, sink.name,
                                      tuple(m.name for m in members), name,
                                      None if edit.module is None else ModuleSpec.of(edit.module)))
@@ -453,8 +454,8 @@ def apply(
         except AttributeError:
             continue  # a rewritten forward dropped it already
         _set_module(applied.module, path, nn.Identity())
-        applied.steps.append(ModuleSwap(".".join(filter(None, (scope, path))), None))
-        applied.notes.append(f"{_join(scope, path)}: its result is computed and never used; "
+        applied.steps.append(ModuleSwap(join_path(scope, path), None))
+        applied.notes.append(f"{join_path(scope, path)}: its result is computed and never used; "
                              "replaced by Identity")
     for path, module, region in swaps:
         if id(region) in refused:
@@ -462,9 +463,9 @@ def apply(
         replacement = module if module is not None else nn.Identity()
         _set_module(applied.module, path, replacement)
         spec = None if module is None else ModuleSpec.of(module)
-        applied.steps.append(ModuleSwap(_join(scope, path), spec))
+        applied.steps.append(ModuleSwap(join_path(scope, path), spec))
         if module is not None:
-            applied.placed[id(region)] = _join(scope, path)
+            applied.placed[id(region)] = join_path(scope, path)
     return applied
 
 
@@ -504,7 +505,7 @@ def dead_children(gm: fx.GraphModule, calls: Mapping[str, CallRecord], scope: st
             groups[path].append(node)
     dead: list[str] = []
     for path, nodes in sorted(groups.items()):
-        record = calls.get(".".join(filter(None, (scope, path))))
+        record = calls.get(join_path(scope, path))
         if record is None or record.count != 1 or any(_inside(path, d) for d in dead):
             continue
         members = set(nodes)
