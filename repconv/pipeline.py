@@ -208,7 +208,7 @@ def fuse_checkpoint(
     else:
         progress("tracing and fusing")
         start = time.perf_counter()
-        result = fuse(loaded.model, inputs, check=False, seed=options.seed)
+        result = fuse(loaded.model, inputs, check=False, seed=options.seed, progress=progress)
         seconds["fuse"] = time.perf_counter() - start
         report, plan, fused_model = result.report, result.plan, result.model
         _note_norms(report, loaded.model)
