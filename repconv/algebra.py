@@ -115,9 +115,14 @@ def from_conv(
     dilation: int | tuple[int, ...] = 1,
     groups: int = 1,
     padding_mode: str = "zeros",
+    *,
+    as_float64: bool = True,
 ) -> Affine:
-    """A convolution (or, for a 2-d weight, a linear layer) with torch's argument conventions."""
-    weight = weight.detach().double()
+    """A convolution (or, for a 2-d weight, a linear layer) with torch's argument conventions.
+
+    ``as_float64=False`` keeps the layer's own tensors (no copy): for lowering a whole
+    checkpoint, whose convs `in_float64` converts one at a time where they are folded."""
+    weight = weight.detach().double() if as_float64 else weight.detach()
     nd = weight.dim() - 2
     dilation_t = _tuple(dilation, nd)
     if isinstance(padding, str):
@@ -133,10 +138,20 @@ def from_conv(
     if padding_mode != "zeros" and not any(padding_t):
         padding_mode = "zeros"
     out = weight.shape[0]
-    bias_t = torch.zeros(out, dtype=torch.float64) if bias is None else bias.detach().double()
+    if bias is None:
+        bias_t = torch.zeros(out, dtype=weight.dtype)
+    else:
+        bias_t = bias.detach().double() if as_float64 else bias.detach()
     return Affine(
         weight, bias_t, _tuple(stride, nd), padding_t, dilation_t, groups, padding_mode
     )
+
+
+def in_float64(a: Affine) -> Affine:
+    """``a`` with float64 tensors (itself when they already are)."""
+    if a.weight.dtype == torch.float64 and a.bias.dtype == torch.float64:
+        return a
+    return replace(a, weight=a.weight.double(), bias=a.bias.double())
 
 
 def from_conv_transpose(
@@ -400,8 +415,14 @@ def add(*branches: Affine) -> Affine:
         raise AlgebraError("cannot add branches with different output channels")
     first = frame.branches[0]
     out_channels = first.out_channels
-    weight = first.weight.new_zeros(out_channels, first.in_channels // frame.groups, *frame.kernel)
+    shape = (out_channels, first.in_channels // frame.groups, *frame.kernel)
+    # a branch that fills the frame (RepVGG's 3x3) starts the sum: one copy, no zero fill
+    start = next((b for b in frame.branches if b.groups == frame.groups
+                  and tuple(b.weight.shape) == shape), None)
+    weight = first.weight.new_zeros(shape) if start is None else start.weight.clone()
     for b in frame.branches:
+        if b is start:
+            continue
         window = tuple(slice(o, o + k) for o, k in zip(frame.offsets(b), b.kernel_size))
         if b.groups == frame.groups:
             weight[(slice(None), slice(None), *window)] += b.weight
@@ -569,12 +590,13 @@ def _ungroup(dense_weight: Tensor, groups: int) -> Tensor:
 
 def to_module(a: Affine, dtype: torch.dtype, device: torch.device | None = None) -> nn.Module:
     """The nn.ConvNd (nn.Linear for 0-d) computing ``a``, with weights cast once to ``dtype``."""
-    # skip_init: the weights are overwritten below, so random initialisation is wasted work
+    # skip_init: the weights are overwritten below, so random initialisation is wasted work;
+    # made in ``dtype`` on ``device`` at once, so a large kernel is never held twice
+    place = {"dtype": dtype, "device": device or torch.device("cpu")}
     geometry = {"stride": a.stride, "padding": a.padding, "dilation": a.dilation,
-                "groups": a.groups, "dtype": torch.float64}
+                "groups": a.groups, **place}
     if a.nd == 0:
-        module: nn.Module = skip_init(nn.Linear, a.in_channels, a.out_channels,
-                                      dtype=torch.float64)
+        module: nn.Module = skip_init(nn.Linear, a.in_channels, a.out_channels, **place)
     elif a.transposed:
         module = skip_init(_CONV_TRANSPOSE_MODULE[a.nd], a.in_channels, a.out_channels,
                            a.kernel_size, output_padding=a.output_padding, **geometry)
@@ -584,4 +606,4 @@ def to_module(a: Affine, dtype: torch.dtype, device: torch.device | None = None)
     with torch.no_grad():
         module.weight.copy_(a.dense_matrix() if a.nd == 0 else a.weight)
         module.bias.copy_(a.bias)
-    return module.to(device=device, dtype=dtype)
+    return module

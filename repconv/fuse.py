@@ -107,21 +107,25 @@ class _Fuser:
         self.report.skipped += [SkipRecord(where + s.where, s.reason) for s in analysis.skips]
         self.report.cuts += [SkipRecord(where + s.where, s.reason) for s in analysis.cuts]
         accepted = []
+        fused_modules: dict[int, nn.Module] = {}
         for done, region in enumerate(analysis.regions):
-            self.progress(f"checking regions of {scope or 'the model'}", done,
+            self.progress(f"folding and checking regions of {scope or 'the model'}", done,
                           len(analysis.regions))
-            error = region_analysis.local_error(gm, region, self.check_seed)
+            # one region's float64 numbers at a time: folded, checked, cast, dropped
+            affine = region_analysis.fold_region(region)
+            error = region_analysis.local_error(gm, region, affine, self.check_seed)
             if error > region_analysis.LOCAL_TOLERANCE:
                 self.report.skipped.append(SkipRecord(
                     where + describe(region.sink),
                     f"local check failed: fused conv differs by {error:.1e} (scale-relative)",
                 ))
                 continue
+            fused_modules[id(region)] = rewrite.fused_module(gm, region, affine)
             accepted.append((region, error))
         if not accepted:
             return module
-        applied = rewrite.apply(module, scope, gm, [r for r, _ in accepted], self.calls,
-                                bound.concrete)
+        applied = rewrite.apply(module, scope, gm, [r for r, _ in accepted], fused_modules,
+                                self.calls, bound.concrete)
         refused = {id(region): why for region, why in applied.refused}
         removed = {id(region) for region in applied.removed}
         for region, error in accepted:

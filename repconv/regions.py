@@ -14,12 +14,12 @@ would become (DESIGN §0.2).
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import fx
+from torch.func import functional_call
 
 from repconv import algebra
 from repconv.algebra import Affine
@@ -56,7 +56,9 @@ class Region:
     root: fx.Node
     sink: fx.Node
     members: tuple[fx.Node, ...]
-    affine: Affine
+    ops: tuple[LinearOp, ...]  # each member's op, which `fold_region` folds again
+    affine: Affine  # geometry only: shape, groups, strides (`fold_region` has the numbers)
+    identity: bool  # the region computes its input unchanged
     labels: tuple[str, ...]
     macs_before: int
     macs_after: int
@@ -70,7 +72,7 @@ class Region:
 
     @property
     def kind(self) -> str:
-        if self.affine.is_identity():
+        if self.identity:
             return "identity removed"
         if any(label in ("add", "sub", "cat") for label in self.labels):
             return "multi-branch"
@@ -95,6 +97,7 @@ class _Expr:
     affine: Affine
     members: frozenset[fx.Node]
     macs: int
+    identity: bool = False
 
 
 @dataclass(frozen=True)
@@ -172,8 +175,11 @@ def _drop_multi_root(ops: dict[fx.Node, LinearOp], boundaries: set[fx.Node]) -> 
 
 
 def _fold(
-    ops: dict[fx.Node, LinearOp], boundaries: set[fx.Node]
+    ops: dict[fx.Node, LinearOp], boundaries: set[fx.Node], keep_values: bool = False
 ) -> dict[fx.Node, _Expr] | _Split:
+    """Each node's value as an affine map of its region's root, in graph order. Without
+    ``keep_values`` a region output keeps only its geometry: a checkpoint's fused kernels are
+    never all held at once in float64 (`fold_region` folds each again when it is applied)."""
     exprs: dict[fx.Node, _Expr] = {}
 
     def value(source: fx.Node) -> _Expr:
@@ -194,7 +200,8 @@ def _fold(
         try:
             if isinstance(op, Unary):
                 (part,) = parts
-                affine = op.affine if not part.members else algebra.then(part.affine, op.affine)
+                leaf = algebra.in_float64(op.affine)
+                affine = leaf if not part.members else algebra.then(part.affine, leaf)
                 macs = part.macs + _op_macs(node, op.affine)
             else:
                 if isinstance(op, Sum):
@@ -216,6 +223,9 @@ def _fold(
         members = frozenset().union(*(p.members for p in parts)) | {node}
         assert len({p.root for p in parts}) == 1, "multi-root nodes are dropped before folding"
         exprs[node] = _Expr(parts[0].root, affine, members, macs)
+        if node in boundaries and not keep_values:
+            exprs[node] = _Expr(parts[0].root, algebra.geometry_only(affine), members, macs,
+                                affine.is_identity())
         for source in inner:
             pending[source] -= 1
             if not pending[source]:
@@ -300,7 +310,9 @@ def analyse(gm: fx.GraphModule, keep_own_forward: bool = False) -> Analysis:
             root=expr.root,
             sink=sink,
             members=members,
+            ops=tuple(ops[m] for m in members),
             affine=expr.affine,
+            identity=expr.identity,  # trimmed members are identities: the same map
             labels=tuple(ops[m].label for m in members),
             macs_before=expr.macs,
             macs_after=_fused_macs(sink, expr),
@@ -318,7 +330,7 @@ def analyse(gm: fx.GraphModule, keep_own_forward: bool = False) -> Analysis:
         for piece in [region] if pieces is None else pieces:
             if piece.convs and len(piece.members) > 1:
                 regions.append(piece)
-            elif piece.convs == 0 and not piece.affine.is_identity():
+            elif piece.convs == 0 and not piece.identity:
                 lone.append(piece)
     return _account(regions, lone, refused, cut_at)
 
@@ -337,12 +349,13 @@ def _without_own_ops(region: Region, ops: dict[fx.Node, LinearOp]) -> list[Regio
             continue
         if stretch:
             members = tuple(region.members[j] for j in stretch)
-            affine = ops[members[0]].affine
+            affine = algebra.in_float64(ops[members[0]].affine)
             for m in members[1:]:
-                affine = algebra.then(affine, ops[m].affine)
+                affine = algebra.then(affine, algebra.in_float64(ops[m].affine))
             pieces.append(replace(
                 region, root=region.sources[stretch[0]], sink=members[-1], members=members,
-                affine=affine, labels=tuple(region.labels[j] for j in stretch),
+                ops=tuple(ops[m] for m in members), affine=algebra.geometry_only(affine),
+                identity=affine.is_identity(), labels=tuple(region.labels[j] for j in stretch),
                 macs_before=sum(_op_macs(m, ops[m].affine) for m in members),
                 macs_after=_numel(members[-1]) * affine.macs_per_output(),
                 sources=tuple(region.sources[j] for j in stretch),
@@ -472,20 +485,32 @@ def region_module(gm: fx.GraphModule, region: Region) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
-def local_error(gm: fx.GraphModule, region: Region, seed: int = 0) -> float:
-    """Scale-relative max error of the fused conv against the region's ops, both in float64."""
+def fold_region(region: Region) -> Affine:
+    """The region's map in float64, folded again from its ops: one region's numbers at a
+    time."""
+    folded = _fold(dict(zip(region.members, region.ops)), {region.sink}, keep_values=True)
+    assert not isinstance(folded, _Split), "a region that folded in analysis folds again"
+    return folded[region.sink].affine
+
+
+def local_error(gm: fx.GraphModule, region: Region, affine: Affine, seed: int = 0) -> float:
+    """Scale-relative max error of ``affine`` (the region folded) against the region's ops,
+    both in float64."""
     shape = tensor_shape(region.root)
     generator = torch.Generator().manual_seed(seed)
     # The maps are shift-invariant, so a small odd-sized crop checks interior and borders alike
     # at a fraction of the cost of the model's full resolution.
-    extent, stride = region.affine.extent, region.affine.stride
+    extent, stride = affine.extent, affine.stride
     spatial = [min(n, max(LOCAL_CHECK_SIZE, 2 * e + s + 1))
                for n, e, s in zip(shape[2:], extent, stride)]
     x = torch.randn((1, shape[1], *spatial), generator=generator, dtype=torch.float64)
-    original = copy.deepcopy(region_module(gm, region)).double().eval()
-    fused = algebra.to_module(region.affine, torch.float64)
+    original = region_module(gm, region).eval()
+    # the region's own tensors in float64, one region at a time: never a copy of the model
+    doubled = {name: t.double() if t.is_floating_point() else t for name, t in
+               (*original.named_parameters(), *original.named_buffers())}
+    fused = algebra.to_module(affine, torch.float64)
     with torch.no_grad():
-        expected, got = original(x), fused(x)
+        expected, got = functional_call(original, doubled, (x,)), fused(x)
     if expected.shape != got.shape:
         return math.inf
     scale = float(expected.abs().max())

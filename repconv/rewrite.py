@@ -26,6 +26,7 @@ from torch import fx, nn
 from torch.fx._symbolic_trace import _assert_is_none
 
 from repconv import algebra
+from repconv.algebra import Affine
 from repconv.errors import InputError, TraceError
 from repconv.graph import (
     CallRecord,
@@ -120,8 +121,11 @@ def _touched(edits: list[_Edit], frame: str) -> set[str]:
     return touched
 
 
-def _fused_module(region: Region, device: torch.device) -> nn.Module:
-    return algebra.to_module(region.affine, tensor_dtype(region.sink) or torch.float32, device)
+def fused_module(gm: fx.GraphModule, region: Region, affine: Affine) -> nn.Module:
+    """The conv computing ``affine`` (``region`` folded) in the region's dtype, on the device
+    of ``gm``'s weights."""
+    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    return algebra.to_module(affine, tensor_dtype(region.sink) or torch.float32, device)
 
 
 def _chain_slot(gm: fx.GraphModule, region: Region) -> int:
@@ -137,14 +141,14 @@ def _chain_slot(gm: fx.GraphModule, region: Region) -> int:
 
 
 def _plan_edits(
-    gm: fx.GraphModule, regions: list[Region], call_sites: Mapping[str, int]
+    gm: fx.GraphModule, regions: list[Region], fused_modules: Mapping[int, nn.Module],
+    call_sites: Mapping[str, int],
 ) -> tuple[dict[str, list[_Edit]], list[tuple[str, nn.Module | None, Region]]]:
     """Split regions into forward edits by frame and module swaps."""
-    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
     frames: dict[str, list[_Edit]] = defaultdict(list)
     swaps: list[tuple[str, nn.Module | None, Region]] = []
     for region in regions:
-        fused = _fused_module(region, device)
+        fused = fused_modules[id(region)]
         if not region.chain:
             frame = _common([_frame(m) for m in region.members])
             frames[frame].append(_Edit(region.root, region.members[0], region.sink,
@@ -367,11 +371,13 @@ def apply(
     scope: str,
     gm: fx.GraphModule,
     regions: list[Region],
+    fused_modules: Mapping[int, nn.Module],
     calls: Mapping[str, CallRecord],
     scope_concrete: dict[str, Any],
 ) -> Applied:
     """Rewrite each region of ``gm`` (the trace of ``scope_module``, at path ``scope`` in the
-    model) where it runs; ``calls`` holds each module's recorded calls, by model path."""
+    model) where it runs, as its conv in ``fused_modules`` (by ``id(region)``); ``calls`` holds
+    each module's recorded calls, by model path."""
     applied = Applied(scope_module)
     call_sites: dict[str, int] = defaultdict(int)
     for node in gm.graph.nodes:
@@ -381,7 +387,7 @@ def apply(
     applied.removed = [r for r in regions
                        if any(_inside(p, d) for m in r.members for p in _stack(m) for d in dead)]
     live = [r for r in regions if r not in applied.removed]
-    frames, swaps = _plan_edits(gm, live, call_sites)
+    frames, swaps = _plan_edits(gm, live, fused_modules, call_sites)
     # phase 1: trace and align every frame; a region any part of which cannot be placed is
     # applied nowhere (half a chain applied would fold its BN twice)
     refused: dict[int, str] = {}

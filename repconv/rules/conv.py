@@ -5,7 +5,8 @@ keeping their forward) as call_module, or ``F.conv{1,2,3}d`` / ``F.linear`` with
 weights.
 Conditions: the weight has one call site (folding a BN into a weight that two call sites share
 would change the other one); a linear layer only on (batch, features) inputs.
-Formula: ``Affine(weight, bias, stride, padding, dilation, groups)``; a linear layer is the 0-d
+Formula: ``Affine(weight, bias, stride, padding, dilation, groups)``, holding the layer's own
+tensors (the fold converts each to float64 where it uses it); a linear layer is the 0-d
 case; a transposed conv is an Affine that only composes with a per-channel map after it.
 """
 
@@ -40,7 +41,8 @@ def lower(node: fx.Node, ctx: GraphContext) -> Unary | Refusal | None:
                 return None  # a linear layer on tokens acts on the last dim, not channels
             shared = _shared(ctx, node.target)
             return shared or Unary(
-                node.args[0], algebra.from_conv(module.weight, module.bias), "Linear"
+                node.args[0], algebra.from_conv(module.weight, module.bias, as_float64=False),
+                "Linear"
             )
         if isinstance(module, _TRANSPOSED):
             shared = _shared(ctx, node.target)
@@ -62,6 +64,7 @@ def lower(node: fx.Node, ctx: GraphContext) -> Unary | Refusal | None:
                 module.dilation,
                 module.groups,
                 module.padding_mode,
+                as_float64=False,
             )
         except AlgebraError as exc:
             return Refusal(f"{describe(node)}: {exc}")
@@ -92,6 +95,7 @@ def lower(node: fx.Node, ctx: GraphContext) -> Unary | Refusal | None:
             args.get("padding", 0),
             args.get("dilation", 1),
             args.get("groups", 1),
+            as_float64=False,
         )
     except AlgebraError as exc:
         return Refusal(f"{describe(node)}: {exc}")
