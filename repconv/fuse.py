@@ -12,8 +12,8 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from repconv import plan as plan_record
+from repconv import region_check, rewrite
 from repconv import regions as region_analysis
-from repconv import rewrite
 from repconv.errors import TraceError
 from repconv.graph import bind_call, propagate_shapes, record_calls, trace
 from repconv.report import FuseReport, ModelCounts, RewriteRecord, SkipRecord
@@ -113,8 +113,8 @@ class _Fuser:
                           len(analysis.regions))
             # one region's float64 numbers at a time: folded, checked, cast, dropped
             affine = region_analysis.fold_region(region)
-            error = region_analysis.local_error(gm, region, affine, self.check_seed)
-            if error > region_analysis.LOCAL_TOLERANCE:
+            error = region_check.local_error(gm, region, affine, self.check_seed)
+            if error > region_check.LOCAL_TOLERANCE:
                 self.report.skipped.append(SkipRecord(
                     where + describe(region.sink),
                     f"local check failed: fused conv differs by {error:.1e} (scale-relative)",
@@ -150,7 +150,7 @@ class _Fuser:
                 sources=[rewrite.join_path(scope, rewrite.module_path(m)) for m in region.members],
             ))
             if id(region) in applied.placed:
-                self.originals[applied.placed[id(region)]] = region_analysis.region_module(
+                self.originals[applied.placed[id(region)]] = region_check.region_module(
                     gm, region)
         self.report.notes += applied.notes
         self.steps += applied.steps

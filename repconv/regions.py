@@ -17,9 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-import torch
 from torch import fx
-from torch.func import functional_call
 
 from repconv import algebra
 from repconv.algebra import Affine
@@ -35,10 +33,6 @@ from repconv.graph import (
 from repconv.rules import RULES, LinearOp, Refusal, Sum, Unary
 from repconv.rules.base import channels, describe, spatial_dims
 
-# A region whose fused output differs from the original by more than this, relative to the
-# output's scale, in float64, is not rewritten: the algebra would be wrong, so keep the model.
-LOCAL_TOLERANCE = 1e-6
-LOCAL_CHECK_SIZE = 7  # at least: borders on both sides and an interior, per dim
 CONV_LABELS = ("Conv1d", "Conv2d", "Conv3d", "conv1d", "conv2d", "conv3d", "Linear", "linear",
                "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d")
 
@@ -209,6 +203,10 @@ def _fold(
                         *(algebra.scaled(p.affine, c) for p, (_, c) in zip(parts, op.terms))
                     )
                 else:
+                    if any(p.affine.nd != spatial_dims(node) for p in parts):
+                        # maps of the last dim (tokens) stacked along dim 1: not their features
+                        raise AlgebraError("the parts are maps of the last dim, stacked along "
+                                           "another")
                     affine = algebra.concat(*(p.affine for p in parts))
                 macs = sum(p.macs for p in parts)
                 merged = _numel(node) * affine.macs_per_output()
@@ -320,6 +318,13 @@ def analyse(gm: fx.GraphModule, keep_own_forward: bool = False) -> Analysis:
             sources=tuple(_inputs(ops[m])[0] for m in members),
             passthrough=tuple(_is_passthrough(ops[m]) for m in members),
         )
+        root_shape, sink_shape = tensor_shape(region.root), tensor_shape(sink)
+        if not region.chain and (root_shape is None or sink_shape is None
+                                 or root_shape[:-1] != sink_shape[:-1]) and region.affine.nd == 0:
+            # one linear layer in place of merged branches gives the root's token layout
+            refused[sink] = ("its branches reshape the tokens: one linear layer would not give "
+                             f"the shape {list(sink_shape or [])}")
+            continue
         pieces = _without_own_ops(region, ops) if keep_own_forward and region.chain else None
         if pieces is not None:
             for node in region.members:
@@ -469,52 +474,9 @@ def _reads_shape(node: fx.Node) -> bool:
     return any(metadata_read(u) == "shape" and u.args[0] is node for u in node.users)
 
 
-def region_module(gm: fx.GraphModule, region: Region) -> fx.GraphModule:
-    """The region as a standalone module of its root, for checking it alone."""
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {region.root: graph.placeholder("x")}
-
-    def copy_node(node: fx.Node) -> fx.Node:
-        if node not in env:
-            env[node] = graph.node_copy(node, copy_node)
-        return env[node]
-
-    for member in region.members:
-        copy_node(member)
-    graph.output(env[region.sink])
-    return fx.GraphModule(gm, graph)
-
-
 def fold_region(region: Region) -> Affine:
     """The region's map in float64, folded again from its ops: one region's numbers at a
     time."""
     folded = _fold(dict(zip(region.members, region.ops)), {region.sink}, keep_values=True)
     assert not isinstance(folded, _Split), "a region that folded in analysis folds again"
     return folded[region.sink].affine
-
-
-def local_error(gm: fx.GraphModule, region: Region, affine: Affine, seed: int = 0) -> float:
-    """Scale-relative max error of ``affine`` (the region folded) against the region's ops,
-    both in float64."""
-    shape = tensor_shape(region.root)
-    generator = torch.Generator().manual_seed(seed)
-    # The maps are shift-invariant, so a small odd-sized crop checks interior and borders alike
-    # at a fraction of the cost of the model's full resolution.
-    extent, stride = affine.extent, affine.stride
-    spatial = [min(n, max(LOCAL_CHECK_SIZE, 2 * e + s + 1))
-               for n, e, s in zip(shape[2:], extent, stride)]
-    x = torch.randn((1, shape[1], *spatial), generator=generator, dtype=torch.float64)
-    original = region_module(gm, region).eval()
-    # the region's own tensors in float64, one region at a time: never a copy of the model
-    doubled = {name: t.double() if t.is_floating_point() else t for name, t in
-               (*original.named_parameters(), *original.named_buffers())}
-    fused = algebra.to_module(affine, torch.float64)
-    with torch.no_grad():
-        expected, got = functional_call(original, doubled, (x,)), fused(x)
-    if expected.shape != got.shape:
-        return math.inf
-    scale = float(expected.abs().max())
-    error = float((expected - got).abs().max())
-    return error / scale if scale > 0 else error
-
-

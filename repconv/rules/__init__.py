@@ -14,6 +14,7 @@ from repconv.rules import (
     conv,
     pad,
     passthrough,
+    token_reshape,
 )
 from repconv.rules.base import Concat, LinearOp, Refusal, Rule, Sum, Unary
 
@@ -23,6 +24,7 @@ RULES: tuple[Rule, ...] = (
     avg_pool.lower,
     pad.lower,
     passthrough.lower,
+    token_reshape.lower,
     channel_scale.lower,
     branch_sum.lower,
     concat.lower,

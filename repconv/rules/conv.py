@@ -4,10 +4,12 @@ Pattern: ``nn.Conv{1,2,3}d`` / ``nn.ConvTranspose{1,2,3}d`` / ``nn.Linear`` (or 
 keeping their forward) as call_module, or ``F.conv{1,2,3}d`` / ``F.linear`` with constant
 weights.
 Conditions: the weight has one call site (folding a BN into a weight that two call sites share
-would change the other one); a linear layer only on (batch, features) inputs.
+would change the other one).
 Formula: ``Affine(weight, bias, stride, padding, dilation, groups)``, holding the layer's own
-tensors (the fold converts each to float64 where it uses it); a linear layer is the 0-d
-case; a transposed conv is an Affine that only composes with a per-channel map after it.
+tensors (the fold converts each to float64 where it uses it); a linear layer is the 0-d map
+of its input's last dim, on (batch, features) and on (..., features) tokens alike: the token
+dims are batch dims (`token_reshape` keeps them so through reshapes); a transposed conv is
+an Affine that only composes with a per-channel map after it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch import fx, nn
 from repconv import algebra
 from repconv.errors import AlgebraError
 from repconv.graph import GraphContext
-from repconv.rules.base import Refusal, Unary, describe, spatial_dims
+from repconv.rules.base import Refusal, Unary, describe
 
 _FUNCTIONAL_CONV = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -37,8 +39,6 @@ def lower(node: fx.Node, ctx: GraphContext) -> Unary | Refusal | None:
     if node.op == "call_module":
         module = ctx.submodule(node)
         if isinstance(module, nn.Linear):
-            if spatial_dims(node.args[0]) != 0:
-                return None  # a linear layer on tokens acts on the last dim, not channels
             shared = _shared(ctx, node.target)
             return shared or Unary(
                 node.args[0], algebra.from_conv(module.weight, module.bias, as_float64=False),
@@ -77,8 +77,6 @@ def lower(node: fx.Node, ctx: GraphContext) -> Unary | Refusal | None:
     weight_node = args.get("weight")
     weight = ctx.constant(weight_node)
     if weight is None or not ctx.is_tensor_input(args["input"]):
-        return None
-    if node.target is F.linear and spatial_dims(args["input"]) != 0:
         return None
     if isinstance(weight_node, fx.Node) and weight_node.op == "get_attr":
         shared = _shared(ctx, weight_node.target)
