@@ -540,6 +540,20 @@ def _compose_pointwise(a: Affine, b: Affine) -> tuple[Tensor, int]:
         b_w = b.weight.reshape(g, b.out_channels // g, b.weight.shape[1], -1)  # (g, o/g, mid/g, k)
         weight = torch.einsum("gomk,gmi->goik", b_w, a_mat)
         return weight.reshape(b.out_channels, a_mat.shape[-1], *b.kernel_size), g
+    # one side dense: multiply block by block, never writing the grouped side out densely
+    # (a depthwise kernel written densely is channels times larger, and so is the product)
+    if b.groups == 1:
+        g = a.groups
+        a_mat = a.weight.reshape(g, a.out_channels // g, -1)  # (g, mid/g, in/g)
+        b_w = b.weight.reshape(b.out_channels, g, a.out_channels // g, -1)  # (o, g, mid/g, k)
+        weight = torch.einsum("ogmk,gmi->ogik", b_w, a_mat)
+        return weight.reshape(b.out_channels, a.in_channels, *b.kernel_size), 1
+    if a.groups == 1:
+        g = b.groups
+        a_mat = a.weight.reshape(g, a.out_channels // g, a.in_channels)  # (g, mid/g, in)
+        b_w = b.weight.reshape(g, b.out_channels // g, b.weight.shape[1], -1)  # (g, o/g, mid/g, k)
+        weight = torch.einsum("gomk,gmi->goik", b_w, a_mat)
+        return weight.reshape(b.out_channels, a.in_channels, *b.kernel_size), 1
     a_mat = a.dense_matrix()
     b_dense = regroup(b, 1).weight
     weight = torch.einsum("omk,mi->oik", b_dense.reshape(*b_dense.shape[:2], -1), a_mat)
@@ -556,6 +570,18 @@ def _compose_pointwise_after(a: Affine, b: Affine) -> tuple[Tensor, int]:
         a_w = a.weight.reshape(g, a.out_channels // g, a.weight.shape[1], -1)
         weight = torch.einsum("gom,gmik->goik", b_mat, a_w)
         return weight.reshape(b.out_channels, a.weight.shape[1], *a.kernel_size), g
+    if b.groups == 1:  # block by block, as in `_compose_pointwise`
+        g = a.groups
+        a_w = a.weight.reshape(g, a.out_channels // g, a.weight.shape[1], -1)  # (g, mid/g, in/g, k)
+        b_mat = b.weight.reshape(b.out_channels, g, a.out_channels // g)  # (o, g, mid/g)
+        weight = torch.einsum("ogm,gmik->ogik", b_mat, a_w)
+        return weight.reshape(b.out_channels, a.in_channels, *a.kernel_size), 1
+    if a.groups == 1:
+        g = b.groups
+        b_mat = b.weight.reshape(g, b.out_channels // g, -1)  # (g, o/g, mid/g)
+        a_w = a.weight.reshape(g, a.out_channels // g, a.in_channels, -1)  # (g, mid/g, in, k)
+        weight = torch.einsum("gom,gmik->goik", b_mat, a_w)
+        return weight.reshape(b.out_channels, a.in_channels, *a.kernel_size), 1
     b_mat = b.dense_matrix()
     a_dense = regroup(a, 1).weight
     weight = torch.einsum("om,mik->oik", b_mat, a_dense.reshape(*a_dense.shape[:2], -1))

@@ -58,7 +58,7 @@ class Region:
     macs_after: int
     chain: bool  # every member has one input: each can be rewritten where it runs
     sources: tuple[fx.Node, ...]  # in a chain, what each member reads
-    passthrough: tuple[bool, ...]  # which members compute the identity (eval dropout, ...)
+    passthrough: tuple[bool, ...]  # which members pass their input on at no cost (views, ...)
 
     @property
     def convs(self) -> int:
@@ -208,14 +208,22 @@ def _fold(
                         raise AlgebraError("the parts are maps of the last dim, stacked along "
                                            "another")
                     affine = algebra.concat(*(p.affine for p in parts))
-                macs = sum(p.macs for p in parts)
+                # work the branches share (a depthwise conv feeding them all) counts once
+                union = frozenset().union(*(p.members for p in parts))
+                macs = sum(_op_macs(m, ops[m].affine) for m in union
+                           if isinstance(ops[m], Unary))
                 merged = _numel(node) * affine.macs_per_output()
                 if merged > macs and not algebra.is_per_channel(affine):
                     # branches of different shapes stacked: every output channel would read
                     # every input channel through the largest kernel
-                    return _Split(node, f"cost: one conv would take {merged:,} MACs per sample, "
-                                  f"the {len(parts)} branches it merges {macs:,}", inner,
-                                  drop=True)
+                    reason = (f"cost: one conv would take {merged:,} MACs per sample, the "
+                              f"{len(parts)} branches it merges {macs:,}")
+                    shared = frozenset.intersection(*(p.members for p in parts))
+                    ends = tuple(n for n in ops if n in shared and any(
+                        u in union and u not in shared for u in data_users(n)))
+                    # cut where the shared work ends: the branches after it may still merge
+                    return (_Split(node, reason, ends, drop=False) if ends
+                            else _Split(node, reason, inner, drop=True))
         except AlgebraError as exc:
             return _Split(node, str(exc), inner, drop=not isinstance(op, Unary))
         members = frozenset().union(*(p.members for p in parts)) | {node}
@@ -396,7 +404,7 @@ def _account(
 
 
 def _is_passthrough(op: LinearOp) -> bool:
-    return isinstance(op, Unary) and op.affine.is_identity()
+    return isinstance(op, Unary) and op.free
 
 
 def _is_norm(label: str) -> bool:

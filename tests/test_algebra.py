@@ -928,3 +928,20 @@ def test_add_property(case: tuple[int, list[dict]]) -> None:
         assert rel_err(got, expected) < 1e-9, (n, specs)
         assert rel_err(apply_affine(fused, x), expected) < 1e-9, (n, specs)
         assert tuple(expected.shape[2:]) == fused.output_size((n, n + 1))
+
+
+@pytest.mark.parametrize("groups_a,groups_b", [(1, 4), (4, 1), (8, 1), (1, 8), (2, 4), (4, 4)])
+@pytest.mark.parametrize("kernels", [(1, 3), (3, 1), (1, 1)])
+def test_then_mixes_groups_without_dense_kernels(groups_a: int, groups_b: int,
+                                                 kernels: tuple[int, int]) -> None:
+    """A pointwise map before or after a grouped (depthwise) kernel, or the reverse: the block
+    by block products equal running the two convs."""
+    gen = torch.Generator().manual_seed(groups_a * 10 + groups_b)
+    ka, kb = kernels
+    a = A.from_conv(torch.randn(8, 8 // groups_a, ka, ka, generator=gen, dtype=F64),
+                    torch.randn(8, generator=gen, dtype=F64), padding=ka // 2, groups=groups_a)
+    b = A.from_conv(torch.randn(16, 8 // groups_b, kb, kb, generator=gen, dtype=F64),
+                    torch.randn(16, generator=gen, dtype=F64), groups=groups_b)
+    composed = A.then(a, b)
+    x = torch.randn(2, 8, 9, 7, generator=gen, dtype=F64)
+    assert rel_err(apply_affine(composed, x), apply_affine(b, apply_affine(a, x))) < 1e-12

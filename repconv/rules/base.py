@@ -25,6 +25,9 @@ class Unary:
     source: fx.Node
     affine: Affine
     label: str
+    # the identity at no cost (a view, eval dropout): a fold may leave it where it runs; an
+    # identity that runs an op (``x + 0``, ``x * 1``, ``.clone()``) is rewritten away instead
+    free: bool = False
 
 
 @dataclass(frozen=True)

@@ -52,4 +52,4 @@ def lower(node: fx.Node, ctx: GraphContext) -> Unary | Refusal | None:
     nd = spatial_dims(source)
     if nd is None or not ctx.is_tensor_input(source):
         return None
-    return Unary(source, algebra.identity(channels(source), nd), label)
+    return Unary(source, algebra.identity(channels(source), nd), label, free=label != "clone")

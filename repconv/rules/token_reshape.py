@@ -62,4 +62,4 @@ def lower(node: fx.Node, ctx: GraphContext) -> Unary | None:
     if after is None or len(before) < 2 or len(after) < 2 or before[-1] != after[-1]:
         return None
     return Unary(source, algebra.identity(int(after[-1]), 0), str(getattr(
-        node.target, "__name__", node.target)))
+        node.target, "__name__", node.target)), free=True)
