@@ -12,7 +12,15 @@
    float32 (what the CLI does) and in the model's dtype, and how many clean models fail and
    tampered ones are caught with the default tolerances.
 
-Run: `make bench` or `python benchmarks/numerics.py`.
+3. Noise-relative bar (float32 comparisons): on deep conv-BN networks whose float32 noise
+   reaches 1e-4 ("noisy", tests/test_verify_tolerance.py's builder) the fused model's error
+   against the original run in float64, over the original's own float32 noise, and whether
+   one fused conv's weights x1.0001 are caught.
+4. `--zoo [NAMES]` (in .venv-zoo, timm, no weights downloaded): the same on timm models, fused
+   at 128 px batch 1 with `repconv.fuse(check=False)`, verified as the CLI does (batch 2 and
+   96 px too, fp16/bf16 upcast, per-rewrite table), with the extra time of the float64 runs.
+
+Run: `make bench` or `python benchmarks/numerics.py` (`--zoo` for 4 alone).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests")]
 
+from noisy_models import deep_conv_bn  # noqa: E402
 from reference_blocks import BLOCK_NAMES, randomize_bn, tiny_net  # noqa: E402
 
 import repconv  # noqa: E402
@@ -37,6 +46,7 @@ from repconv.rewrite_check import RewriteCheck  # noqa: E402
 from repconv.samples import RepVGGBlock, RepVGGTiny  # noqa: E402
 from repconv.verify import (  # noqa: E402
     DEFAULT_RTOL,
+    NOISE_FACTOR,
     REWRITE_RTOL,
     UPCAST_RTOL,
     VARIATIONS,
@@ -123,6 +133,19 @@ class _Tally:
     tampered_outputs: list[float] = field(default_factory=list)
     tampered_rewrites: list[float] = field(default_factory=list)
     detected: int = 0
+    ratios: list[float] = field(default_factory=list)  # clean: error vs float64 / noise
+
+    def add_clean(self, report: VerifyReport) -> None:
+        outputs = [o for run in report.runs for o in run.outputs]
+        self.clean_outputs.append(max(o.reference_error for o in outputs))
+        self.ratios += [o.reference_error / o.noise for o in outputs if o.noise]
+        self.clean_rewrites += [r.magnitude_error for r in report.rewrite_errors]
+        self.false_failures += not report.passed
+
+
+def _spread(values: list[float]) -> str:
+    """median and max (or — when there are none)."""
+    return f"{statistics.median(values):.2f}, {max(values):.2f}" if values else "—"
 
 
 def _verify(original: nn.Module, result: repconv.FuseResult, deployed: nn.Module, x: Tensor,
@@ -144,10 +167,7 @@ def _measure(dtype: torch.dtype) -> dict[bool, _Tally]:
                             dtype=torch.float64).to(dtype)
             result = repconv.fuse(original, x, check=False)
             for upcast, tally in tallies.items():
-                report = _verify(original, result, result.model, x, upcast, VARIATIONS)
-                tally.clean_outputs.append(report.max_rel_error)
-                tally.clean_rewrites += [r.magnitude_error for r in report.rewrite_errors]
-                tally.false_failures += not report.passed
+                tally.add_clean(_verify(original, result, result.model, x, upcast, VARIATIONS))
                 # tampered, at the example shape (enough to see a change); natively the clean
                 # rows already rule the comparison out
                 for path in result.originals if upcast else ():
@@ -163,10 +183,10 @@ def _measure(dtype: torch.dtype) -> dict[bool, _Tally]:
 
 
 def tolerance_table() -> None:
-    print("| dtype | compared in | clean: outputs max | rtol | clean: rewrites max | "
-          "rewrite rtol | clean models failed | tampered: outputs min | "
+    print("| dtype | compared in | clean: outputs max | clean: error/noise median, max | rtol | "
+          "clean: rewrites max | rewrite rtol | clean models failed | tampered: outputs min | "
           "tampered: rewrite min, median | tampered detected |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for label, dtype in DTYPES.items():
         for upcast, tally in _measure(dtype).items():
             if dtype == torch.float32 and not upcast:
@@ -177,19 +197,96 @@ def tolerance_table() -> None:
                       f"{statistics.median(tampered):.1e} | {tally.detected} of {len(tampered)}"
                       ) if tampered else "— | — | —"
             print(f"| {label} | {'float32' if upcast else label} | "
-                  f"{max(tally.clean_outputs):.1e} | {rtol:.0e} | "
+                  f"{max(tally.clean_outputs):.1e} | {_spread(tally.ratios)} | {rtol:.0e} | "
                   f"{max(tally.clean_rewrites):.1e} | {REWRITE_RTOL[dtype]:.0e} | "
                   f"{tally.false_failures} of {len(BLOCK_NAMES) * 2} | {caught} |")
 
 
+def _tampered(result: repconv.FuseResult, path: str, factor: float) -> nn.Module:
+    broken = copy.deepcopy(result.model)
+    with torch.no_grad():
+        broken.get_submodule(path).weight.mul_(factor)
+    return broken
+
+
+def noisy_table() -> None:
+    """Deep conv-BN networks (tests/noisy_models.py) at growing float32 noise."""
+    print("| offset | seeds | noise min, max | error vs float64 / noise: median, max | "
+          "passed (old fixed 1e-5) | x1.0001 conv: error / allowed, min | x1.0001 caught |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for offset in (0.0, 10.0, 100.0, 1000.0):
+        noise, ratios, passed, old, margins = [], [], 0, 0, []
+        for seed in range(4):
+            model = deep_conv_bn(depth=8, offset=offset, seed=seed)
+            x = torch.randn(1, 3, 40, 40, generator=torch.Generator().manual_seed(seed + 100))
+            result = repconv.fuse(model, x, check=False)
+            report = _verify(model, result, result.model, x, True, VARIATIONS)
+            outputs = [o for run in report.runs for o in run.outputs]
+            noise += [o.noise for o in outputs]
+            ratios += [o.reference_error / o.noise for o in outputs]
+            passed += report.passed
+            old += all(o.max_rel_error <= DEFAULT_RTOL[torch.float32] for o in outputs)
+            middle = list(result.originals)[len(result.originals) // 2]
+            broken = _verify(model, result, _tampered(result, middle, 1.0001), x, True, ())
+            margins.append(max(o.margin for run in broken.runs for o in run.outputs))
+        print(f"| {offset:g} | 4 | {min(noise):.1e}, {max(noise):.1e} | {_spread(ratios)} | "
+              f"{passed} of 4 ({old} of 4) | {min(margins):.1f} | "
+              f"{sum(m > 1 for m in margins)} of 4 |")
+
+
+ZOO_NOISE = ("resnet50", "inception_v3", "cspdarknet53", "dla34", "selecsls42b", "dpn48b",
+             "mobilenetv2_050", "efficientvit_m0", "resnet18", "repvgg_a0", "mobileone_s0")
+
+
+def zoo_table(names: list[str]) -> None:
+    """timm models verified as `repconv fuse` does; needs .venv-zoo (benchmarks/zoo_models)."""
+    sys.path[:0] = [str(ROOT / "benchmarks")]
+    from zoo_models import ZOO, build, seeded_input
+
+    specs = {spec.name: spec for spec in ZOO}
+    print("| model | dtype | noise (max over 3 inputs) | error vs float64 | ratio | allowed | "
+          "old: error vs fp32, passed | passed | rewrites passed | verify s | float64 s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name in names:
+        model = build(specs[name], 128)
+        for label, dtype in DTYPES.items():
+            original = copy.deepcopy(model).to(dtype)
+            x = seeded_input((1, 3, 128, 128), seed=1).to(dtype)
+            result = repconv.fuse(original, x, check=False)
+            report = _verify(original, result, result.model, x, True, VARIATIONS)
+            outputs = [o for run in report.runs for o in run.outputs]
+            old = all(o.max_rel_error <= DEFAULT_RTOL[torch.float32] for o in outputs)
+            noise = max((o.noise for o in outputs if o.noise is not None), default=None)
+            rewrites = [r for r in report.rewrite_errors if not r.problem]
+            old_cell = f"{report.max_rel_error:.1e}, {'yes' if old else 'NO'}" if (
+                dtype == torch.float32) else "—"
+            print(f"| {name} | {label} | {noise or 0:.1e} | {report.reference_error:.1e} | "
+                  f"{report.reference_error / (report.noise or 1):.2f} | "
+                  f"{report.tolerance or 0:.1e} | {old_cell} | "
+                  f"{'yes' if report.passed else 'NO'} | "
+                  f"{sum(r.passed for r in rewrites)} of {len(rewrites)} | "
+                  f"{sum(report.seconds.values()):.2f} | "
+                  f"{report.seconds.get('float64_reference', 0):.2f} |", flush=True)
+            del original, result
+
+
 def main() -> None:
     torch.manual_seed(0)
+    if sys.argv[1:2] == ["--zoo"]:
+        zoo_table(sys.argv[2].split(",") if len(sys.argv) > 2 else list(ZOO_NOISE))
+        return
     print("Folding error: output error against the original run in float64, both fused "
           "models run in float64 (4x3x32x32 input)\n")
     folding_table()
     print(f"\nVerification error: {len(BLOCK_NAMES)} block families x 2 seeds, width 16; "
-          "tampered = one fused conv's weights x1.02 (each conv in turn)\n")
+          "tampered = one fused conv's weights x1.02 (each conv in turn); error/noise: the "
+          "fused model's error against the original run in float64 over the original's own "
+          "float32 noise (float32 comparisons)\n")
     tolerance_table()
+    print(f"\nNoise-relative bar (allowed: max(1e-5, {NOISE_FACTOR:g} x noise)): deep conv-BN "
+          "networks, 8 layers, a constant offset after each BN but the last; x1.0001 = the "
+          "middle fused conv's weights\n")
+    noisy_table()
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from repconv.report import RewriteRecord
-from repconv.verify import error_of
+from repconv.verify_reference import error_of
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,12 @@ the rounding of the fused weights to the model's dtype, without the dtype's arit
 which is several times larger (benchmarks/numerics.py measures both): compared natively, a
 bfloat16 conv with weights x1.02 hides in the noise.
 
+Tolerance: where the models are compared in float32, each output must be within
+``max(rtol, noise_factor * noise)`` of the original run in float64, ``noise`` being the
+original's own float32 error against that (:mod:`repconv.verify_reference`): a fused model may
+round differently, not more. Elsewhere (float64, fp16/bf16 compared natively, ``noise_factor``
+0, an original that does not run in float64) the fixed ``rtol`` against the original as run.
+
 ``rewrites`` (:mod:`repconv.rewrite_check`) adds the per-rewrite table: each fused conv against
 the ops it replaced, on the activation that reaches it, so a failure names the rewrite.
 """
@@ -23,25 +29,37 @@ the ops it replaced, on the activation that reaches it, so a failure names the r
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
 
 from repconv.errors import InputError, TraceError
 from repconv.metadata import MAX_INPUT_ELEMENTS, check_seed
 from repconv.progress import Progress, no_progress
-from repconv.verify_report import OutputError, Run, SkippedRun, VerifyReport
+from repconv.verify_reference import (
+    FLOAT64,
+    ORIGINAL,
+    Float64Reference,
+    compare_output,
+    computed_in,
+    error_of,  # noqa: F401 (re-exported: the per-rewrite table and callers use it)
+    first_line,
+    leaves,
+)
+from repconv.verify_report import Run, SkippedRun, VerifyReport
 
 if TYPE_CHECKING:
     from repconv.rewrite_check import RewriteCheck, RewriteError
 
 # Scale-relative tolerance of the outputs when both models run in the model's own dtype, by the
-# least precise floating dtype among the inputs and the model's tensors.
+# least precise floating dtype among the inputs and the model's tensors. Where the models are
+# compared in float32 it is a floor: the bar is max(rtol, NOISE_FACTOR * the original's own
+# float32 noise), measured against the original run in float64 (repconv.verify_reference).
 DEFAULT_RTOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 1e-2,
                 torch.bfloat16: 5e-2}
 # ... when fp16/bf16 models run upcast (what the CLI does); README "Tolerances" has the
@@ -53,6 +71,11 @@ UPCAST_RTOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 5e-3,
 # dtype's unit roundoff (2^-8 bf16, 2^-11 fp16), whatever the depth or the cancellation.
 REWRITE_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-3,
                 torch.bfloat16: 4e-3}
+# A correct fold errs by 0.92x (median) to 1.67x (max) the original's own float32 noise
+# (README "Tolerances": 28 reference models, 16 deep noisy conv-BN nets, 11 timm models); 8x
+# leaves 4.8x above the largest, and one fused conv's weights x1.0001 in the noisiest nets
+# still lands 5.4x over the bar (the network amplifies the change as it amplifies rounding).
+NOISE_FACTOR = 8.0
 VARIATIONS = ("batch", "spatial")
 
 
@@ -67,34 +90,6 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
     finally:
         for module, training in saved:
             module.training = training
-
-
-_PRECISION = {torch.float16: 0, torch.bfloat16: 0, torch.float32: 1, torch.float64: 2}
-
-
-def _tensors_of(model: nn.Module) -> Iterator[Tensor]:
-    for module in model.modules():
-        yield from (t for t in module._parameters.values() if t is not None)
-        yield from (t for t in module._buffers.values() if t is not None)
-        yield from (v for v in vars(module).values() if isinstance(v, Tensor))
-
-
-@contextmanager
-def computed_in(dtype: torch.dtype | None, *models: nn.Module) -> Iterator[None]:
-    """Every floating tensor of ``models`` less precise than ``dtype`` upcast in place (exact),
-    and its own data put back afterwards (storage sharing included)."""
-    saved: dict[int, tuple[Tensor, Tensor]] = {}
-    for model in models if dtype is not None else ():
-        for tensor in _tensors_of(model):
-            if (tensor.is_floating_point() and id(tensor) not in saved
-                    and _PRECISION.get(tensor.dtype, 2) < _PRECISION[dtype]):
-                saved[id(tensor)] = (tensor, tensor.data)
-                tensor.data = tensor.data.to(dtype)
-    try:
-        yield
-    finally:
-        for tensor, data in saved.values():
-            tensor.data = data
 
 
 def random_inputs(example_inputs: tuple[Tensor, ...], seed: int,
@@ -131,26 +126,6 @@ def varied_shapes(shapes: list[list[int]],
         if other != shapes:
             variants.append(("spatial " + "x".join(map(str, other[0][2:])), other))
     return variants
-
-
-def error_of(expected: Tensor, got: Tensor) -> tuple[float, float, float]:
-    """(max abs error, max abs error / max |expected|, max |expected|), in float64; NaN is
-    infinitely wrong."""
-    a64, b64 = expected.detach().double(), got.detach().double()
-    scale = float(a64.abs().max()) if a64.numel() else 0.0
-    abs_error = float((a64 - b64).abs().max()) if a64.numel() else 0.0
-    if abs_error != abs_error:
-        abs_error = float("inf")
-    return abs_error, abs_error / scale if scale > 0 else abs_error, scale
-
-
-def _leaves(output: object) -> tuple[list[tuple[str, Tensor]], str]:
-    """The tensor leaves of an output, and its structure (containers, non-tensor leaves)."""
-    leaves, spec = tree_flatten(output)
-    tensors = [(f"output[{i}]", leaf) for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
-    structure = [type(leaf).__name__ if not isinstance(leaf, Tensor) else "Tensor"
-                 for leaf in leaves]
-    return tensors, f"{spec} {structure}"
 
 
 def _structure_problem(expected: list[tuple[str, Tensor]], got: list[tuple[str, Tensor]],
@@ -198,11 +173,6 @@ def _plan(inputs: tuple[Tensor, ...], samples: Mapping[str, tuple[Tensor, ...]],
     return planned, skipped
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
-
-
 def _least_precise(inputs: tuple[Tensor, ...], model: nn.Module) -> torch.dtype:
     tensors = [*inputs, *model.parameters(), *model.buffers()]
     dtypes = {t.dtype for t in tensors if t.is_floating_point()} & set(DEFAULT_RTOL)
@@ -230,14 +200,22 @@ def verify(
     rewrites: RewriteCheck | None = None,
     rewrite_rtol: float | None = None,
     lenient: Sequence[str] = (),
+    noise_factor: float | None = None,
     progress: Progress = no_progress,
 ) -> VerifyReport:
     """Compare ``original`` and ``fused`` on the inputs described in the module docstring.
-    Passes when every output leaf has ``max|a-b| <= atol + rtol * max|a|`` and every rewrite
-    of ``rewrites`` is within ``rewrite_rtol`` of the ops it replaced. A variation in
-    ``lenient`` that the fused model refuses (a .pt2 whose spatial range torch.export fixed)
-    is skipped with the reason instead of failing."""
-    for name, value in (("rtol", rtol), ("atol", atol), ("rewrite_rtol", rewrite_rtol)):
+    Passes when every output leaf is within ``atol`` plus its scale-relative tolerance of the
+    reference (``max(rtol, noise_factor * noise)`` of the float64 original where the models
+    run in float32, else ``rtol`` of the original as run) and every rewrite of ``rewrites`` is
+    within ``rewrite_rtol`` of the ops it replaced. ``noise_factor`` 0 turns the noise term
+    (and the float64 runs) off; so does an explicit ``rtol`` unless ``noise_factor`` is given
+    too (it is then the floor). A variation in ``lenient`` that the fused model refuses (a .pt2
+    whose spatial range torch.export fixed) is skipped with the reason instead of failing."""
+    # an explicit rtol is the bar asked for (--rtol 1e-12 must be able to fail): no noise term
+    explicit = rtol is not None and noise_factor is None
+    noise_factor = (0.0 if explicit else NOISE_FACTOR) if noise_factor is None else noise_factor
+    for name, value in (("rtol", rtol), ("atol", atol), ("rewrite_rtol", rewrite_rtol),
+                        ("noise_factor", noise_factor)):
         _check_tolerance(name, value)
     check_seed(seed)
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
@@ -245,10 +223,12 @@ def verify(
     rtol = (UPCAST_RTOL if upcast else DEFAULT_RTOL)[dtype] if rtol is None else rtol
     rewrite_rtol = REWRITE_RTOL[dtype] if rewrite_rtol is None else rewrite_rtol
     compute = (torch.float64 if dtype == torch.float64 else torch.float32) if upcast else dtype
+    reference = Float64Reference(original) if compute == torch.float32 and noise_factor else None
     planned, skipped = _plan(inputs, samples or {}, seed, trials, vary)
     runs: list[Run] = []
     problem, rewrite_errors = "", []
     extra = rewrites.modules() if rewrites is not None else []
+    start, seconds = time.perf_counter(), {}
     with eval_mode(original, fused, *extra), torch.no_grad(), \
             computed_in(compute, original, fused, *extra):
         for index, plan in enumerate(planned):
@@ -257,47 +237,70 @@ def verify(
                 inputs, plan.seed or 0, plan.shapes)
             given = tuple(x.to(compute) if x.is_floating_point() else x for x in given)
             try:  # each model gets its own copy: a model may change its input in place
-                expected = _leaves(original(*(x.clone() for x in given)))
+                expected = leaves(original(*(x.clone() for x in given)))
             except Exception as exc:  # model code failing on the input is a usage problem
                 if plan.optional:
                     skipped.append(SkippedRun(plan.source, plan.shapes, "the original model "
-                                              f"does not run at this size ({_first_line(exc)})"))
+                                              f"does not run at this size ({first_line(exc)})"))
                     continue
                 raise TraceError(f"the model fails on {plan.source} inputs of shape "
-                                 f"{plan.shapes}: {_first_line(exc)}") from exc
+                                 f"{plan.shapes}: {first_line(exc)}") from exc
             try:
-                got = _leaves(fused(*(x.clone() for x in given)))
+                got = leaves(fused(*(x.clone() for x in given)))
             except Exception as exc:  # the deployed model refusing what the original runs
                 if plan.optional and plan.source.partition(" ")[0] in lenient:
                     skipped.append(SkippedRun(plan.source, plan.shapes, "the fused model does "
-                                              f"not accept this size ({_first_line(exc)})"))
+                                              f"not accept this size ({first_line(exc)})"))
                     continue
                 problem = (f"the fused model fails on inputs of shape {plan.shapes} where the "
-                           f"original runs ({_first_line(exc)})")
+                           f"original runs ({first_line(exc)})")
                 break
             problem = _structure_problem(expected[0], got[0], expected[1], got[1])
             if problem:
                 break
-            runs.append(_compare(plan, expected[0], got[0], rtol, atol))
+            exact = reference.run(given, *expected) if reference is not None else None
+            runs.append(_compare(plan, expected[0], got[0], exact, rtol, atol, noise_factor))
+        seconds["outputs"] = time.perf_counter() - start
         if rewrites is not None and planned and not problem:
             progress("comparing each rewrite", 0, None)
+            start = time.perf_counter()
             first = planned[0]
             given = first.given if first.given is not None else random_inputs(
                 inputs, first.seed or 0, first.shapes)
             rewrite_errors = rewrites.errors(
                 tuple(x.to(compute) if x.is_floating_point() else x for x in given),
                 rewrite_rtol, atol, torch.finfo(dtype).tiny)
-    return _report(runs, skipped, problem, rewrite_errors, inputs, dtype, compute,
-                   rtol=rtol, atol=atol, seed=seed, rewrite_rtol=rewrite_rtol)
+            seconds["rewrites"] = time.perf_counter() - start
+    if reference is not None:  # the float64 runs, apart from the runs of both models
+        seconds["outputs"] -= reference.seconds
+        seconds["float64_reference"] = reference.seconds
+    note = (f"compared in {_name(compute)}: the fixed rtol applies" if compute != torch.float32
+            else "rtol given: it applies as a fixed bar" if reference is None and explicit
+            else "noise_factor 0: the fixed rtol applies" if reference is None
+            else f"{reference.problem}: the fixed rtol applies" if reference.problem else "")
+    report = _report(runs, skipped, problem, rewrite_errors, inputs, dtype, compute,
+                     rtol=rtol, atol=atol, seed=seed, rewrite_rtol=rewrite_rtol)
+    decisive = max(((run, o) for run in runs for o in run.outputs), key=lambda ro: ro[1].margin,
+                   default=None)
+    return replace(
+        report, reference=FLOAT64 if any(o.noise is not None for r in runs for o in r.outputs)
+        else ORIGINAL, reference_note=note, noise_factor=noise_factor if reference else 0.0,
+        deciding_output=f"{decisive[1].name} ({decisive[0].source})" if decisive else "",
+        reference_error=decisive[1].reference_error if decisive else 0.0,
+        noise=decisive[1].noise if decisive else None,
+        tolerance=decisive[1].tolerance if decisive else None,
+        seconds={k: round(v, 4) for k, v in seconds.items()})
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _compare(plan: _Planned, expected: list[tuple[str, Tensor]], got: list[tuple[str, Tensor]],
-             rtol: float, atol: float) -> Run:
-    outputs = []
-    for (name, a), (_, b) in zip(expected, got):
-        abs_error, rel_error, scale = error_of(a, b)
-        outputs.append(OutputError(name, list(a.shape), abs_error, rel_error,
-                                   abs_error <= atol + rtol * scale))
+             exact: list[Tensor] | None, rtol: float, atol: float, noise_factor: float) -> Run:
+    outputs = [compare_output(name, a, b, exact[i] if exact is not None else None, rtol=rtol,
+                              atol=atol, noise_factor=noise_factor)
+               for i, ((name, a), (_, b)) in enumerate(zip(expected, got))]
     return Run(plan.source, plan.seed, plan.shapes, len(outputs),
                sum(a.numel() for _, a in expected), outputs)
 
@@ -326,8 +329,8 @@ def _report(runs: list[Run], skipped: list[SkippedRun], problem: str,
         worst_output=worst.name if worst else "",
         elements_compared=runs[0].elements_compared if runs else 0,
         problem=problem,
-        dtype=str(dtype).removeprefix("torch."),
-        compared_in=str(compute).removeprefix("torch."),
+        dtype=_name(dtype),
+        compared_in=_name(compute),
         runs=runs,
         skipped_runs=skipped,
         rewrite_rtol=rewrite_rtol,

@@ -14,15 +14,32 @@ if TYPE_CHECKING:
     from repconv.rewrite_check import RewriteError
 
 
+def times(ratio: float) -> str:
+    """An error-to-noise ratio: "0.72x", "1.3x", "400x"."""
+    return f"{ratio:.2g}x" if ratio < 1 else f"{ratio:.1f}x" if ratio < 10 else f"{ratio:.0f}x"
+
+
 @dataclass(frozen=True)
 class OutputError:
-    """One output leaf on one input."""
+    """One output leaf on one input. ``max_*_error``: against the original as run;
+    ``reference_error``: against the reference (the original in float64 when ``noise`` is set,
+    else the original as run), which must be within ``tolerance`` (scale-relative)."""
 
     name: str
     shape: list[int]
     max_abs_error: float
     max_rel_error: float
     passed: bool
+    reference_error: float = 0.0
+    noise: float | None = None  # max |original - original in float64| / scale
+    tolerance: float = 0.0  # max(rtol, noise_factor * noise), or rtol without a noise
+
+    @property
+    def margin(self) -> float:
+        """reference_error / tolerance: above 1 fails (atol aside)."""
+        if self.tolerance > 0:
+            return self.reference_error / self.tolerance
+        return float("inf") if self.reference_error > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -65,6 +82,16 @@ class VerifyReport:
     rewrite_rtol: float | None = None
     rewrite_errors: list[RewriteError] = field(default_factory=list)
     worst_rewrite: str = ""
+    # the bar (repconv.verify_reference): "float64" (noise-relative) or "original" (fixed rtol)
+    reference: str = ""
+    reference_note: str = ""  # why the reference is not float64
+    noise_factor: float = 0.0
+    # the output closest to (or furthest over) its tolerance: where, and its numbers
+    deciding_output: str = ""
+    reference_error: float = 0.0
+    noise: float | None = None
+    tolerance: float | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -76,12 +103,26 @@ class VerifyReport:
         elements = f" of {self.elements_compared:,} element(s)" if self.elements_compared else ""
         shapes = len({str(r.input_shapes) for r in self.runs})
         at = f" at {shapes} shape(s)" if shapes > 1 else ""
-        return (
-            f"verification {verdict}{problem}: max scale-relative error "
-            f"{self.max_rel_error:.2e} (tolerance {self.rtol:.0e}), max abs error "
-            f"{self.max_abs_error:.2e}, {self.outputs_compared} output(s){elements} x "
-            f"{self.trials} input(s){at}"
-        )
+        sizes = (f"max abs error {self.max_abs_error:.2e}, {self.outputs_compared} "
+                 f"output(s){elements} x {self.trials} input(s){at}")
+        if self.noise is None or self.problem:
+            fallback = f" ({self.reference_note})" if self.reference_note and self.runs else ""
+            return (f"verification {verdict}{problem}: max scale-relative error "
+                    f"{self.max_rel_error:.2e} (tolerance {self.rtol:.0e}{fallback}), {sizes}")
+        return f"verification {verdict}: {self.noise_summary()}; {sizes}"
+
+    def noise_summary(self) -> str:
+        """The deciding output's error against the float64 original, next to the original's
+        own noise: "error 3.0e-03 ... is 400x the original's own float32 noise 7.5e-06"."""
+        noise = self.noise or 0.0
+        ratio = (times(self.reference_error / noise) if noise > 0 else
+                 "above" if self.reference_error > 0 else "equal to")
+        where = f"{self.deciding_output}: " if not self.passed else ""
+        verb = "is" if not self.passed else "at"
+        return (f"{where}error {self.reference_error:.2e} of the output's scale against the "
+                f"original run in float64, {verb} {ratio} the original's own {self.compared_in} "
+                f"noise {noise:.2e} (allowed {self.tolerance or 0.0:.2e}: "
+                f"{self.noise_factor:g}x the noise, at least {self.rtol:.0e})")
 
     def rewrite_summary(self) -> str:
         compared = [r for r in self.rewrite_errors if not r.problem]
@@ -98,19 +139,8 @@ class VerifyReport:
     def __rich__(self) -> Group:
         style = "green" if self.passed else "bold red"
         parts: list[Text | Table] = [Text(self.summary(), style=style)]
-        if len(self.runs) > 1:
-            table = Table(box=None, pad_edge=False)
-            for column in ("input", "shapes", "outputs", "elements", "max rel error"):
-                table.add_column(column, justify="left" if column in ("input", "shapes")
-                                 else "right")
-            for run in self.runs:
-                worst = max((o.max_rel_error for o in run.outputs), default=0.0)
-                table.add_row(run.source, " ".join("x".join(map(str, s))
-                                                   for s in run.input_shapes),
-                              str(run.outputs_compared), f"{run.elements_compared:,}",
-                              Text(f"{worst:.2e}", style="" if all(
-                                  o.passed for o in run.outputs) else "bold red"))
-            parts.append(table)
+        if len(self.runs) > 1 or self.noise is not None:
+            parts.append(self._runs_table())
         parts += [Text(f"not compared at {s.source} {s.input_shapes}: {s.reason}",
                        style="yellow") for s in self.skipped_runs]
         if self.rewrite_errors:
@@ -118,3 +148,28 @@ class VerifyReport:
             parts += [Text(f"  {r.fused_module}: {r.problem}", style="yellow")
                       for r in self.rewrite_errors if r.problem]
         return Group(*parts)
+
+    def _runs_table(self) -> Table:
+        """One row per input: its worst output's error against the original as run and, with a
+        float64 reference, against that, the original's own noise, their ratio and the bar."""
+        noisy = self.noise is not None
+        columns = ["input", "shapes", "outputs", "elements", "max rel error"]
+        columns += ["vs float64", f"{self.compared_in} noise", "ratio", "allowed"] if noisy else []
+        table = Table(box=None, pad_edge=False)
+        for column in columns:
+            table.add_column(column, justify="left" if column in ("input", "shapes") else "right")
+        for run in self.runs:
+            worst = max((o.max_rel_error for o in run.outputs), default=0.0)
+            style = "" if all(o.passed for o in run.outputs) else "bold red"
+            row = [run.source, " ".join("x".join(map(str, s)) for s in run.input_shapes),
+                   str(run.outputs_compared), f"{run.elements_compared:,}", f"{worst:.2e}"]
+            decisive = max(run.outputs, key=lambda o: o.margin, default=None)
+            if noisy and decisive is not None and decisive.noise is not None:
+                ratio = (times(decisive.reference_error / decisive.noise)
+                         if decisive.noise > 0 else "-")
+                row += [f"{decisive.reference_error:.2e}", f"{decisive.noise:.2e}", ratio,
+                        f"{decisive.tolerance:.2e}"]
+            elif noisy:
+                row += ["-", "-", "-", f"{self.rtol:.0e}"]
+            table.add_row(*(Text(cell, style=style) for cell in row))
+        return table

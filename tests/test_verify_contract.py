@@ -62,6 +62,14 @@ def test_schema_shapes_outputs_and_rewrites(repvgg_ckpt: Path,
         assert output["name"] == "output[0]" and output["passed"] is True
         assert output["shape"] == [run["input_shapes"][0][0], 10]
         assert 0 <= output["max_rel_error"] < 1e-5
+        # the bar: the original's own float32 noise against its float64 run, at least rtol
+        assert 0 < output["noise"] < 1e-6 and 0 < output["reference_error"] < 1e-6
+        assert output["tolerance"] == max(1e-5, 8 * output["noise"]) == 1e-5
+    assert data["reference"] == "float64" and data["reference_note"] == ""
+    assert data["noise_factor"] == 8.0 and data["rtol"] == 1e-5
+    assert data["tolerance"] == 1e-5 and data["noise"] < 1e-6
+    assert data["deciding_output"].startswith("output[0] (")
+    assert set(data["seconds"]) == {"outputs", "float64_reference", "rewrites"}
     names = [r["fused_module"] for r in fused["rewrites"]]
     rows = data["rewrite_errors"]
     assert [r["fused_module"] for r in rows] == names
@@ -199,6 +207,9 @@ def test_low_precision_is_compared_in_float32(repvgg_ckpt: Path, tmp_path: Path,
     assert verification["dtype"] == str(dtype).removeprefix("torch.")
     assert verification["compared_in"] == "float32"
     assert verification["rtol"] == UPCAST_RTOL[dtype]
+    # float32 noise (~1e-7) is far under the floor: the noise term loosens nothing here
+    assert verification["reference"] == "float64" and verification["noise"] < 1e-6
+    assert verification["tolerance"] == UPCAST_RTOL[dtype]
     assert verification["rewrite_rtol"] == REWRITE_RTOL[dtype]
     assert torch.load(out, weights_only=True)["state_dict"]["linear.weight"].dtype == dtype
     code, data, _ = _verify(train, out)
