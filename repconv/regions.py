@@ -30,19 +30,12 @@ from repconv.graph import (
     tensor_dtype,
     tensor_shape,
 )
+from repconv.region_reasons import Skip, account, is_norm
 from repconv.rules import RULES, LinearOp, Refusal, Sum, Unary
-from repconv.rules.base import channels, describe, spatial_dims
+from repconv.rules.base import channels, spatial_dims
 
 CONV_LABELS = ("Conv1d", "Conv2d", "Conv3d", "conv1d", "conv2d", "conv3d", "Linear", "linear",
                "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d")
-
-
-@dataclass(frozen=True)
-class Skip:
-    """Something left unfused, where, and why."""
-
-    where: str
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -336,7 +329,7 @@ def analyse(gm: fx.GraphModule, keep_own_forward: bool = False) -> Analysis:
         pieces = _without_own_ops(region, ops) if keep_own_forward and region.chain else None
         if pieces is not None:
             for node in region.members:
-                if node not in {m for piece in pieces for m in piece.members} and _is_norm(
+                if node not in {m for piece in pieces for m in piece.members} and is_norm(
                         ops[node].label):
                     refused[node] = ("runs in the model's own forward: folding it would rewrite "
                                      "the model's forward, its class and methods")
@@ -345,7 +338,8 @@ def analyse(gm: fx.GraphModule, keep_own_forward: bool = False) -> Analysis:
                 regions.append(piece)
             elif piece.convs == 0 and not piece.identity:
                 lone.append(piece)
-    return _account(regions, lone, refused, cut_at)
+    skips, cuts = account(regions, lone, refused, cut_at)
+    return Analysis(regions, skips, cuts)
 
 
 def _without_own_ops(region: Region, ops: dict[fx.Node, LinearOp]) -> list[Region] | None:
@@ -377,65 +371,8 @@ def _without_own_ops(region: Region, ops: dict[fx.Node, LinearOp]) -> list[Regio
     return pieces
 
 
-def _account(
-    regions: list[Region], lone: list[Region], refused: dict[fx.Node, str],
-    cut_at: dict[fx.Node, str],
-) -> Analysis:
-    """Sort the reasons: each op left as it is is listed once with its real reason (a
-    BatchNorm that merges into nothing says why); a cut whose pieces still fold is not "left"."""
-    skips = [Skip(describe(node), reason) for node, reason in refused.items()]
-    explained: set[fx.Node] = set()
-    for region in lone:
-        norms = [m for m, label in zip(region.members, region.labels) if _is_norm(label)]
-        if not norms:
-            continue
-        near = [n for n in (region.sink, *data_users(region.sink)) if n in cut_at]
-        explained.update(near)
-        reason = cut_at[near[0]] if near else _no_conv_reason(region, refused)
-        skips += [Skip(describe(n), reason) for n in norms]
-    folded = {m for region in regions for m in region.members}
-    cuts = []
-    for node, reason in cut_at.items():
-        if node in folded:
-            cuts.append(Skip(describe(node), reason))
-        elif node not in explained:
-            skips.append(Skip(describe(node), reason))
-    return Analysis(regions, _unique(skips), _unique(cuts))
-
-
 def _is_passthrough(op: LinearOp) -> bool:
     return isinstance(op, Unary) and op.free
-
-
-def _is_norm(label: str) -> bool:
-    return "norm" in label.lower()
-
-
-def _no_conv_reason(region: Region, refused: dict[fx.Node, str]) -> str:
-    """Why a BatchNorm merges into no conv: it would run as a depthwise conv, slower than the
-    BatchNorm it replaced (DESIGN §0.2), so it stays."""
-    source = region.root
-    others = sorted({label for label in region.labels if not _is_norm(label)})
-    readers = [u.name for u in data_users(source) if u not in region.members]
-    if others:
-        where = f"it merges only with {', '.join(others)}, which is no conv"
-    elif source.op == "placeholder":
-        where = f"it reads the input {source.name} directly"
-    elif source in refused:
-        where = f"{describe(source)} before it cannot fold: {refused[source]}"
-    elif readers:
-        users = len(data_users(source))
-        where = (f"its input {describe(source)} has {users} users ({', '.join(readers)} too), "
-                 "so folding into it would change what they see")
-    else:
-        where = f"its input comes from {describe(source)}, which is not a linear op"
-    return (f"no conv to merge into: {where}; kept as a BatchNorm, which runs faster than the "
-            "depthwise conv it would become")
-
-
-def _unique(records: list[Skip]) -> list[Skip]:
-    """Each place once (a conv shared by two call sites is refused at both)."""
-    return list(dict.fromkeys(records))
 
 
 def _structural_split(
