@@ -68,3 +68,18 @@ def test_linear_over_length_never_mixes_with_channel_maps() -> None:
     # conv+bn fold; the Linear over the length and the BN over channels after it cannot
     assert (after.convs, after.batchnorms, after.matmuls) == (1, 1, 1), after.ops
     assert error(model, fused_model, x) <= TOL
+
+
+def test_token_plan_replays_on_a_fresh_model() -> None:
+    """The deploy plan of a LeViT-style fold rebuilds the same model from the bare class."""
+    from repconv.fuse import replay_plan
+
+    torch.manual_seed(9)
+    model = randomize_bns(tm.TokenMlp(), seed=9)
+    result = repconv.fuse(model, randn(1, 16, 8, seed=0))
+    weights = result.model.state_dict()
+    rebuilt = replay_plan(tm.TokenMlp(), result.plan, weights)
+    rebuilt.load_state_dict(weights)
+    x = randn(2, 9, 8, seed=1)
+    assert executed(rebuilt, x).batchnorms == 0
+    assert error(model, rebuilt, x) <= TOL
