@@ -40,6 +40,7 @@ class Form:
     name: str
     run: Callable[..., object]
     module: nn.Module | None = None  # the torch module behind ``run``, when there is one
+    runtime: str = "torch"  # what runs it: "torch", or e.g. "onnxruntime 1.32.0"
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class FormResult:
     macs: int | None
     weight_bytes: int | None  # parameters and buffers
     peak_memory_bytes: int | None  # weights + the most activation memory live at once
+    runtime: str = "torch"
 
 
 @dataclass
@@ -93,6 +95,9 @@ class BenchReport:
         def row(label: str, value: Callable[[FormResult], str]) -> None:
             table.add_row(label, *(value(f) for f in self.forms))
 
+        mixed = len({f.runtime for f in self.forms}) > 1
+        if mixed:
+            row("runtime", lambda f: f.runtime)
         row("latency ms (median)", lambda f: f"{f.latency.median_ms:.2f}")
         row("spread ms (q1-q3)", lambda f: f"{f.latency.q1_ms:.2f}-{f.latency.q3_ms:.2f}")
         row("aten ops", lambda f: _int(f.ops and f.ops["total"]))
@@ -102,8 +107,10 @@ class BenchReport:
         row("MACs", lambda f: _int(f.macs))
         row("peak memory MB", lambda f: "?" if f.peak_memory_bytes is None
             else f"{f.peak_memory_bytes / 2**20:.1f}")
-        return Group(table, Text(f"{self.forms[1].name} runs {self.speedup():.2f}x as fast as "
-                                 f"{self.forms[0].name}", style="bold"))
+        first, second = self.forms[0], self.forms[1]
+        across = f" (in {second.runtime}, against {first.runtime})" if mixed else ""
+        return Group(table, Text(f"{second.name} runs {self.speedup():.2f}x as fast as "
+                                 f"{first.name}{across}", style="bold"))
 
 
 def _int(value: int | None) -> str:
@@ -203,6 +210,6 @@ def bench(forms: Sequence[Form], inputs: tuple[Tensor, ...], *, input_path: str,
         for index, form in enumerate(forms):
             progress("counting ops, MACs and memory", index, len(forms))
             results.append(FormResult(form.name, _latency(samples[form.name]),
-                                      **_figures(form, inputs)))
+                                      **_figures(form, inputs), runtime=form.runtime))
     return BenchReport(input_path, deploy_path, [list(x.shape) for x in inputs],
                        torch.get_num_threads(), torch.__version__, rounds, warmup, results)

@@ -26,6 +26,7 @@ from repconv import __version__
 from repconv.errors import RepconvError, VerificationError
 from repconv.pipeline import Options, bench_checkpoint, fuse_checkpoint, verify_checkpoints
 from repconv.progress import Progress, progress_display
+from repconv.quant import DEFAULT_TARGET, requested_target
 
 # The --json document's schema: bump when a field changes meaning or goes away.
 JSON_SCHEMA_VERSION = 1
@@ -114,6 +115,13 @@ RewriteRtolOpt = Annotated[float | None, typer.Option(
     "--rewrite-rtol", help="Allowed error of each fused conv against the ops it replaced, at "
     "every output element relative to the sum of |weight * input| + |bias| it adds up. Default "
     "by dtype: 1e-4 fp32, 1e-3 fp16, 4e-3 bf16 (their rounding is 6e-8, 4.9e-4, 3.9e-3).")]
+QuantOpt = Annotated[bool, typer.Option(
+    "--quant", help="Add the INT8 readiness report: each fused conv's weight ranges, outlier "
+    "channels and largest BN scale, and the simulated INT8 error of the model and of each layer "
+    "alone, calibrated on the verification inputs (or --inputs).")]
+QuantTargetOpt = Annotated[float | None, typer.Option(
+    "--quant-target", help=f"Error target of the --quant verdict (which layers to keep in fp16). "
+    f"Default {DEFAULT_TARGET:g}.", show_default=False)]
 TrustOpt = Annotated[bool, typer.Option(
     "--trust-pickle", help="Allow a pickled nn.Module as IN, and a .pt2 DEPLOY holding pickled "
     "entries or non-aten ops. Unpickling runs code from the file: only for files you trust.")]
@@ -188,7 +196,8 @@ def fuse(
     out_path: Annotated[Path, typer.Argument(
         metavar="OUT", help="Deploy checkpoint to write; its suffix picks the format: .pt "
         "(state_dict + rewrite plan, or the pickled module for a pickled IN), .safetensors, "
-        ".pt2 (torch.export).", show_default=False)],
+        ".pt2 (torch.export), .onnx (verified in ONNX Runtime; needs repconv[onnx]).",
+        show_default=False)],
     model: ModelOpt = None,
     model_kwargs: KwargsOpt = None,
     input_shape: ShapeOpt = None,
@@ -206,6 +215,11 @@ def fuse(
         "--skip-verify", help="Skip the global verification (the fused model against the "
         "original on seeded inputs); each rewrite is still checked on its own. Run repconv "
         "verify later.")] = False,
+    opset: Annotated[int | None, typer.Option(
+        "--opset", help="ONNX opset of an .onnx OUT (18 or newer). Default 18.",
+        show_default=False)] = None,
+    quant: QuantOpt = False,
+    quant_target: QuantTargetOpt = None,
 ) -> None:
     """Fuse IN into one conv per linear region, verify it, write OUT.
 
@@ -218,7 +232,8 @@ def fuse(
     _run(
         as_json,
         lambda progress: fuse_checkpoint(in_path, out_path, options, keep_extra=keep_extra,
-                                         check=not skip_verify, progress=progress),
+                                         check=not skip_verify, progress=progress, opset=opset,
+                                         quant_target=requested_target(quant, quant_target)),
         lambda outcome: 0,
     )
 
@@ -228,7 +243,8 @@ def verify(
     original: Annotated[Path, typer.Argument(metavar="ORIGINAL", help="Training checkpoint.",
                                              show_default=False)],
     deploy: Annotated[Path, typer.Argument(metavar="DEPLOY", help="Deploy checkpoint written "
-                                           "by repconv fuse.", show_default=False)],
+                                           "by repconv fuse (.onnx runs in ONNX Runtime).",
+                                           show_default=False)],
     model: ModelOpt = None,
     model_kwargs: KwargsOpt = None,
     input_shape: ShapeOpt = None,
@@ -264,15 +280,22 @@ def inspect(
     input_shape: ShapeOpt = None,
     as_json: JsonOpt = False,
     trust_pickle: TrustOpt = False,
+    quant: QuantOpt = False,
+    quant_target: QuantTargetOpt = None,
+    inputs: InputsOpt = None,
+    seed: SeedOpt = 0,
 ) -> None:
-    """List what would be fused and what would not, and why. Writes nothing.
+    """List what would be fused and what would not, and why (with --quant: how each fused conv
+    will take INT8 quantization). Writes nothing.
 
     Exit 0: listed. 2: bad usage or unreadable input. 3: internal error.
     """
-    options = Options(model, model_kwargs, input_shape, trust_pickle=trust_pickle)
+    options = Options(model, model_kwargs, input_shape, seed=seed, trust_pickle=trust_pickle,
+                      inputs_file=inputs)
 
     def action(progress: Progress) -> Any:
-        outcome = fuse_checkpoint(in_path, None, options, check=False, progress=progress)
+        outcome = fuse_checkpoint(in_path, None, options, check=False, progress=progress,
+                                  quant_target=requested_target(quant, quant_target))
         outcome.report.show_rewrites = True
         return outcome
 
@@ -283,8 +306,9 @@ def inspect(
 def bench(
     in_path: InPath,
     out_path: Annotated[Path | None, typer.Argument(
-        metavar="[OUT]", help="Deploy file to time as loaded (.pt, .safetensors, .pt2); "
-        "without it, IN is fused in memory.", show_default=False)] = None,
+        metavar="[OUT]", help="Deploy file to time as loaded (.pt, .safetensors, .pt2, or .onnx "
+        "in an ONNX Runtime session); without it, IN is fused in memory.",
+        show_default=False)] = None,
     model: ModelOpt = None,
     model_kwargs: KwargsOpt = None,
     input_shape: ShapeOpt = None,
@@ -296,7 +320,8 @@ def bench(
     trust_pickle: TrustOpt = False,
 ) -> None:
     """Time IN's model against its fused form on this machine: latency (warm-up, interleaved
-    rounds, median and spread), aten ops executed, parameters, MACs, peak memory.
+    rounds, median and spread), aten ops executed, parameters, MACs, peak memory (for an .onnx
+    OUT, ONNX Runtime's latency with --threads threads; its other figures are not torch's).
 
     Exit 0: measured. 2: bad usage or unreadable input. 3: internal error.
     """

@@ -21,7 +21,7 @@ import importlib
 import logging
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
@@ -124,13 +124,20 @@ def _check_opset(opset: int, highest: int) -> None:
                          f"{MIN_OPSET} to {highest}")
 
 
+def check_opset(opset: int) -> None:
+    """Refuse an opset torch's exporter cannot write (needs the onnx package)."""
+    _check_opset(opset, highest=require_extra("onnx").defs.onnx_opset_version())
+
+
 def onnx_bytes(
     model: nn.Module,
     example_inputs: Tensor | tuple[Tensor, ...],
     *,
     opset: int = DEFAULT_OPSET,
+    metadata: Mapping[str, str] | None = None,
 ) -> bytes:
-    """The ``.onnx`` bytes of ``model`` (run in eval mode), with a dynamic batch dimension.
+    """The ``.onnx`` bytes of ``model`` (run in eval mode), with a dynamic batch dimension, and
+    ``metadata`` in the file's metadata_props (beside the output structure).
 
     Made in memory, so the caller can verify them (``OnnxModule(data)``) before writing; the
     same model gives the same bytes."""
@@ -156,7 +163,8 @@ def onnx_bytes(
         kept = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
         del node.metadata_props[:]
         node.metadata_props.extend(kept)
-    onnx.helper.set_model_props(proto, {OUTPUT_TREE_KEY: treespec_dumps(spec)})
+    onnx.helper.set_model_props(proto, {**(metadata or {}),
+                                        OUTPUT_TREE_KEY: treespec_dumps(spec)})
     if proto.ByteSize() > _MAX_PROTO_BYTES:
         raise InputError("the model's weights exceed the 2 GB limit of one .onnx file; write "
                          ".pt, .safetensors or .pt2 instead")
@@ -198,7 +206,18 @@ def load_onnx_session(source: Path | str | bytes, *, threads: int | None = None,
         raise InputError(f"{name} is not an ONNX model ONNX Runtime can load ({detail})") from exc
 
 
-def _numpy(x: Tensor) -> Any:
+# ONNX Runtime's names of the floating input types, and the torch dtype a tensor is fed as
+_FLOAT_INPUTS = {"tensor(float16)": torch.float16, "tensor(float)": torch.float32,
+                 "tensor(double)": torch.float64}
+
+
+def _numpy(x: Tensor, graph_type: str) -> Any:
+    """``x`` as the graph takes it: a floating tensor is cast to the graph input's floating
+    type (what a float32 verification of an fp16 file feeds), other types are left as they are
+    for ONNX Runtime to check."""
+    wanted = _FLOAT_INPUTS.get(graph_type)
+    if wanted is not None and x.is_floating_point():
+        x = x.to(wanted)
     if x.dtype == torch.bfloat16:
         raise InputError("ONNX Runtime inputs cannot be bfloat16 here; use float16 or float32")
     return x.detach().cpu().contiguous().numpy()
@@ -207,12 +226,14 @@ def _numpy(x: Tensor) -> Any:
 def run_onnx(session: Any, inputs: Sequence[Tensor]) -> list[Tensor]:
     """Run ``session`` on ``inputs`` (in the order of the graph's inputs); one tensor per
     graph output."""
-    names = [i.name for i in session.get_inputs()]
+    graph_inputs = session.get_inputs()
+    names = [i.name for i in graph_inputs]
     if len(names) != len(inputs):
         raise InputError(f"the ONNX model takes {len(names)} input(s) ({', '.join(names)}), "
                          f"not {len(inputs)}")
     try:
-        outputs = session.run(None, {n: _numpy(x) for n, x in zip(names, inputs)})
+        outputs = session.run(None, {i.name: _numpy(x, i.type)
+                                     for i, x in zip(graph_inputs, inputs)})
     except InputError:
         raise
     except Exception as exc:  # ORT reports wrong ranks, shapes and dtypes with its own types
@@ -249,8 +270,40 @@ class OnnxModule(nn.Module):
         self.session = load_onnx_session(source, threads=threads, spin_wait=spin_wait)
         self.output_tree = _stored_tree(self.session)
 
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The file's metadata_props (text the file holds: validate before use)."""
+        return dict(self.session.get_modelmeta().custom_metadata_map)
+
+    def dynamic_dims(self) -> list[list[int]]:
+        """Per graph input, the dimensions whose size is not fixed in the file."""
+        return [[d for d, size in enumerate(i.shape) if not isinstance(size, int)]
+                for i in self.session.get_inputs()]
+
     def forward(self, *inputs: Tensor) -> Any:
         outputs = run_onnx(self.session, inputs)
         if self.output_tree is not None:
             return tree_unflatten(outputs, self.output_tree)
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+def initializers(source: Path | str | bytes) -> dict[str, Tensor]:
+    """The floating-point weights stored in an ``.onnx`` file (or its bytes), by name: the
+    exporter names them after the PyTorch parameters (``stages.0.0.fused_conv.weight``).
+    Weights kept in external files are left out (ONNX Runtime reads those, within the model's
+    folder, when it runs)."""
+    onnx = require_extra("onnx")
+    from onnx import numpy_helper
+
+    name = "the ONNX bytes" if isinstance(source, bytes) else str(source)
+    floating = {onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE}
+    try:
+        proto = (onnx.load_from_string(source) if isinstance(source, bytes)
+                 else onnx.load(str(source), load_external_data=False))
+        return {w.name: torch.from_numpy(numpy_helper.to_array(w).copy())
+                for w in proto.graph.initializer
+                if w.data_type in floating and w.data_location != onnx.TensorProto.EXTERNAL}
+    except Exception as exc:  # protobuf and onnx raise their own types for a damaged file
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "unreadable"
+        raise InputError(f"{name} is not an ONNX model whose weights can be read "
+                         f"({detail})") from exc

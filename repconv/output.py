@@ -30,7 +30,7 @@ from repconv.pt2 import export_bytes
 if TYPE_CHECKING:
     from repconv.checkpoint import LoadedCheckpoint
 
-SUFFIXES = (".pt", ".pth", ".safetensors", ".pt2")
+SUFFIXES = (".pt", ".pth", ".safetensors", ".pt2", ".onnx")
 # Entries of a training checkpoint that only resume training; a deploy file drops them unless
 # --keep-extra. Everything else keeps its key and place.
 TRAINING_ONLY_KEYS = frozenset({
@@ -43,8 +43,8 @@ _CHUNK = 1 << 20  # written in pieces, so a signal is handled between them
 def check_output(in_path: Path, out: Path) -> None:
     """Refuse an OUT that cannot or should not be written, before any work is done."""
     if out.suffix not in SUFFIXES:
-        raise InputError(f"OUT {out} must end in .pt, .pth, .safetensors or .pt2 (it picks the "
-                         "format)")
+        raise InputError(f"OUT {out} must end in .pt, .pth, .safetensors, .pt2 or .onnx (it "
+                         "picks the format)")
     if out.is_symlink():
         raise InputError(f"OUT {out} is a symbolic link (to {os.readlink(out)}); repconv does "
                          "not write through links: give the target's path, or remove the link")
@@ -197,7 +197,10 @@ def save_deploy(
     *,
     keep_extra: bool = False,
 ) -> str:
-    """Write the deploy checkpoint in the format OUT's suffix names; returns a description."""
+    """Write the deploy checkpoint in the format OUT's suffix names; returns a description.
+    (An ``.onnx`` OUT is exported and verified first: ``repconv.onnx_pipeline``.)"""
+    if out.suffix == ".onnx":
+        raise ValueError("an .onnx OUT is written from its verified bytes, not by save_deploy")
     arch = loaded.architecture
     meta = {
         DEPLOY_MARKER: DEPLOY_VERSION,

@@ -6,13 +6,10 @@ import copy
 import json
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
-from rich.console import Group, RenderableType
-from rich.text import Text
 from torch import Tensor, nn
 
 from repconv.bench import BenchReport, Form, bench
@@ -26,9 +23,21 @@ from repconv.errors import InputError, VerificationError
 from repconv.fuse import FuseResult, fuse
 from repconv.input_files import load_inputs
 from repconv.metadata import check_seed, parse_kwargs, parse_shape
-from repconv.output import check_output, save_deploy
+from repconv.onnx_io import OnnxModule
+from repconv.onnx_pipeline import (
+    ONNX_VARIATIONS,
+    check_onnx_output,
+    describe,
+    export_deploy,
+    load_onnx_deploy,
+    runtime_name,
+    weights_of,
+)
+from repconv.outcomes import FuseOutcome, VerifyOutcome
+from repconv.output import check_output, save_deploy, write_atomically
 from repconv.progress import Progress, no_progress
 from repconv.pt2 import load_program, read_record
+from repconv.quant import calibration_batches, check_target, quant_report
 from repconv.report import FuseReport, ModelCounts
 from repconv.rewrite_check import RewriteCheck
 from repconv.verify import VARIATIONS, VerifyReport, verify
@@ -86,11 +95,13 @@ class Options:
     def verify(self, original: nn.Module, deployed: nn.Module, inputs: tuple[Tensor, ...],
                samples: dict[str, tuple[Tensor, ...]], progress: Progress, *,
                reference: FuseResult | None = None, vary: tuple[str, ...] = VARIATIONS,
-               lenient: tuple[str, ...] = ()) -> VerifyReport:
+               lenient: tuple[str, ...] = (), weights: nn.Module | None = None) -> VerifyReport:
         """The global verification: every output on every input and, with ``reference`` (the
-        original fused in memory), each of its rewrites against the deployed model's conv."""
+        original fused in memory), each of its rewrites against the deployed model's conv (its
+        weights from ``weights``' state_dict when given: an ONNX file's)."""
         rewrites = None if reference is None else RewriteCheck(
-            reference.model, reference.originals, reference.report.rewrites, deployed)
+            reference.model, reference.originals, reference.report.rewrites,
+            deployed if weights is None else weights)
         return verify(original, deployed, inputs, rtol=self.rtol, atol=self.atol, seed=self.seed,
                       trials=1, vary=vary, upcast=True, samples=samples, rewrites=rewrites,
                       rewrite_rtol=self.rewrite_rtol, lenient=lenient, progress=progress)
@@ -103,48 +114,6 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 def _cast_inputs(inputs: tuple[Tensor, ...], model: nn.Module) -> tuple[Tensor, ...]:
     dtype = _model_dtype(model)
     return tuple(x.to(dtype) if x.is_floating_point() else x for x in inputs)
-
-
-@dataclass
-class FuseOutcome:
-    """The result of ``repconv fuse``: what was loaded, rewritten, verified and written."""
-
-    input: str
-    output: str | None
-    loaded: list[str]
-    report: FuseReport
-    written: str | None = None
-    seconds: dict[str, float] = field(default_factory=dict)
-    verification_skipped: bool = False  # --skip-verify
-
-    @property
-    def ok(self) -> bool:
-        return self.report.verification is None or self.report.verification.passed
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok,
-            "input": self.input,
-            "output": self.output,
-            "loaded": self.loaded,
-            "written": self.written,
-            "seconds": self.seconds,
-            "verification_skipped": self.verification_skipped,
-            **self.report.to_dict(),
-        }
-
-    def __rich__(self) -> RenderableType:
-        lines: list[RenderableType] = [Text(f"{self.input}: {', '.join(self.loaded)}")]
-        lines.append(self.report)
-        if self.verification_skipped:
-            lines.append(Text("verification skipped (--skip-verify): the fused model was not "
-                              "compared with the original as a whole; each rewrite was checked "
-                              "on its own", style="yellow"))
-        if self.written:
-            lines.append(Text(f"wrote {self.output} ({self.written})", style="bold green"))
-        elif self.output:
-            lines.append(Text(f"nothing written to {self.output}", style="bold red"))
-        return Group(*lines)
 
 
 # Norms that normalise each sample with statistics of that sample, computed at run time: no
@@ -181,14 +150,21 @@ def fuse_checkpoint(
     keep_extra: bool = False,
     check: bool = True,
     progress: Progress = no_progress,
+    opset: int | None = None,
+    quant_target: float | None = None,
 ) -> FuseOutcome:
     """Load IN, fuse, verify (``check``; the local check of each rewrite always runs) and, when
     ``out_path`` is given and verification passes, write OUT. Raises VerificationError (nothing
     written) when the fused model does not match; ``out_path=None, check=False`` is `repconv
-    inspect`: it only reports."""
+    inspect`: it only reports. An ``.onnx`` OUT is exported (at ``opset``) and that file's
+    bytes, run in ONNX Runtime, are what is verified. ``quant_target``: add the INT8 readiness
+    report for that error target."""
     seconds: dict[str, float] = {}
     if out_path is not None:
         check_output(in_path, out_path)
+        opset = check_onnx_output(out_path, opset)
+    if quant_target is not None:
+        check_target(quant_target)
     start = time.perf_counter()
     progress(f"loading {in_path}")
     loaded = options.load(in_path)
@@ -196,6 +172,7 @@ def fuse_checkpoint(
     inputs, _ = options.inputs(samples, checkpoint=loaded.input_shape)
     inputs = _cast_inputs(inputs, loaded.model)
     seconds["load"] = time.perf_counter() - start
+    result: FuseResult | None = None
     if loaded.deploy_plan is not None:
         # Already fused: pass it through unchanged, so a pipeline step stays idempotent.
         counts = ModelCounts.of(loaded.model)
@@ -212,12 +189,19 @@ def fuse_checkpoint(
         seconds["fuse"] = time.perf_counter() - start
         report, plan, fused_model = result.report, result.plan, result.model
         _note_norms(report, loaded.model)
-        if check:
-            start = time.perf_counter()
-            # each rewrite was checked before it was applied: the table is verify's, for files
-            report.verification = options.verify(loaded.model, fused_model, inputs, samples,
-                                                 progress)
-            seconds["verify"] = time.perf_counter() - start
+    onnx_data = None
+    if opset is not None:
+        progress("exporting to ONNX")
+        start = time.perf_counter()
+        onnx_data = export_deploy(fused_model, inputs, opset)
+        seconds["export"] = time.perf_counter() - start
+    if check and (result is not None or onnx_data is not None):
+        start = time.perf_counter()
+        # each rewrite was checked before it was applied: the table is verify's, for files; an
+        # ONNX file is itself what is verified, with its weights in the per-rewrite table
+        report.verification = _verify_fused(options, loaded.model, fused_model, onnx_data,
+                                            inputs, samples, result, progress)
+        seconds["verify"] = time.perf_counter() - start
     outcome = FuseOutcome(str(in_path), str(out_path) if out_path else None, loaded.found,
                           report, seconds=seconds,
                           verification_skipped=not check and out_path is not None)
@@ -226,15 +210,36 @@ def fuse_checkpoint(
             f"{report.verification.summary()}; nothing written",
             outcome,
         )
+    if quant_target is not None:
+        progress("simulating INT8")
+        start = time.perf_counter()
+        outcome.quant = quant_report(loaded.model, fused_model, report.rewrites,
+                                     calibration_batches(inputs, samples, options.seed),
+                                     target=quant_target)
+        seconds["quant"] = time.perf_counter() - start
     if out_path is not None:
         progress(f"writing {out_path}")
         start = time.perf_counter()
-        outcome.written = save_deploy(
-            out_path, fused_model, plan, loaded, tuple(inputs[0].shape), inputs,
-            keep_extra=keep_extra,
-        )
+        if onnx_data is not None and opset is not None:
+            write_atomically(out_path, onnx_data)
+            outcome.written = describe(opset)
+        else:
+            outcome.written = save_deploy(
+                out_path, fused_model, plan, loaded, tuple(inputs[0].shape), inputs,
+                keep_extra=keep_extra,
+            )
         seconds["write"] = time.perf_counter() - start
     return outcome
+
+
+def _verify_fused(options: Options, original: nn.Module, fused: nn.Module,
+                  onnx_data: bytes | None, inputs: tuple[Tensor, ...],
+                  samples: dict[str, tuple[Tensor, ...]], result: FuseResult | None,
+                  progress: Progress) -> VerifyReport:
+    if onnx_data is None:
+        return options.verify(original, fused, inputs, samples, progress)
+    return options.verify(original, OnnxModule(onnx_data), inputs, samples, progress,
+                          reference=result, vary=ONNX_VARIATIONS, weights=weights_of(onnx_data))
 
 
 def _note_norms(report: FuseReport, model: nn.Module) -> None:
@@ -247,25 +252,6 @@ def _note_norms(report: FuseReport, model: nn.Module) -> None:
         report.notes.append(norms)
 
 
-@dataclass
-class VerifyOutcome:
-    original: str
-    deploy: str
-    report: VerifyReport
-    input_shape_from: str
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"ok": self.report.passed, "original": self.original, "deploy": self.deploy,
-                "input_shape_from": self.input_shape_from, "notes": self.notes,
-                **self.report.to_dict()}
-
-    def __rich__(self) -> RenderableType:
-        return Group(Text(f"{self.deploy} against {self.original} (input shape from "
-                          f"{self.input_shape_from})"),
-                     *(Text(f"note: {note}", style="yellow") for note in self.notes), self.report)
-
-
 @dataclass(frozen=True)
 class _Deployed:
     model: nn.Module
@@ -273,6 +259,7 @@ class _Deployed:
     vary: tuple[str, ...] = VARIATIONS  # the sizes it accepts besides the recorded one
     note: str = ""
     lenient: tuple[str, ...] = ()  # variations it may refuse: torch.export bounds sizes
+    weights: nn.Module | None = None  # where its weights are, when not in ``model`` (ONNX)
 
 
 def _pt2_variations(path: Path, dynamic: list[list[int]] | None) -> tuple[tuple[str, ...], str]:
@@ -288,8 +275,15 @@ def _pt2_variations(path: Path, dynamic: list[list[int]] | None) -> tuple[tuple[
     return vary, note
 
 
-def _load_deployed(path: Path, original: LoadedCheckpoint, options: Options) -> _Deployed:
-    """The deployed model, the input shape its file recorded and the sizes it accepts."""
+def _load_deployed(path: Path, original: LoadedCheckpoint, options: Options, *,
+                   timing: bool = False) -> _Deployed:
+    """The deployed model, the input shape its file recorded and the sizes it accepts
+    (``timing``: an ONNX Runtime session set up to be timed beside torch, without weights)."""
+    if path.suffix == ".onnx":
+        onnx = load_onnx_deploy(path, threads=torch.get_num_threads() if timing else None,
+                                spin_wait=not timing, with_weights=not timing)
+        return _Deployed(onnx.module, onnx.input_shape, onnx.vary, onnx.note,
+                         weights=onnx.weights)
     if path.suffix == ".pt2":
         check_readable(path)
         record = read_record(path)
@@ -351,7 +345,8 @@ def verify_checkpoints(
     progress(f"fusing {original_path} in memory, for the per-rewrite table")
     reference = fuse(original.model, inputs, check=False, seed=options.seed)
     report = options.verify(original.model, deployed.model, inputs, samples, progress,
-                            reference=reference, vary=deployed.vary, lenient=deployed.lenient)
+                            reference=reference, vary=deployed.vary, lenient=deployed.lenient,
+                            weights=deployed.weights)
     return VerifyOutcome(str(original_path), str(deploy_path), report, source,
                          [deployed.note] if deployed.note else [])
 
@@ -379,7 +374,7 @@ def bench_checkpoint(
     if out_path is not None:
         check_readable(out_path)
         progress(f"loading {out_path}")
-        deployed = _load_deployed(out_path, loaded, options)
+        deployed = _load_deployed(out_path, loaded, options, timing=True)
         inputs, _ = options.inputs({}, IN=loaded.input_shape, OUT=deployed.input_shape)
         fused, name = deployed.model, out_path.name
     else:
@@ -388,7 +383,10 @@ def bench_checkpoint(
         fused = fuse(loaded.model, _cast_inputs(inputs, loaded.model), check=False).model
         name = "fused"
     inputs = _cast_inputs(inputs, loaded.model)
-    forms = [Form("original", loaded.model, loaded.model), Form(name, fused, fused)]
+    # an ONNX Runtime session is timed like the others; its ops and memory are not torch's
+    deployed_form = (Form(name, fused, None, runtime_name()) if isinstance(fused, OnnxModule)
+                     else Form(name, fused, fused))
+    forms = [Form("original", loaded.model, loaded.model), deployed_form]
     return bench(forms, inputs, input_path=str(in_path),
                  deploy_path=str(out_path) if out_path else None, seconds=seconds,
                  progress=progress)

@@ -17,7 +17,7 @@ calibration batches are also the evaluation batches.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_flatten
 
 from repconv.errors import InputError
 from repconv.report import RewriteRecord
-from repconv.verify import eval_mode
+from repconv.verify import eval_mode, random_inputs
 
 DEFAULT_TARGET = 1e-2
 NEAR_ZERO_VAR = 1e-4  # a running_var below this makes |γ|/√(σ²+ε) approach |γ|/√ε
@@ -291,6 +291,33 @@ def _layer_readiness(name: str, layer: nn.Module, sensitivity: float,
     )
 
 
+def requested_target(quant: bool, target: float | None) -> float | None:
+    """The error target of --quant (None: no report), checked."""
+    if target is not None and not quant:
+        raise InputError("--quant-target is used only with --quant; pass --quant too")
+    if not quant:
+        return None
+    target = DEFAULT_TARGET if target is None else target
+    check_target(target)
+    return target
+
+
+def check_target(target: float) -> None:
+    if not (target > 0 and target < float("inf")):
+        raise InputError(f"the quantization error target must be a number > 0, not {target}; "
+                         "pass --quant-target like 1e-2")
+
+
+def calibration_batches(example: tuple[Tensor, ...], samples: Mapping[str, tuple[Tensor, ...]],
+                        seed: int, count: int = 3) -> list[tuple[Tensor, ...]]:
+    """What the INT8 simulation calibrates on: the user's sample inputs when given (--inputs),
+    else ``count`` seeded random inputs shaped like ``example``, the first being the one the
+    verification compares first."""
+    if samples:
+        return list(samples.values())
+    return [random_inputs(example, seed + index) for index in range(count)]
+
+
 def _batches(inputs: Sequence[Tensor | tuple[Tensor, ...]]) -> list[tuple[Tensor, ...]]:
     batches = [x if isinstance(x, tuple) else (x,) for x in inputs]
     if not batches:
@@ -311,9 +338,7 @@ def quant_report(
     """Quantization readiness of ``fused`` (made from ``original`` by ``rewrites``, i.e.
     ``FuseResult.report.rewrites``), calibrated and evaluated on ``calibration_inputs`` (each a
     tensor or a tuple of the model's inputs)."""
-    if not (target > 0 and target < float("inf")):
-        raise InputError(f"the quantization error target must be a number > 0, not {target}; "
-                         "pass --quant-target like 1e-2")
+    check_target(target)
     batches = _batches(calibration_inputs)
     layers = {name: module for name, module in fused.named_modules()
               if isinstance(module, (_ConvNd, nn.Linear))}

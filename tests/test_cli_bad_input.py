@@ -160,8 +160,8 @@ FUSE_CASES: dict[str, Case] = {
     "input_shape_wrong_channels": lambda e: (
         _fuse(e, e.repvgg, "--input-shape", "1,4,32,32"), e.repvgg, ["channels"]),
     "out_unsupported_suffix": lambda e: (
-        ["fuse", e.repvgg, e.out.with_suffix(".onnx")], e.repvgg,
-        ["deploy.onnx", ".safetensors"]),
+        ["fuse", e.repvgg, e.out.with_suffix(".tflite")], e.repvgg,
+        ["deploy.tflite", ".onnx"]),
     "out_equals_in": lambda e: (
         ["fuse", e.inp / "same.pt", e.inp / "same.pt"], _copy(e.repvgg, e.inp / "same.pt"),
         ["same file"]),
