@@ -18,7 +18,9 @@
    one fused conv's weights x1.0001 are caught.
 4. `--zoo [NAMES]` (in .venv-zoo, timm, no weights downloaded): the same on timm models, fused
    at 128 px batch 1 with `repconv.fuse(check=False)`, verified as the CLI does (batch 2 and
-   96 px too, fp16/bf16 upcast, per-rewrite table), with the extra time of the float64 runs.
+   96 px too, fp16/bf16 upcast, per-rewrite table), with the extra time of the float64 runs;
+   then every fused conv in turn tampered (weights x1.0001 fp32, x1.01 fp16, x1.02 bf16), and
+   how many are caught, by the outputs and in all (outputs or the conv's own row).
 
 Run: `make bench` or `python benchmarks/numerics.py` (`--zoo` for 4 alone).
 """
@@ -245,8 +247,9 @@ def zoo_table(names: list[str]) -> None:
 
     specs = {spec.name: spec for spec in ZOO}
     print("| model | dtype | noise (max over 3 inputs) | error vs float64 | ratio | allowed | "
-          "old: error vs fp32, passed | passed | rewrites passed | verify s | float64 s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "old: error vs fp32, passed | passed | rewrites passed | verify s | float64 s | "
+          "tampered caught: outputs, in all |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in names:
         model = build(specs[name], 128)
         for label, dtype in DTYPES.items():
@@ -260,14 +263,32 @@ def zoo_table(names: list[str]) -> None:
             rewrites = [r for r in report.rewrite_errors if not r.problem]
             old_cell = f"{report.max_rel_error:.1e}, {'yes' if old else 'NO'}" if (
                 dtype == torch.float32) else "—"
+            # the ratio to the noise the bar scales: the float32 noise, x the dtype's unit
+            scaled = (report.noise or 1) * report.noise_unit_ratio
+            caught = _tampered_caught(original, result, x, TAMPER[dtype])
             print(f"| {name} | {label} | {noise or 0:.1e} | {report.reference_error:.1e} | "
-                  f"{report.reference_error / (report.noise or 1):.2f} | "
+                  f"{report.reference_error / scaled:.2f} | "
                   f"{report.tolerance or 0:.1e} | {old_cell} | "
                   f"{'yes' if report.passed else 'NO'} | "
                   f"{sum(r.passed for r in rewrites)} of {len(rewrites)} | "
                   f"{sum(report.seconds.values()):.2f} | "
-                  f"{report.seconds.get('float64_reference', 0):.2f} |", flush=True)
+                  f"{report.seconds.get('float64_reference', 0):.2f} | {caught} |", flush=True)
             del original, result
+
+
+TAMPER = {torch.float32: 1.0001, torch.float16: 1.01, torch.bfloat16: 1.02}
+
+
+def _tampered_caught(original: nn.Module, result: repconv.FuseResult, x: Tensor,
+                     factor: float) -> str:
+    """Every fused conv's weights x ``factor`` in turn: how many fail the outputs, how many fail
+    verification (outputs or the per-rewrite table), of how many."""
+    outputs = caught = 0
+    for path in result.originals:
+        report = _verify(original, result, _tampered(result, path, factor), x, True, ())
+        outputs += not all(o.passed for run in report.runs for o in run.outputs)
+        caught += not report.passed
+    return f"{outputs}, {caught} of {len(result.originals)}"
 
 
 def main() -> None:

@@ -14,6 +14,22 @@ sum of magnitudes that element adds up, computed by the same conv on ``|x|`` wit
 Rounding the fused weights to the model's dtype moves an element by at most the dtype's unit
 roundoff times that sum, however much its terms cancel, so the bound holds at any depth and
 width; a scale-relative error (kept in the row as ``max_rel_error``) has no such guarantee.
+
+The error is taken against the replaced ops run in float64 (their tensors upcast in place,
+exactly, and put back), on the same activation: the bound is about the fused conv's rounding,
+and the replaced ops round too, by more than it where a branch's BN subtracts a running mean
+from a much larger conv output or branches cancel (MobileOne: 3.9e-4 of the fused magnitude in
+float32, against a bound of 1e-4). That rounding is kept in the row as ``noise``. Where the
+replaced ops do not run in float64, the row compares with them as run and says so
+(``reference``).
+
+That worst-case bound grows with the number of terms, while rounding errors add up like a
+random walk: a wide conv (4,608 terms) whose weights are all x1.02 stays within bf16's bound.
+So where the weights are fp16/bf16 (``unit``, the dtype's machine epsilon), a row must also be
+within ``ROUNDING_SIGMAS`` standard deviations of what rounding each deployed weight and bias to
+the dtype could do: ``sigma**2 = sum (ulp(w)**2 / 12) * x**2 + ulp(b)**2 / 12`` (each
+rounding uniform within half its ulp), plus ``ARITHMETIC_RTOL`` of the magnitude for the
+float32 arithmetic. Kept in the row as ``rounding_sigmas`` (max error / sigma).
 """
 
 from __future__ import annotations
@@ -26,7 +42,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from repconv.report import RewriteRecord
-from repconv.verify_reference import error_of
+from repconv.verify_reference import FLOAT64, ORIGINAL, computed_in, error_of, first_line
 
 
 @dataclass(frozen=True)
@@ -39,12 +55,28 @@ class RewriteError:
     sources: list[str]
     max_abs_error: float
     max_rel_error: float  # max |error| / max |original|, as for the outputs
-    magnitude_error: float  # max over elements of |error| / (sum |w * x| + |b|): vs rewrite_rtol
+    # max over elements of |error| / (sum |w * x| + |b|), the error against ``reference``:
+    # what rewrite_rtol bounds
+    magnitude_error: float
     passed: bool
     problem: str = ""
+    reference: str = ""  # "float64": the replaced ops run in float64; "original": as run
+    # the replaced ops' own rounding (as run against float64) over the same magnitude; None
+    # without a float64 run
+    noise: float | None = None
+    reference_note: str = ""  # why the replaced ops were not run in float64
+    # fp16/bf16 weights: max error / sigma of the weights' rounding (None otherwise)
+    rounding_sigmas: float | None = None
 
 
 _CALLABLE = (nn.modules.conv._ConvNd, nn.Linear)
+# The max of |N(0, 1)| over a million elements is about 5; a uniform rounding error is at most
+# sqrt(3) sigma per term. Correct folds reach 5.0 sigma on timm models, one conv of bf16
+# weights x1.02 16 or more (README "Tolerances"). A coherent error (many identical weights
+# rounded alike, on inputs of one sign) can reach sqrt(3 * n) sigma: 10 holds up to 33 taps.
+ROUNDING_SIGMAS = 10.0
+# the float32 arithmetic of the fused conv itself, against the float64 reference
+ARITHMETIC_RTOL = 1e-5
 
 
 @dataclass
@@ -60,9 +92,10 @@ class RewriteCheck:
         return [self.reference, *self.originals.values()]
 
     def errors(self, inputs: tuple[Tensor, ...], rtol: float, atol: float,
-               floor: float) -> list[RewriteError]:
+               floor: float, unit: float | None = None) -> list[RewriteError]:
         """Run the reference model once on ``inputs``; at each fused conv, compare. ``floor``:
-        the smallest normal number of the weights' dtype, below which rounding is absolute."""
+        the smallest normal number of the weights' dtype, below which rounding is absolute;
+        ``unit``: fp16/bf16 weights' machine epsilon, for the rounding bound (else None)."""
         records = {r.fused_module: r for r in self.records if r.fused_module}
         rows: dict[str, RewriteError] = {}
         handles = []
@@ -72,7 +105,7 @@ class RewriteCheck:
                     return
                 rows[path] = _row(path, None, problem="being compared")  # hooks re-enter
                 rows[path] = self._compare(path, records.get(path), args[0], output, rtol, atol,
-                                           floor)
+                                           floor, unit)
             handles.append(self.reference.get_submodule(path).register_forward_hook(hook))
         self._state = {} if self.deployed is self.reference else dict(
             self.deployed.state_dict(keep_vars=True))
@@ -86,7 +119,7 @@ class RewriteCheck:
                 for path in self.originals]
 
     def _compare(self, path: str, record: RewriteRecord | None, x: Tensor, output: Tensor,
-                 rtol: float, atol: float, floor: float) -> RewriteError:
+                 rtol: float, atol: float, floor: float, unit: float | None) -> RewriteError:
         try:
             conv, weights = self._deployed_conv(path)
         except LookupError as exc:
@@ -95,15 +128,45 @@ class RewriteCheck:
         expected = self.originals[path](x.clone())
         if not isinstance(got, Tensor) or got.shape != expected.shape:
             return _row(path, record, problem="the deployed conv returns another shape")
+        exact, note = self._exact(path, x, expected)
         # what each output element sums: sum |w * x| + |b|, the scale rounding errors scale with
         # (a weight under ``floor`` is rounded to an absolute step: counted as ``floor``)
         magnitude = functional_call(conv, {k: v.abs().clamp_min(floor)
-                                           for k, v in weights.items()}, (x.abs(),))
-        error = (expected.double() - got.double()).abs().nan_to_num(float("inf"))
+                                           for k, v in weights.items()}, (x.abs(),)).double()
+        tiny = torch.finfo(torch.float64).tiny
+        reference = exact if exact is not None else expected.double()
+        error = (reference - got.double()).abs().nan_to_num(float("inf"))
         abs_error, rel_error, _ = error_of(expected, got)
-        relative = error / magnitude.double().clamp_min(torch.finfo(torch.float64).tiny)
-        return _row(path, record, abs_error, rel_error, float(relative.max()),
-                    bool((error <= atol + rtol * magnitude.double()).all()))
+        relative = error / magnitude.clamp_min(tiny)
+        noise = None if exact is None or exact is expected else float(
+            ((expected.double() - exact).abs().nan_to_num(float("inf"))
+             / magnitude.clamp_min(tiny)).max())
+        passed = bool((error <= atol + rtol * magnitude).all())
+        sigmas = None
+        if unit is not None:
+            sigma = _rounding_sigma(conv, weights, x, unit, floor)
+            sigmas = float((error / sigma.clamp_min(tiny)).max())
+            passed &= bool((error <= atol + ARITHMETIC_RTOL * magnitude
+                            + ROUNDING_SIGMAS * sigma).all())
+        return _row(path, record, abs_error, rel_error, float(relative.max()), passed,
+                    reference=ORIGINAL if exact is None else FLOAT64, noise=noise,
+                    reference_note=note, rounding_sigmas=sigmas)
+
+    def _exact(self, path: str, x: Tensor, expected: Tensor) -> tuple[Tensor | None, str]:
+        """The replaced ops' output on ``x`` computed in float64 (``expected`` itself when they
+        already ran so), or None and why they do not run in float64."""
+        if expected.dtype == torch.float64:
+            return expected, ""
+        original = self.originals[path]
+        try:
+            with computed_in(torch.float64, original):
+                exact = original(x.to(torch.float64, copy=True))
+        except Exception as exc:  # no double kernel, a tensor not upcast, out of memory
+            return None, f"the replaced ops do not run in float64 ({first_line(exc)})"
+        if not isinstance(exact, Tensor) or exact.shape != expected.shape or (
+                exact.dtype != torch.float64):
+            return None, "the replaced ops do not compute their output in float64"
+        return exact, ""
 
     def _deployed_conv(self, path: str) -> tuple[nn.Module, dict[str, Tensor]]:
         """The deployed conv at ``path`` and its weights: its own module where it has one, else
@@ -126,9 +189,22 @@ class RewriteCheck:
         return conv, weights
 
 
+def _rounding_sigma(conv: nn.Module, weights: dict[str, Tensor], x: Tensor, unit: float,
+                    floor: float) -> Tensor:
+    """Per output element, the standard deviation of what rounding every weight and bias to a
+    dtype of machine epsilon ``unit`` does (uniform within half an ulp each), in float64."""
+    def variance(t: Tensor) -> Tensor:
+        _, exponent = torch.frexp(t.detach().double().abs().clamp_min(floor))
+        ulp = torch.ldexp(torch.full_like(t, unit, dtype=torch.float64), exponent - 1)
+        return ulp.square() / 12
+    variances = {name: variance(t) for name, t in weights.items()}
+    return functional_call(conv, variances, (x.double().square(),)).sqrt()
+
+
 def _row(path: str, record: RewriteRecord | None, abs_error: float = 0.0,
          rel_error: float = 0.0, magnitude_error: float = 0.0, passed: bool = True,
-         problem: str = "") -> RewriteError:
+         problem: str = "", *, reference: str = "", noise: float | None = None,
+         reference_note: str = "", rounding_sigmas: float | None = None) -> RewriteError:
     return RewriteError(
         fused_module=path,
         kind=record.kind if record else "",
@@ -139,5 +215,9 @@ def _row(path: str, record: RewriteRecord | None, abs_error: float = 0.0,
         magnitude_error=magnitude_error,
         passed=passed,
         problem=problem,
+        reference=reference,
+        noise=noise,
+        reference_note=reference_note,
+        rounding_sigmas=rounding_sigmas,
     )
 

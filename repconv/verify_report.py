@@ -6,12 +6,19 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
+import torch
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:
     from repconv.rewrite_check import RewriteError
+
+# how many float32 units one unit of fp16/bf16 is (2^13, 2^16): the default noise factor of an
+# fp16/bf16 model compared in float32 scales its float32 noise to its own dtype by this
+UNIT_RATIO = {dtype: torch.finfo(dtype).eps / torch.finfo(torch.float32).eps
+              for dtype in (torch.float16, torch.bfloat16)}
+_UNIT_RATIO_BY_NAME = {str(dtype).removeprefix("torch."): r for dtype, r in UNIT_RATIO.items()}
 
 
 def times(ratio: float) -> str:
@@ -85,13 +92,19 @@ class VerifyReport:
     # the bar (repconv.verify_reference): "float64" (noise-relative) or "original" (fixed rtol)
     reference: str = ""
     reference_note: str = ""  # why the reference is not float64
-    noise_factor: float = 0.0
+    noise_factor: float = 0.0  # tolerance = max(rtol, noise_factor * noise)
     # the output closest to (or furthest over) its tolerance: where, and its numbers
     deciding_output: str = ""
     reference_error: float = 0.0
     noise: float | None = None
     tolerance: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def noise_unit_ratio(self) -> float:
+        """The model dtype's unit in float32 units (1 for float32): the noise is shown scaled
+        to the dtype by it."""
+        return _UNIT_RATIO_BY_NAME.get(self.dtype, 1.0) if self.compared_in == "float32" else 1.0
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -114,23 +127,31 @@ class VerifyReport:
     def noise_summary(self) -> str:
         """The deciding output's error against the float64 original, next to the original's
         own noise: "error 3.0e-03 ... is 400x the original's own float32 noise 7.5e-06"."""
-        noise = self.noise or 0.0
+        noise = (self.noise or 0.0) * self.noise_unit_ratio
         ratio = (times(self.reference_error / noise) if noise > 0 else
                  "above" if self.reference_error > 0 else "equal to")
         where = f"{self.deciding_output}: " if not self.passed else ""
         verb = "is" if not self.passed else "at"
+        scaled = (f" x {self.noise_unit_ratio:g} ({self.dtype}'s unit) = {noise:.2e}"
+                  if self.noise_unit_ratio != 1 else "")
+        factor = self.noise_factor / self.noise_unit_ratio
         return (f"{where}error {self.reference_error:.2e} of the output's scale against the "
                 f"original run in float64, {verb} {ratio} the original's own {self.compared_in} "
-                f"noise {noise:.2e} (allowed {self.tolerance or 0.0:.2e}: "
-                f"{self.noise_factor:g}x the noise, at least {self.rtol:.0e})")
+                f"noise {self.noise or 0.0:.2e}{scaled} (allowed {self.tolerance or 0.0:.2e}: "
+                f"{factor:g}x the noise{' so scaled' if scaled else ''}, at least "
+                f"{self.rtol:.0e})")
 
     def rewrite_summary(self) -> str:
         compared = [r for r in self.rewrite_errors if not r.problem]
         failed = [r for r in compared if not r.passed]
         if failed:
-            named = ", ".join(f"{r.fused_module} ({r.magnitude_error:.1e})" for r in failed[:5])
+            named = ", ".join(f"{r.fused_module} ({r.magnitude_error:.1e}" + (
+                f", {r.rounding_sigmas:.0f} sigma of rounding)" if r.rounding_sigmas is not None
+                else ")") for r in failed[:5])
+            sigmas = (" or more than the rounding of their weights could" if any(
+                r.rounding_sigmas is not None for r in failed) else "")
             return (f"{len(failed)} of {len(compared)} rewrite(s) differ from the ops they "
-                    f"replaced by more than {self.rewrite_rtol:.0e}: {named}")
+                    f"replaced by more than {self.rewrite_rtol:.0e}{sigmas}: {named}")
         worst = max(compared, key=lambda r: r.magnitude_error, default=None)
         where = f" (worst {worst.magnitude_error:.1e}: {worst.fused_module})" if worst else ""
         return (f"{len(compared)} rewrite(s) each within {self.rewrite_rtol:.0e} of the ops they "
@@ -154,7 +175,9 @@ class VerifyReport:
         float64 reference, against that, the original's own noise, their ratio and the bar."""
         noisy = self.noise is not None
         columns = ["input", "shapes", "outputs", "elements", "max rel error"]
-        columns += ["vs float64", f"{self.compared_in} noise", "ratio", "allowed"] if noisy else []
+        ratio = f"ratio to noise x{self.noise_unit_ratio:g}" if self.noise_unit_ratio != 1 else (
+            "ratio")
+        columns += ["vs float64", f"{self.compared_in} noise", ratio, "allowed"] if noisy else []
         table = Table(box=None, pad_edge=False)
         for column in columns:
             table.add_column(column, justify="left" if column in ("input", "shapes") else "right")
@@ -165,8 +188,8 @@ class VerifyReport:
                    str(run.outputs_compared), f"{run.elements_compared:,}", f"{worst:.2e}"]
             decisive = max(run.outputs, key=lambda o: o.margin, default=None)
             if noisy and decisive is not None and decisive.noise is not None:
-                ratio = (times(decisive.reference_error / decisive.noise)
-                         if decisive.noise > 0 else "-")
+                scaled = decisive.noise * self.noise_unit_ratio  # the ratio is to the bar's
+                ratio = times(decisive.reference_error / scaled) if scaled > 0 else "-"
                 row += [f"{decisive.reference_error:.2e}", f"{decisive.noise:.2e}", ratio,
                         f"{decisive.tolerance:.2e}"]
             elif noisy:
