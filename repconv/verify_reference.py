@@ -40,11 +40,60 @@ ORIGINAL = "original"  # ... when outputs are compared with the original as run 
 _PRECISION = {torch.float16: 0, torch.bfloat16: 0, torch.float32: 1, torch.float64: 2}
 
 
+def _own_tensors(module: nn.Module) -> Iterator[Tensor]:
+    yield from (t for t in module._parameters.values() if t is not None)
+    yield from (t for t in module._buffers.values() if t is not None)
+    yield from (v for v in vars(module).values() if isinstance(v, Tensor))
+
+
 def _tensors_of(model: nn.Module) -> Iterator[Tensor]:
     for module in model.modules():
-        yield from (t for t in module._parameters.values() if t is not None)
-        yield from (t for t in module._buffers.values() if t is not None)
-        yield from (v for v in vars(module).values() if isinstance(v, Tensor))
+        yield from _own_tensors(module)
+
+
+def _upcast(tensors: Iterator[Tensor], dtype: torch.dtype,
+            saved: dict[int, tuple[Tensor, Tensor]]) -> None:
+    for tensor in tensors:
+        if (tensor.is_floating_point() and id(tensor) not in saved
+                and _PRECISION.get(tensor.dtype, 2) < _PRECISION[dtype]):
+            saved[id(tensor)] = (tensor, tensor.data)
+            tensor.data = tensor.data.to(dtype)
+
+
+def _put_back(saved: dict[int, tuple[Tensor, Tensor]]) -> None:
+    for tensor, data in saved.values():
+        tensor.data = data
+    saved.clear()
+
+
+@contextmanager
+def computed_in_per_module(dtype: torch.dtype, model: nn.Module) -> Iterator[None]:
+    """Like `computed_in`, but each module's own tensors are upcast only while its forward
+    runs: a checkpoint is never held twice over in float64. A tensor read outside its module's
+    forward (a tied weight read by the parent) meets the input's dtype and raises; callers
+    then use `computed_in`."""
+    saved_by_call: list[dict[int, tuple[Tensor, Tensor]]] = []
+
+    def upcast(module: nn.Module, _args: object) -> None:
+        saved: dict[int, tuple[Tensor, Tensor]] = {}
+        _upcast(_own_tensors(module), dtype, saved)
+        saved_by_call.append(saved)
+
+    def put_back(_module: nn.Module, _args: object, _output: object) -> None:
+        _put_back(saved_by_call.pop())
+
+    handles = []
+    try:
+        for module in model.modules():
+            if next(_own_tensors(module), None) is not None:
+                handles.append(module.register_forward_pre_hook(upcast))
+                handles.append(module.register_forward_hook(put_back, always_call=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for saved in reversed(saved_by_call):
+            _put_back(saved)
 
 
 @contextmanager
@@ -55,15 +104,10 @@ def computed_in(dtype: torch.dtype | None, *models: nn.Module) -> Iterator[None]
     saved: dict[int, tuple[Tensor, Tensor]] = {}
     try:
         for model in models if dtype is not None else ():
-            for tensor in _tensors_of(model):
-                if (tensor.is_floating_point() and id(tensor) not in saved
-                        and _PRECISION.get(tensor.dtype, 2) < _PRECISION[dtype]):
-                    saved[id(tensor)] = (tensor, tensor.data)
-                    tensor.data = tensor.data.to(dtype)
+            _upcast(_tensors_of(model), dtype, saved)
         yield
     finally:
-        for tensor, data in saved.values():
-            tensor.data = data
+        _put_back(saved)
 
 
 def error_of(expected: Tensor, got: Tensor) -> tuple[float, float, float]:
@@ -99,6 +143,15 @@ class Float64Reference:
     original: nn.Module
     problem: str = ""
     seconds: float = 0.0  # spent on the float64 runs (upcast, forward, put back)
+    whole_model: bool = False  # upcast all at once: a per-module upcast failed on this model
+
+    def _forward(self, given: tuple[Tensor, ...]) -> tuple[list[tuple[str, Tensor]], str]:
+        upcast = (computed_in(torch.float64, self.original) if self.whole_model
+                  else computed_in_per_module(torch.float64, self.original))
+        with upcast:
+            output = self.original(*(x.to(torch.float64, copy=True)
+                                     if x.is_floating_point() else x.clone() for x in given))
+            return leaves(output)
 
     def run(self, given: tuple[Tensor, ...], expected: list[tuple[str, Tensor]],
             structure: str) -> list[Tensor] | None:
@@ -108,11 +161,13 @@ class Float64Reference:
             return None
         start = time.perf_counter()
         try:
-            with computed_in(torch.float64, self.original):
-                output = self.original(*(x.to(torch.float64, copy=True)
-                                         if x.is_floating_point() else x.clone() for x in given))
-                got, got_structure = leaves(output)
-                del output
+            try:
+                got, got_structure = self._forward(given)
+            except Exception:
+                if self.whole_model:
+                    raise
+                self.whole_model = True
+                got, got_structure = self._forward(given)
             if got_structure != structure or [t.shape for _, t in got] != [
                     t.shape for _, t in expected]:
                 self.problem = "the original model returns other outputs in float64"
