@@ -5,7 +5,6 @@ written."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sys
@@ -26,16 +25,14 @@ from cli_support import (
     width8_state_dict,
 )
 from reference_blocks import randomize_bn
+from test_onnx import needs_onnx
 from torch import Tensor, nn
 
 from repconv.checkpoint import load_checkpoint
 from repconv.onnx_io import OUTPUT_TREE_KEY, OnnxModule
 from repconv.onnx_pipeline import INPUT_SHAPE_KEY
 
-pytestmark = pytest.mark.skipif(
-    any(importlib.util.find_spec(name) is None for name in ("onnx", "onnxscript", "onnxruntime")),
-    reason="the repconv[onnx] extra is not installed",
-)
+pytestmark = needs_onnx
 TAMPERED = "stages.1.0.fused_conv"  # the conv whose weight the tampered file scales by 1.01
 # `python -c BLOCK MODULES repconv-args...`: repconv with the named modules unimportable, as
 # on a machine without the repconv[onnx] extra
