@@ -52,6 +52,7 @@ class Region:
     chain: bool  # every member has one input: each can be rewritten where it runs
     sources: tuple[fx.Node, ...]  # in a chain, what each member reads
     passthrough: tuple[bool, ...]  # which members pass their input on at no cost (views, ...)
+    tail: tuple[fx.Node, ...] = ()  # free identities after the sink, left where they run
 
     @property
     def convs(self) -> int:
@@ -303,8 +304,9 @@ def analyse(gm: fx.GraphModule, keep_own_forward: bool = False) -> Analysis:
         members = tuple(n for n in ops if n in expr.members)
         # trailing identities (eval dropout in a parent's forward) pass the fused value on as
         # they are: leaving them keeps the rewrite inside the module that runs the rest
+        tail: tuple[fx.Node, ...] = ()
         while len(members) > 1 and _is_passthrough(ops[sink]) and ops[sink].source in members:
-            members, sink = members[:-1], ops[sink].source
+            members, sink, tail = members[:-1], ops[sink].source, (sink, *tail)
         region = Region(
             root=expr.root,
             sink=sink,
@@ -318,6 +320,7 @@ def analyse(gm: fx.GraphModule, keep_own_forward: bool = False) -> Analysis:
             chain=all(isinstance(ops[m], Unary) for m in members),
             sources=tuple(_inputs(ops[m])[0] for m in members),
             passthrough=tuple(_is_passthrough(ops[m]) for m in members),
+            tail=tail,
         )
         root_shape, sink_shape = tensor_shape(region.root), tensor_shape(sink)
         if not region.chain and (root_shape is None or sink_shape is None
@@ -366,7 +369,7 @@ def _without_own_ops(region: Region, ops: dict[fx.Node, LinearOp]) -> list[Regio
                 macs_before=sum(_op_macs(m, ops[m].affine) for m in members),
                 macs_after=_numel(members[-1]) * affine.macs_per_output(),
                 sources=tuple(region.sources[j] for j in stretch),
-                passthrough=tuple(region.passthrough[j] for j in stretch)))
+                passthrough=tuple(region.passthrough[j] for j in stretch), tail=()))
         stretch = []
     return pieces
 

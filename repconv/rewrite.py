@@ -35,6 +35,7 @@ from repconv.graph import (
     metadata_read,
     mutated_input,
     tensor_dtype,
+    tensor_shape,
     trace,
 )
 from repconv.plan import FrameRewrite, ModuleSpec, ModuleSwap, NodeEdit, Step
@@ -140,8 +141,37 @@ def _chain_slot(gm: fx.GraphModule, region: Region) -> int:
     return 0 if changed else first_conv
 
 
+def _whole_module(gm: fx.GraphModule, scope_module: nn.Module, region: Region,
+                  calls: Mapping[str, CallRecord], scope: str) -> str | None:
+    """The module (path in ``gm``) whose whole forward is this chain, which the fused conv can
+    replace as timm's own ``fuse()`` methods do (LeViT's ``LinearNorm``, ``Conv2d_BN``
+    sequences): no Identity left behind, no view or call of its forward. Only a module called
+    once, that runs nothing else and holds no attributes of its own a parent could read."""
+    nodes = [*region.members, *region.tail]
+    path = _common([_frame(n) for n in nodes])
+    record = calls.get(join_path(scope, path))
+    if not path or record is None or record.count != 1:
+        return None
+    module = scope_module.get_submodule(path)
+    if any(not name.startswith("_") and name != "training" for name in vars(module)):
+        return None
+    if set(_inside_nodes(gm, path)) != set(nodes) or region.root in nodes:
+        return None
+    last = nodes[-1]
+    if any(u not in nodes for n in nodes[:-1] for u in n.users):
+        return None
+    root, out = tensor_shape(region.root), tensor_shape(last)
+    if root is None or out is None:
+        return None
+    # what the fused conv returns on the module's input: a linear layer keeps the token dims
+    expected = ((*root[:-1], region.affine.out_channels) if region.affine.nd == 0
+                else tuple(tensor_shape(region.sink) or ()))
+    return path if tuple(out) == tuple(expected) else None
+
+
 def _plan_edits(
-    gm: fx.GraphModule, regions: list[Region], fused_modules: Mapping[int, nn.Module],
+    gm: fx.GraphModule, scope_module: nn.Module, scope: str, regions: list[Region],
+    fused_modules: Mapping[int, nn.Module], calls: Mapping[str, CallRecord],
     call_sites: Mapping[str, int],
 ) -> tuple[dict[str, list[_Edit]], list[tuple[str, nn.Module | None, Region]]]:
     """Split regions into forward edits by frame and module swaps."""
@@ -149,6 +179,10 @@ def _plan_edits(
     swaps: list[tuple[str, nn.Module | None, Region]] = []
     for region in regions:
         fused = fused_modules[id(region)]
+        whole = _whole_module(gm, scope_module, region, calls, scope) if region.chain else None
+        if whole is not None:
+            swaps.append((whole, fused, region))
+            continue
         if not region.chain:
             frame = _common([_frame(m) for m in region.members])
             frames[frame].append(_Edit(region.root, region.members[0], region.sink,
@@ -387,7 +421,8 @@ def apply(
     applied.removed = [r for r in regions
                        if any(_inside(p, d) for m in r.members for p in _stack(m) for d in dead)]
     live = [r for r in regions if r not in applied.removed]
-    frames, swaps = _plan_edits(gm, live, fused_modules, call_sites)
+    frames, swaps = _plan_edits(gm, scope_module, scope, live, fused_modules, calls,
+                                call_sites)
     # phase 1: trace and align every frame; a region any part of which cannot be placed is
     # applied nowhere (half a chain applied would fold its BN twice)
     refused: dict[int, str] = {}

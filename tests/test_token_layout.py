@@ -38,9 +38,9 @@ def test_levit_mlp_loses_every_batchnorm(shape: tuple[int, ...]) -> None:
     assert after.matmuls == before.matmuls == 2, after.ops
     assert after.total < before.total
     assert error(model, fused_model, x) <= TOL
-    # the fused linear layer sits where the user's was; the BatchNorm slot passes tokens on
-    assert isinstance(fused_model.ln1.linear, nn.Linear) and fused_model.ln1.linear.bias is not None
-    assert isinstance(fused_model.ln1.bn, nn.Identity)
+    # each LinearNorm is one linear layer now, as LeViT's own fuse() makes it
+    assert type(fused_model.ln1) is nn.Linear and fused_model.ln1.bias is not None
+    assert type(fused_model.act) is nn.Hardswish
 
 
 def test_linear_norm_chain_folds_into_one_linear() -> None:
@@ -83,3 +83,46 @@ def test_token_plan_replays_on_a_fresh_model() -> None:
     x = randn(2, 9, 8, seed=1)
     assert executed(rebuilt, x).batchnorms == 0
     assert error(model, rebuilt, x) <= TOL
+
+
+def test_a_module_with_attributes_of_its_own_keeps_them() -> None:
+    """A parent may read a layer's plain attributes (a detector routes through ``m.f``): such
+    a module keeps its class, and the fused layer goes into its linear's slot."""
+    torch.manual_seed(10)
+    model = randomize_bns(tm.TokenMlp(), seed=10)
+    model.ln1.f = -1
+    fused_model = repconv.fuse(model, randn(1, 16, 8, seed=0)).model
+    assert type(fused_model.ln1) is tm.LinearNorm and fused_model.ln1.f == -1
+    assert isinstance(fused_model.ln1.bn, nn.Identity)
+    assert type(fused_model.ln2) is nn.Linear
+    x = randn(2, 9, 8, seed=1)
+    assert executed(fused_model, x).batchnorms == 0
+    assert error(model, fused_model, x) <= TOL
+
+
+def test_a_conv_bn_sequence_becomes_its_conv() -> None:
+    """``Conv2d_BN(nn.Sequential)`` (RepViT, EfficientViT) is replaced by the one conv."""
+    torch.manual_seed(11)
+    model = randomize_bns(nn.Sequential(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1),
+                                                      nn.BatchNorm2d(8)), nn.ReLU()), seed=11)
+    fused_model = repconv.fuse(model, randn(1, 3, 8, 8, seed=0)).model
+    assert type(fused_model[0]) is nn.Conv2d
+    x = randn(2, 3, 11, 7, seed=1)
+    assert error(model, fused_model, x) <= TOL
+
+
+def test_each_token_rewrite_is_checked_against_the_ops_it_replaced() -> None:
+    """The per-rewrite table compares a linear layer on tokens with ops that flattened them."""
+    from repconv.rewrite_check import RewriteCheck
+    from repconv.verify import verify
+
+    torch.manual_seed(12)
+    model = randomize_bns(tm.TokenMlp(), seed=12)
+    x = randn(1, 9, 8, seed=0)
+    result = repconv.fuse(model, x, check=False)
+    check = RewriteCheck(result.model, result.originals, result.report.rewrites, result.model)
+    report = verify(model, result.model, (x,), rewrites=check, upcast=True)
+    rows = {row.fused_module: row for row in report.rewrite_errors}
+    assert report.passed and sorted(rows) == ["ln1", "ln2"]
+    assert all(row.passed and not row.problem and row.magnitude_error < 1e-6
+               for row in rows.values())
