@@ -141,19 +141,35 @@ def _chain_slot(gm: fx.GraphModule, region: Region) -> int:
     return 0 if changed else first_conv
 
 
+def _own_attributes(module: nn.Module) -> dict[str, Any]:
+    """The plain attributes a module's class or its builder set (``legacy``, a detector's
+    ``f`` and ``i``), which a parent's forward may read."""
+    return {name: value for name, value in vars(module).items()
+            if not name.startswith("_") and name != "training"}
+
+
+def _carry_attributes(old: nn.Module, new: nn.Module) -> None:
+    """A fused layer that replaces a whole module keeps that module's plain attributes (those
+    the layer does not have itself), so a parent routing through ``child.f`` still runs."""
+    for name, value in _own_attributes(old).items():
+        if not hasattr(new, name):
+            setattr(new, name, value)
+
+
 def _whole_module(gm: fx.GraphModule, scope_module: nn.Module, region: Region,
-                  calls: Mapping[str, CallRecord], scope: str) -> str | None:
-    """The module (path in ``gm``) whose whole forward is this chain, which the fused conv can
-    replace as timm's own ``fuse()`` methods do (LeViT's ``LinearNorm``, ``Conv2d_BN``
-    sequences): no Identity left behind, no view or call of its forward. Only a module called
-    once, that runs nothing else and holds no attributes of its own a parent could read."""
+                  fused: nn.Module, calls: Mapping[str, CallRecord], scope: str) -> str | None:
+    """The module (path in ``gm``) whose whole forward is this region, which the fused conv
+    can replace as timm's own ``fuse()`` methods do (LeViT's ``LinearNorm``, RepViT's
+    ``RepVggDw``, ``Conv2d_BN`` sequences): no Identity or wrapper left behind, no call of its
+    forward. Only a module called once that runs nothing else, and whose own attributes do not
+    clash with the fused layer's (they are carried over)."""
     nodes = [*region.members, *region.tail]
     path = _common([_frame(n) for n in nodes])
     record = calls.get(join_path(scope, path))
     if not path or record is None or record.count != 1:
         return None
     module = scope_module.get_submodule(path)
-    if any(not name.startswith("_") and name != "training" for name in vars(module)):
+    if any(hasattr(fused, name) for name in _own_attributes(module)):
         return None
     if set(_inside_nodes(gm, path)) != set(nodes) or region.root in nodes:
         return None
@@ -179,7 +195,7 @@ def _plan_edits(
     swaps: list[tuple[str, nn.Module | None, Region]] = []
     for region in regions:
         fused = fused_modules[id(region)]
-        whole = _whole_module(gm, scope_module, region, calls, scope) if region.chain else None
+        whole = _whole_module(gm, scope_module, region, fused, calls, scope)
         if whole is not None:
             swaps.append((whole, fused, region))
             continue
@@ -502,6 +518,8 @@ def apply(
         if id(region) in refused:
             continue
         replacement = module if module is not None else nn.Identity()
+        if module is not None:
+            _carry_attributes(applied.module.get_submodule(path), module)
         _set_module(applied.module, path, replacement)
         spec = None if module is None else ModuleSpec.of(module)
         applied.steps.append(ModuleSwap(join_path(scope, path), spec))
@@ -561,7 +579,9 @@ def replay(model: nn.Module, steps: list[Step]) -> nn.Module:
     for step in steps:
         if isinstance(step, ModuleSwap):
             replacement = nn.Identity() if step.spec is None else step.spec.build()
-            _resolve(model, step.path)
+            replaced = _resolve(model, step.path)
+            if step.spec is not None:
+                _carry_attributes(replaced, replacement)
             _set_module(model, step.path, replacement)
             continue
         frame_module = _resolve(model, step.scope)

@@ -317,9 +317,11 @@ def test_replay_plan_rebuilds_the_fused_structure_of_a_tiny_net() -> None:
     net = randomize_bn(tiny_net("RepVGGBlock"), seed=10)
     example = tiny_net_example_input("RepVGGBlock", batch=2)
     result = repconv.fuse(net, example)
-    # each block's forward is rewritten alone; the stem's BN becomes an Identity
-    assert [step["kind"] for step in result.plan].count("frame") == 2
-    assert {step["path"] for step in result.plan if step["kind"] == "swap"} == {"0", "1"}
+    # each block, whose whole forward folds, becomes its fused conv (as RepVGG's own deploy
+    # code makes it); the stem's BN becomes an Identity
+    swaps = {step["path"]: step["spec"] for step in result.plan if step["kind"] == "swap"}
+    assert [step["kind"] for step in result.plan].count("frame") == 0
+    assert swaps["3"]["type"] == swaps["5"]["type"] == "Conv2d" and swaps["1"] is None
 
     torch.manual_seed(123)  # a differently initialised model of the same architecture
     rebuilt = replay_plan(tiny_net("RepVGGBlock"), result.plan)
@@ -328,6 +330,18 @@ def test_replay_plan_rebuilds_the_fused_structure_of_a_tiny_net() -> None:
     rebuilt.load_state_dict(result.model.state_dict())
 
     fresh = tiny_net_example_input("RepVGGBlock", batch=2, seed=3)
+    assert torch.equal(run(rebuilt, fresh), run(result.model, fresh))
+
+
+def test_replay_plan_rebuilds_rewritten_forwards() -> None:
+    """A block whose forward holds more than the fold is rewritten in place (a frame step)."""
+    net = randomize_bn(tiny_net("DBBWithInnerBN"), seed=10)
+    result = repconv.fuse(net, tiny_net_example_input("DBBWithInnerBN", batch=2))
+    assert [step["kind"] for step in result.plan].count("frame") == 2
+    rebuilt = replay_plan(tiny_net("DBBWithInnerBN"), result.plan)
+    rebuilt.load_state_dict(result.model.state_dict())
+    fresh = tiny_net_example_input("DBBWithInnerBN", batch=2, seed=3)
+    assert count_bns(rebuilt) == 0
     assert torch.equal(run(rebuilt, fresh), run(result.model, fresh))
 
 

@@ -16,8 +16,8 @@ from repconv.plan import parse
 
 
 def _fused_plan() -> tuple[list[dict], dict[str, torch.Tensor]]:
-    net = randomize_bn(tiny_net("RepVGGBlock"), seed=4)
-    result = repconv.fuse(net, tiny_net_example_input("RepVGGBlock", batch=2))
+    net = randomize_bn(tiny_net("DBBWithInnerBN"), seed=4)
+    result = repconv.fuse(net, tiny_net_example_input("DBBWithInnerBN", batch=2))
     return result.plan, result.model.state_dict()
 
 
@@ -31,7 +31,7 @@ def _spec(plan: list[dict]) -> dict:
 
 def test_a_valid_plan_replays_and_matches_its_weights() -> None:
     plan, weights = _fused_plan()
-    rebuilt = replay_plan(tiny_net("RepVGGBlock"), plan, weights)
+    rebuilt = replay_plan(tiny_net("DBBWithInnerBN"), plan, weights)
     rebuilt.load_state_dict(weights)
     assert sum(isinstance(m, nn.BatchNorm2d) for m in rebuilt.modules()) == 0
 
@@ -61,7 +61,7 @@ def test_hostile_plan_is_an_input_error(name: str) -> None:
     bad = copy.deepcopy(plan)
     HOSTILE[name](bad)
     with pytest.raises(InputError, match="deploy plan is damaged"):
-        replay_plan(tiny_net("RepVGGBlock"), bad, weights)
+        replay_plan(tiny_net("DBBWithInnerBN"), bad, weights)
     assert "planted" not in vars(nn.Module)
 
 
@@ -83,4 +83,4 @@ def test_a_plan_naming_a_missing_module_is_an_input_error() -> None:
     plan, _ = _fused_plan()
     _first(plan, "swap")["path"] = "no_such_module"
     with pytest.raises(InputError, match="does not have"):
-        replay_plan(tiny_net("RepVGGBlock"), plan)
+        replay_plan(tiny_net("DBBWithInnerBN"), plan)

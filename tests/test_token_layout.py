@@ -85,19 +85,29 @@ def test_token_plan_replays_on_a_fresh_model() -> None:
     assert error(model, rebuilt, x) <= TOL
 
 
-def test_a_module_with_attributes_of_its_own_keeps_them() -> None:
-    """A parent may read a layer's plain attributes (a detector routes through ``m.f``): such
-    a module keeps its class, and the fused layer goes into its linear's slot."""
+def test_a_replaced_module_keeps_its_attributes() -> None:
+    """A parent may read a layer's plain attributes (a detector routes through ``m.f``): the
+    fused layer that replaces the module carries them; one whose names clash with the layer's
+    own (``in_features``) keeps its class, and the fused layer goes into its linear's slot."""
     torch.manual_seed(10)
     model = randomize_bns(tm.TokenMlp(), seed=10)
     model.ln1.f = -1
-    fused_model = repconv.fuse(model, randn(1, 16, 8, seed=0)).model
-    assert type(fused_model.ln1) is tm.LinearNorm and fused_model.ln1.f == -1
-    assert isinstance(fused_model.ln1.bn, nn.Identity)
-    assert type(fused_model.ln2) is nn.Linear
+    model.ln2.in_features = "the module's own"
+    result = repconv.fuse(model, randn(1, 16, 8, seed=0))
+    fused_model = result.model
+    assert type(fused_model.ln1) is nn.Linear and fused_model.ln1.f == -1
+    assert type(fused_model.ln2) is tm.LinearNorm and isinstance(fused_model.ln2.bn, nn.Identity)
+    assert fused_model.ln2.in_features == "the module's own"
     x = randn(2, 9, 8, seed=1)
     assert executed(fused_model, x).batchnorms == 0
     assert error(model, fused_model, x) <= TOL
+    # a fresh model rebuilt from the plan carries them the same way
+    from repconv.fuse import replay_plan
+
+    fresh = tm.TokenMlp()
+    fresh.ln1.f = -1
+    rebuilt = replay_plan(fresh, result.plan, fused_model.state_dict())
+    assert type(rebuilt.ln1) is nn.Linear and rebuilt.ln1.f == -1
 
 
 def test_a_conv_bn_sequence_becomes_its_conv() -> None:
