@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from repconv import plan as plan_record
-from repconv import region_check, rewrite
+from repconv import region_check, rewrite, surgery
 from repconv import regions as region_analysis
 from repconv.errors import TraceError
 from repconv.graph import bind_call, propagate_shapes, record_calls, trace
@@ -268,4 +268,4 @@ def replay_plan(
     """Apply a recorded plan (validated first; with ``weights``, against them too) to a freshly
     built model: the same structure, empty weights."""
     steps = plan_record.parse(plan, weights)
-    return rewrite.replay(model.eval(), steps).eval()
+    return surgery.replay(model.eval(), steps).eval()

@@ -1,7 +1,9 @@
-"""Apply folded regions where their ops run, and replay recorded plans on a fresh model.
+"""Apply folded regions where their ops run.
 
 The fused model stays the user's model (DESIGN §0.1). A region is applied at the smallest scope
 that can hold it:
+- A module whose whole forward is the region (a RepVGG block, LeViT's ``LinearNorm``) is
+  replaced by the fused conv, which carries the module's plain attributes.
 - A chain (each op reads the one before it) is rewritten op by op where each op runs. An op that
   is a module call swaps that module: the first for the fused conv, the rest for
   ``nn.Identity``, and no forward changes. An op inside some module's forward (timm's
@@ -10,7 +12,7 @@ that can hold it:
   runs all of them (a RepVGG block's forward, not the whole network's).
 A module whose forward is rewritten becomes a ``GraphModule`` under its own name and class name,
 keeping its plain attributes, and calls its untouched children as the modules they were.
-Everything is recorded as `plan` steps, which `replay` applies to a freshly built model.
+Everything is recorded as `plan` steps, which `surgery.replay` applies to a freshly built model.
 """
 
 from __future__ import annotations
@@ -27,12 +29,10 @@ from torch.fx._symbolic_trace import _assert_is_none
 
 from repconv import algebra
 from repconv.algebra import Affine
-from repconv.errors import InputError, TraceError
+from repconv.errors import TraceError
 from repconv.graph import (
     CallRecord,
     bind_call,
-    erase_dead_code,
-    metadata_read,
     mutated_input,
     tensor_dtype,
     tensor_shape,
@@ -40,6 +40,14 @@ from repconv.graph import (
 )
 from repconv.plan import FrameRewrite, ModuleSpec, ModuleSwap, NodeEdit, Step
 from repconv.regions import CONV_LABELS, Region
+from repconv.surgery import (
+    carry_attributes,
+    fused_conv_name,
+    insert_fused,
+    own_attributes,
+    set_module,
+    wrap,
+)
 
 _JSON_SCALARS = (type(None), bool, int, float, str)
 
@@ -141,21 +149,6 @@ def _chain_slot(gm: fx.GraphModule, region: Region) -> int:
     return 0 if changed else first_conv
 
 
-def _own_attributes(module: nn.Module) -> dict[str, Any]:
-    """The plain attributes a module's class or its builder set (``legacy``, a detector's
-    ``f`` and ``i``), which a parent's forward may read."""
-    return {name: value for name, value in vars(module).items()
-            if not name.startswith("_") and name != "training"}
-
-
-def _carry_attributes(old: nn.Module, new: nn.Module) -> None:
-    """A fused layer that replaces a whole module keeps that module's plain attributes (those
-    the layer does not have itself), so a parent routing through ``child.f`` still runs."""
-    for name, value in _own_attributes(old).items():
-        if not hasattr(new, name):
-            setattr(new, name, value)
-
-
 def _whole_module(gm: fx.GraphModule, scope_module: nn.Module, region: Region,
                   fused: nn.Module, calls: Mapping[str, CallRecord], scope: str) -> str | None:
     """The module (path in ``gm``) whose whole forward is this region, which the fused conv
@@ -169,7 +162,7 @@ def _whole_module(gm: fx.GraphModule, scope_module: nn.Module, region: Region,
     if not path or record is None or record.count != 1:
         return None
     module = scope_module.get_submodule(path)
-    if any(hasattr(fused, name) for name in _own_attributes(module)):
+    if any(hasattr(fused, name) for name in own_attributes(module)):
         return None
     if set(_inside_nodes(gm, path)) != set(nodes) or region.root in nodes:
         return None
@@ -306,98 +299,6 @@ def _guard_nodes(fgm: fx.GraphModule) -> set[fx.Node]:
     return guards
 
 
-def _insert(
-    gm: fx.GraphModule, root: fx.Node, first: fx.Node, sink: fx.Node,
-    members: tuple[fx.Node, ...], name: str | None,
-) -> fx.Node:
-    """Make ``sink``'s users, and the metadata reads of the members, read the fused conv of
-    ``root`` (or ``root`` itself), computed where the region's first op ran: an in-place
-    change of ``root`` after that point must not be seen."""
-    if name is None:
-        fused = root
-    else:
-        with gm.graph.inserting_before(first):
-            fused = gm.graph.call_module(name, (root,))
-    sink.replace_all_uses_with(fused)
-    for member in members:
-        for user in list(member.users):
-            if not metadata_read(user):
-                continue
-            checks = _assertion_chain(user)
-            if checks is None:
-                user.replace_input_with(member, fused)
-            else:
-                # an assert on the metadata of an op that no longer runs (timm asserts x.ndim
-                # before each BatchNorm): the fused conv checks its own input
-                for node in reversed(checks):
-                    gm.graph.erase_node(node)
-    return fused
-
-
-_CHECK_OPS = (operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
-              operator.and_, operator.or_, operator.not_, torch._assert)
-
-
-def _assertion_chain(read: fx.Node) -> list[fx.Node] | None:
-    """``read`` and everything downstream of it, in graph order, when all of it only compares
-    metadata with constants and ends in ``torch._assert``; else None."""
-    chain, frontier = [read], [read]
-    while frontier:
-        node = frontier.pop()
-        for user in node.users:
-            if user.op != "call_function" or user.target not in _CHECK_OPS:
-                return None
-            if any(i not in chain and i is not user for i in user.all_input_nodes):
-                return None
-            if user not in chain:
-                chain.append(user)
-                frontier.append(user)
-    if not any(n.target is torch._assert for n in chain):
-        return None
-    order = {n: i for i, n in enumerate(read.graph.nodes)}
-    return sorted(chain, key=order.__getitem__)
-
-
-def _free_name(gm: nn.Module, wanted: str) -> str:
-    """``wanted`` if no attribute has that name yet, else a numbered variant."""
-    name, n = wanted.replace(".", "_"), 1
-    candidate = name
-    while hasattr(gm, candidate):
-        n += 1
-        candidate = f"{name}_{n}"
-    return candidate
-
-
-def _module_name(gm: fx.GraphModule) -> str:
-    """The fused conv's attribute name at the frame's top level."""
-    return _free_name(gm, "fused_conv")
-
-
-def _wrap(original: nn.Module, fgm: fx.GraphModule) -> fx.GraphModule:
-    """The rewritten forward under the original's class name, keeping its plain attributes
-    (a parent may route through ``child.f``)."""
-    erase_dead_code(fgm)
-    fgm.delete_all_unused_submodules()
-    fgm.graph.lint()
-    fgm.recompile()
-    # fx wraps each call in two more Python frames (for its error messages); a deploy model
-    # pays that on every forward, so it is called like any module
-    type(fgm).__call__ = nn.Module.__call__
-    own = vars(fgm)
-    for key, value in vars(original).items():
-        # instance attributes shadow class ones (a detector's `m.type` shadows Module.type)
-        if not key.startswith("_") and key != "training" and key not in own:
-            setattr(fgm, key, value)
-    fgm.train(original.training)
-    return fgm
-
-
-def _set_module(owner: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    target = owner.get_submodule(parent) if parent else owner
-    setattr(target, name, module)
-
-
 def _frame_arguments(frame_path: str, calls: Mapping[str, CallRecord], module: nn.Module,
                      scope_concrete: dict[str, Any] | None) -> dict[str, Any] | str:
     """The non-tensor arguments to hold fixed while tracing a frame, or why it cannot be."""
@@ -483,20 +384,20 @@ def apply(
             fused_root = replaced.get(root, root)
             name = None
             if edit.module is not None:
-                name = _module_name(fgm)
+                name = fused_conv_name(fgm)
                 fgm.add_module(name, edit.module)
                 applied.placed[id(edit.region)] = join_path(frame_path, name)
             recorded.append(NodeEdit(root.name, first.name, sink.name,
                                      tuple(m.name for m in members), name,
                                      None if edit.module is None else ModuleSpec.of(edit.module)))
-            replaced[sink] = _insert(fgm, fused_root, first, sink, members, name)
+            replaced[sink] = insert_fused(fgm, fused_root, first, sink, members, name)
         frame_module = scope_module.get_submodule(frame) if frame else scope_module
-        built.append((frame, _wrap(frame_module, fgm)))
+        built.append((frame, wrap(frame_module, fgm)))
         applied.steps.append(FrameRewrite(frame_path, tuple(leaves_used), concrete,
                                           tuple(recorded)))
     for frame, fgm in built:
         if frame:
-            _set_module(applied.module, frame, fgm)
+            set_module(applied.module, frame, fgm)
         else:
             applied.module = fgm
             if not scope:
@@ -510,7 +411,7 @@ def apply(
             applied.module.get_submodule(parent)
         except AttributeError:
             continue  # a rewritten forward dropped it already
-        _set_module(applied.module, path, nn.Identity())
+        set_module(applied.module, path, nn.Identity())
         applied.steps.append(ModuleSwap(join_path(scope, path), None))
         applied.notes.append(f"{join_path(scope, path)}: its result is computed and never used; "
                              "replaced by Identity")
@@ -519,8 +420,8 @@ def apply(
             continue
         replacement = module if module is not None else nn.Identity()
         if module is not None:
-            _carry_attributes(applied.module.get_submodule(path), module)
-        _set_module(applied.module, path, replacement)
+            carry_attributes(applied.module.get_submodule(path), module)
+        set_module(applied.module, path, replacement)
         spec = None if module is None else ModuleSpec.of(module)
         applied.steps.append(ModuleSwap(join_path(scope, path), spec))
         if module is not None:
@@ -574,46 +475,3 @@ def dead_children(gm: fx.GraphModule, calls: Mapping[str, CallRecord], scope: st
     return dead
 
 
-def replay(model: nn.Module, steps: list[Step]) -> nn.Module:
-    """Rebuild the structure `apply` wrote, with empty weights, on a freshly built model."""
-    for step in steps:
-        if isinstance(step, ModuleSwap):
-            replacement = nn.Identity() if step.spec is None else step.spec.build()
-            replaced = _resolve(model, step.path)
-            if step.spec is not None:
-                _carry_attributes(replaced, replacement)
-            _set_module(model, step.path, replacement)
-            continue
-        frame_module = _resolve(model, step.scope)
-        try:
-            fgm = trace(frame_module, frozenset(step.leaves), dict(step.concrete))
-        except TraceError as exc:
-            raise InputError(f"deploy plan rewrites {step.scope or 'the model'}, which does not "
-                             f"trace in this model ({exc}); build the architecture the deploy "
-                             "file was made from") from exc
-        nodes = {node.name: node for node in fgm.graph.nodes}
-        for edit in step.edits:
-            found = [nodes.get(n) for n in (edit.root, edit.first, edit.sink)]
-            if any(n is None for n in found):
-                raise InputError(f"deploy plan refers to nodes {edit.root!r}/{edit.sink!r}, "
-                                 f"which {step.scope or 'the model'} does not have; build the "
-                                 "architecture the deploy file was made from")
-            root, first, sink = found
-            if edit.module is not None and edit.spec is not None:
-                fgm.add_module(edit.module, edit.spec.build())
-            members = tuple(nodes[m] for m in edit.members if m in nodes)
-            nodes[sink.name] = _insert(fgm, root, first, sink, members, edit.module)
-        wrapped = _wrap(frame_module, fgm)
-        if step.scope:
-            _set_module(model, step.scope, wrapped)
-        else:
-            model = wrapped
-    return model
-
-
-def _resolve(model: nn.Module, path: str) -> nn.Module:
-    try:
-        return model.get_submodule(path) if path else model
-    except AttributeError as exc:
-        raise InputError(f"deploy plan names module {path!r}, which this model does not have; "
-                         "build the architecture the deploy file was made from") from exc
