@@ -30,12 +30,12 @@ bench:
 # The timm model zoo (benchmarks/zoo.py, tests/zoo) runs in its own environment: PyPI's torch
 # build with torchvision and timm pinned by constraints-zoo.txt. Made once; skipped when ready.
 zoo-env:
-	@if $(ZOO_BIN)/python -c 'import timm, repconv' 2>/dev/null; then \
+	@if $(ZOO_BIN)/python -c 'import timm, repconv, onnxruntime, onnxscript' 2>/dev/null; then \
 		echo "$(ZOO_VENV) ready"; \
 	else \
 		$(PYTHON) -m venv $(ZOO_VENV) && \
 		$(ZOO_BIN)/pip install --quiet -c constraints-zoo.txt 'torch===2.13.0' torchvision timm && \
-		$(ZOO_BIN)/pip install --quiet -c constraints-zoo.txt -e '.[dev]'; \
+		$(ZOO_BIN)/pip install --quiet -c constraints-zoo.txt -e '.[dev,onnx]'; \
 	fi
 
 # OMP_WAIT_POLICY=PASSIVE: on a CPU shared with other work, OpenMP threads that spin at barriers
