@@ -60,7 +60,7 @@ def test_block_family_round_trip(family: str, tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["fused.onnx"]  # no temp file left
 
 
-class _TupleHead(nn.Module):
+class TupleHead(nn.Module):
     """Returns a nested structure: (map, (pooled, {"doubled": map * 2}))."""
 
     def __init__(self) -> None:
@@ -75,7 +75,7 @@ class _TupleHead(nn.Module):
 
 @needs_onnx
 def test_tuple_outputs_keep_their_structure() -> None:
-    net = randomize_bn(_TupleHead(), seed=2)
+    net = randomize_bn(TupleHead(), seed=2)
     example = torch.randn(1, 3, 8, 8)
     module = OnnxModule(onnx_bytes(repconv.fuse(net, example).model, example))
     x = torch.randn(2, 3, 8, 8)

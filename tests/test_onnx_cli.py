@@ -25,7 +25,7 @@ from cli_support import (
     width8_state_dict,
 )
 from reference_blocks import randomize_bn
-from test_onnx import needs_onnx
+from test_onnx import TupleHead, needs_onnx
 from torch import Tensor, nn
 
 from repconv.checkpoint import load_checkpoint
@@ -141,19 +141,6 @@ def test_verify_fails_a_tampered_onnx(sample_onnx: tuple[Path, dict[str, Any]],
     assert result.stderr.strip().splitlines()[-1] == (
         f"1 of 6 rewrite(s) differ from the ops they replaced by more than 1e-04: {TAMPERED} "
         f"({next(r for r in data['rewrite_errors'] if not r['passed'])['magnitude_error']:.1e})")
-
-
-class TupleHead(nn.Module):
-    """Conv-BN with a nested output: (map, (pooled, {"doubled": map * 2}))."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(4)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
-        y = self.bn(self.conv(x))
-        return y, (y.flatten(1).mean(1), {"doubled": y * 2})
 
 
 class Eigen(nn.Module):
