@@ -5,9 +5,10 @@ so a checkpoint is never copied whole."""
 from __future__ import annotations
 
 import math
+from typing import TypeVar
 
 import torch
-from torch import fx
+from torch import Tensor, fx
 from torch.func import functional_call
 
 from repconv import algebra
@@ -15,10 +16,22 @@ from repconv.algebra import Affine
 from repconv.graph import tensor_shape
 from repconv.regions import Region
 
+T = TypeVar("T")
+
 # A region whose fused output differs from the original by more than this, relative to the
 # output's scale, in float64, is not rewritten: the algebra would be wrong, so keep the model.
 LOCAL_TOLERANCE = 1e-6
 LOCAL_CHECK_SIZE = 7  # at least: borders on both sides and an interior, per dim
+
+
+def as_token_shape(value: T, like: object) -> T:
+    """A linear layer on tokens replaces ops that flatten the tokens (LeViT's
+    ``bn(linear(x).flatten(0, 1))``): the same elements in the same order, in ``like``'s
+    shape."""
+    if (isinstance(value, Tensor) and isinstance(like, Tensor) and value.shape != like.shape
+            and value.numel() == like.numel() and value.shape[-1:] == like.shape[-1:]):
+        return value.reshape(like.shape)  # type: ignore[return-value]  # a Tensor is a T
+    return value
 
 
 def region_module(gm: fx.GraphModule, region: Region) -> fx.GraphModule:
@@ -57,10 +70,10 @@ def local_error(gm: fx.GraphModule, region: Region, affine: Affine, seed: int = 
     fused = algebra.to_module(affine, torch.float64)
     with torch.no_grad():
         expected, got = functional_call(original, doubled, (x,)), fused(x)
+    if affine.nd == 0:
+        got = as_token_shape(got, expected)
     if expected.shape != got.shape:
-        if affine.nd != 0 or expected.numel() != got.numel():
-            return math.inf
-        got = got.reshape(expected.shape)  # token reshapes in the region keep element order
+        return math.inf
     scale = float(expected.abs().max())
     error = float((expected - got).abs().max())
     return error / scale if scale > 0 else error

@@ -184,6 +184,7 @@ def _fold(
             pending[source] += 1
     for node, op in ops.items():
         parts = [value(source) for source in _inputs(op)]
+        union = frozenset().union(*(p.members for p in parts))
         inner = _inner_inputs(node, ops, boundaries)
         try:
             if isinstance(op, Unary):
@@ -203,7 +204,6 @@ def _fold(
                                            "another")
                     affine = algebra.concat(*(p.affine for p in parts))
                 # work the branches share (a depthwise conv feeding them all) counts once
-                union = frozenset().union(*(p.members for p in parts))
                 macs = sum(_op_macs(m, ops[m].affine) for m in union
                            if isinstance(ops[m], Unary))
                 merged = _numel(node) * affine.macs_per_output()
@@ -220,12 +220,13 @@ def _fold(
                             else _Split(node, reason, inner, drop=True))
         except AlgebraError as exc:
             return _Split(node, str(exc), inner, drop=not isinstance(op, Unary))
-        members = frozenset().union(*(p.members for p in parts)) | {node}
+        members = union | {node}
         assert len({p.root for p in parts}) == 1, "multi-root nodes are dropped before folding"
-        exprs[node] = _Expr(parts[0].root, affine, members, macs)
         if node in boundaries and not keep_values:
             exprs[node] = _Expr(parts[0].root, algebra.geometry_only(affine), members, macs,
                                 affine.is_identity())
+        else:
+            exprs[node] = _Expr(parts[0].root, affine, members, macs)
         for source in inner:
             pending[source] -= 1
             if not pending[source]:
@@ -359,15 +360,14 @@ def _without_own_ops(region: Region, ops: dict[fx.Node, LinearOp]) -> list[Regio
             continue
         if stretch:
             members = tuple(region.members[j] for j in stretch)
-            affine = algebra.in_float64(ops[members[0]].affine)
-            for m in members[1:]:
-                affine = algebra.then(affine, algebra.in_float64(ops[m].affine))
+            folded = _fold({m: ops[m] for m in members}, {members[-1]})
+            assert not isinstance(folded, _Split), "a stretch of a folded chain folds"
+            expr = folded[members[-1]]
             pieces.append(replace(
                 region, root=region.sources[stretch[0]], sink=members[-1], members=members,
-                ops=tuple(ops[m] for m in members), affine=algebra.geometry_only(affine),
-                identity=affine.is_identity(), labels=tuple(region.labels[j] for j in stretch),
-                macs_before=sum(_op_macs(m, ops[m].affine) for m in members),
-                macs_after=_numel(members[-1]) * affine.macs_per_output(),
+                ops=tuple(ops[m] for m in members), affine=expr.affine, identity=expr.identity,
+                labels=tuple(region.labels[j] for j in stretch), macs_before=expr.macs,
+                macs_after=_fused_macs(members[-1], expr),
                 sources=tuple(region.sources[j] for j in stretch),
                 passthrough=tuple(region.passthrough[j] for j in stretch), tail=()))
         stretch = []

@@ -164,7 +164,7 @@ def _whole_module(gm: fx.GraphModule, scope_module: nn.Module, region: Region,
     module = scope_module.get_submodule(path)
     if any(hasattr(fused, name) for name in own_attributes(module)):
         return None
-    if set(_inside_nodes(gm, path)) != set(nodes) or region.root in nodes:
+    if set(_inside_nodes(gm, path)) != set(nodes):
         return None
     last = nodes[-1]
     if any(u not in nodes for n in nodes[:-1] for u in n.users):

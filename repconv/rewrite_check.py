@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from repconv.region_check import as_token_shape
 from repconv.report import RewriteRecord
 from repconv.verify_reference import FLOAT64, ORIGINAL, computed_in, error_of, first_line
 
@@ -125,7 +126,7 @@ class RewriteCheck:
         except LookupError as exc:
             return _row(path, record, problem=str(exc))
         got = output if self.deployed is self.reference else functional_call(conv, weights, (x,))
-        expected = _as_shape(self.originals[path](x.clone()), got)
+        expected = as_token_shape(self.originals[path](x.clone()), got)
         if not isinstance(got, Tensor) or got.shape != expected.shape:
             return _row(path, record, problem="the deployed conv returns another shape")
         exact, note = self._exact(path, x, expected)
@@ -160,7 +161,7 @@ class RewriteCheck:
         original = self.originals[path]
         try:
             with computed_in(torch.float64, original):
-                exact = _as_shape(original(x.to(torch.float64, copy=True)), expected)
+                exact = as_token_shape(original(x.to(torch.float64, copy=True)), expected)
         except Exception as exc:  # no double kernel, a tensor not upcast, out of memory
             return None, f"the replaced ops do not run in float64 ({first_line(exc)})"
         if not isinstance(exact, Tensor) or exact.shape != expected.shape or (
@@ -187,16 +188,6 @@ class RewriteCheck:
         if any(weights[n].shape != p.shape for n, p in conv.named_parameters()):
             raise LookupError(f"the deployed model's {path} weights have other shapes")
         return conv, weights
-
-
-def _as_shape(value: object, like: object) -> object:
-    """A linear layer on tokens replaces ops that flatten the tokens (LeViT's
-    ``bn(linear(x).flatten(0, 1))``): the same elements in the same order, in ``like``'s
-    shape."""
-    if (isinstance(value, Tensor) and isinstance(like, Tensor) and value.shape != like.shape
-            and value.numel() == like.numel() and value.shape[-1:] == like.shape[-1:]):
-        return value.reshape(like.shape)
-    return value
 
 
 def _rounding_sigma(conv: nn.Module, weights: dict[str, Tensor], x: Tensor, unit: float,

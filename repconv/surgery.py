@@ -108,9 +108,9 @@ def wrap(original: nn.Module, fgm: fx.GraphModule) -> fx.GraphModule:
     # pays that on every forward, so it is called like any module
     type(fgm).__call__ = nn.Module.__call__
     own = vars(fgm)
-    for key, value in vars(original).items():
+    for key, value in own_attributes(original).items():
         # instance attributes shadow class ones (a detector's `m.type` shadows Module.type)
-        if not key.startswith("_") and key != "training" and key not in own:
+        if key not in own:
             setattr(fgm, key, value)
     fgm.train(original.training)
     return fgm
