@@ -163,6 +163,18 @@ def test_real_full_disk_leaves_no_partial_out(repvgg_ckpt: Path, tmp_path: Path,
 # ------------------------------------------------------------------------ SIGTERM
 
 
+def _write_has_begun(folder: Path) -> bool:
+    """A temp file in OUT's folder holds bytes. The empty probe that checks the folder is
+    writable comes and goes before that, so a temp file may vanish between listing and stat."""
+    for temp in folder.glob("*.tmp"):
+        try:
+            if temp.stat().st_size:
+                return True
+        except FileNotFoundError:
+            continue
+    return False
+
+
 @pytest.mark.parametrize("fmt", [".pt", ".pt2"])
 def test_sigterm_during_the_write_leaves_nothing(repvgg_ckpt: Path, tmp_path: Path,
                                                  fmt: str) -> None:
@@ -173,7 +185,7 @@ def test_sigterm_during_the_write_leaves_nothing(repvgg_ckpt: Path, tmp_path: Pa
         hooked_repconv(tmp_path, "slow", out, "fuse", repvgg_ckpt, out, "--json"),
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 90
-    while not any(p.stat().st_size for p in out_dir.glob("*.tmp")):  # the write has begun
+    while not _write_has_begun(out_dir):
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, "the write never started"
         time.sleep(0.02)
