@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import sys
+import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -139,21 +140,26 @@ def read_file(path: Path, *, trust_pickle: bool) -> Any:
         tensors, metadata = _read_safetensors(path)
         return {"state_dict": tensors, "safetensors_metadata": metadata}
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # torch warns about pickle protocols it may not read; the error below says it all
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # The weights-only unpickler names the class it refused; anything else is not a pickle.
         if "Unsupported global" not in str(exc) and "Unsupported class" not in str(exc):
             raise InputError(f"{path} is not a PyTorch checkpoint (unpickling failed: "
-                             f"{_last_line(exc)[:120]})") from exc
+                             f"{_unpickler_reason(exc)[:120]}); give the file torch.save or "
+                             "safetensors wrote") from exc
         if not trust_pickle:
             raise InputError(
                 f"{path} holds pickled Python objects (such as a whole nn.Module); loading it "
                 "runs code from the file. If you trust the file, pass --trust-pickle"
             ) from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        detail = str(exc).splitlines()[0][:120] if str(exc) else "unreadable"
+        # the first sentence: torch's zip reader goes on about miniz internals
+        detail = str(exc).splitlines()[0].split(". ")[0][:120] if str(exc) else "unreadable"
         raise InputError(f"{path} is not a PyTorch checkpoint ({type(exc).__name__}: "
-                         f"{detail})") from exc
+                         f"{detail}); a truncated or damaged file must be written again") from exc
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # unpickling trusted user code can fail in any way
@@ -161,8 +167,13 @@ def read_file(path: Path, *, trust_pickle: bool) -> Any:
                          "classes it names must be importable here") from exc
 
 
-def _last_line(exc: BaseException) -> str:
+def _unpickler_reason(exc: BaseException) -> str:
+    """The weights-only unpickler's own complaint ("Unsupported operand 103"), without the
+    advice around it (to load with weights_only=False, which repconv never does untrusted)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for index, line in enumerate(lines[:-1]):
+        if line.endswith("WeightsUnpickler error:"):
+            return lines[index + 1]
     return lines[-1] if lines else type(exc).__name__
 
 

@@ -8,6 +8,7 @@ import math
 import signal
 import sys
 from collections.abc import Callable, Iterator
+from inspect import cleandoc
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
@@ -239,7 +240,8 @@ def fuse(
     )
 
 
-@app.command()
+@app.command(short_help="Check that a deploy file computes what its training checkpoint "
+             "does (exit 0/1/2).")
 def verify(
     original: Annotated[Path, typer.Argument(metavar="ORIGINAL", help="Training checkpoint.",
                                              show_default=False)],
@@ -273,7 +275,8 @@ def verify(
     )
 
 
-@app.command()
+@app.command(short_help="List what would be fused and what would not, and why; --quant: "
+             "INT8 readiness.")
 def inspect(
     in_path: InPath,
     model: ModelOpt = None,
@@ -303,7 +306,8 @@ def inspect(
     _run(as_json, action, lambda outcome: 0)
 
 
-@app.command()
+@app.command(short_help="Time a model against its fused form on this machine, with op "
+             "counts and memory.")
 def bench(
     in_path: InPath,
     out_path: Annotated[Path | None, typer.Argument(
@@ -339,3 +343,13 @@ def bench(
 def version() -> None:
     """Print repconv's version."""
     typer.echo(__version__)
+
+
+def _reflowed(doc: str) -> str:
+    """A docstring's paragraphs, each on one line: Typer keeps the source's line breaks in all
+    but the first, which breaks them mid-sentence at any terminal width."""
+    return "\n\n".join(" ".join(p.split()) for p in cleandoc(doc).split("\n\n"))
+
+
+for _command in app.registered_commands:
+    _command.help = _reflowed(_command.callback.__doc__ or "")

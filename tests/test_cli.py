@@ -18,12 +18,14 @@ import re
 import shutil
 import sys
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
 import torch
 from cli_support import (
     CONSOLE_SCRIPT,
+    RUNNER,
     SHAPE8,
     assert_no_traceback,
     error_line,
@@ -37,6 +39,7 @@ from reference_blocks import randomize_bn
 from torch import nn
 
 from repconv import __version__
+from repconv.cli import app
 from repconv.plan import PLAN_VERSION
 from repconv.samples import RepVGGBlock, repvgg_tiny, resnet_tiny
 
@@ -411,6 +414,18 @@ def test_help_documents_options_and_exit_codes(command: str, codes: tuple[int, .
     assert re.search(r"\bexit\b", text, re.IGNORECASE), text
     for code in codes:
         assert re.search(rf"(?<![\w.,]){code}:", text), f"exit code {code} not documented"
+
+
+@pytest.mark.parametrize("command", ["fuse", "verify", "inspect", "bench"])
+def test_help_paragraphs_wrap_at_the_terminal_width(command: str) -> None:
+    """A description line ends short only where its paragraph ends: the docstring's own line
+    breaks do not reach the terminal."""
+    result = RUNNER.invoke(app, [command, "--help"], terminal_width=80, env={"COLUMNS": "80"})
+    description = result.stdout.split("╭")[0]
+    lines = [line.strip() for line in description.splitlines()][1:]  # after "Usage:"
+    for line, after in pairwise(lines):
+        if line and after and not line.startswith("Usage:"):
+            assert len(line) + len(after.split()[0]) >= 70, (line, after)
 
 
 def test_top_level_help_and_version() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import pickle
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -96,6 +97,9 @@ FUSE_CASES: dict[str, Case] = {
         _fuse(e, _write(e.inp / "random.pt", bytes(range(256)) * 8)), e.inp / "random.pt",
         ["random.pt"]),
     "in_json_text": lambda e: (_fuse(e, _bad_json_file(e)), e.inp / "notes.pt", ["notes.pt"]),
+    "in_plain_pickle": lambda e: (
+        _fuse(e, _write(e.inp / "plain.pt", pickle.dumps([1, 2], protocol=4))),
+        e.inp / "plain.pt", ["plain.pt", "Unsupported operand", "torch.save"]),
     "in_truncated": lambda e: (
         _fuse(e, _write(e.inp / "half.pt", e.repvgg.read_bytes()[: e.repvgg.stat().st_size // 2])),
         e.inp / "half.pt", ["half.pt", "not a PyTorch checkpoint"]),
@@ -260,11 +264,14 @@ def test_bad_input_json_payload(env: Env, name: str) -> None:
     assert data == {"schema_version": 1, "ok": False, "error": message, "exit_code": 2}
 
 
-@pytest.mark.parametrize("name", ["in_random_bytes", "in_json_text"])
+@pytest.mark.parametrize("name", ["in_random_bytes", "in_json_text", "in_plain_pickle",
+                                  "in_truncated"])
 def test_not_a_pickle_is_not_sent_to_trust_pickle(env: Env, name: str) -> None:
+    """Nor to torch's advice (weights_only=False, a documentation link, miniz internals)."""
     _, message = _run_bad(env, FUSE_CASES[name])
     assert "--trust-pickle" not in message
     assert "not a PyTorch checkpoint" in message
+    assert not any(word in message for word in ("weights_only", "http", "miniz"))
 
 
 @pytest.mark.parametrize("option", [("--rtol", "-1"), ("--atol", "-1")], ids=["rtol-1", "atol-1"])
