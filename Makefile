@@ -21,7 +21,7 @@ lint:
 	$(BIN)/ruff check .
 
 samples:
-	$(BIN)/python -m repconv.make_samples sample_checkpoints
+	$(BIN)/python -m repconv.samples.make sample_checkpoints
 
 # deploy latency, conversion cost, numerical error: one run, saved to benchmarks/results_bench.md
 bench:

@@ -24,7 +24,7 @@ from _timing import interleaved_ms  # noqa: E402
 from reference_blocks import BLOCK_NAMES, randomize_bn, tiny_net  # noqa: E402
 
 import repconv  # noqa: E402
-from repconv.checkpoint import load_checkpoint  # noqa: E402
+from repconv.formats.checkpoint import load_checkpoint  # noqa: E402
 
 
 class RepVGGTinyDeploy(nn.Module):

@@ -43,18 +43,18 @@ from noisy_models import deep_conv_bn  # noqa: E402
 from reference_blocks import BLOCK_NAMES, randomize_bn, tiny_net  # noqa: E402
 
 import repconv  # noqa: E402
-from repconv.checkpoint import load_checkpoint  # noqa: E402
-from repconv.rewrite_check import RewriteCheck  # noqa: E402
+from repconv.formats.checkpoint import load_checkpoint  # noqa: E402
 from repconv.samples import RepVGGBlock, RepVGGTiny  # noqa: E402
-from repconv.verify import (  # noqa: E402
+from repconv.verify.outputs import (  # noqa: E402
     DEFAULT_RTOL,
     NOISE_FACTOR,
     REWRITE_RTOL,
     UPCAST_RTOL,
     VARIATIONS,
-    VerifyReport,
     verify,
 )
+from repconv.verify.report import VerifyReport  # noqa: E402
+from repconv.verify.rewrites import RewriteCheck  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

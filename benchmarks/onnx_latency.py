@@ -29,9 +29,9 @@ from deploy_speed import RepVGGTinyDeploy  # noqa: E402
 from reference_blocks import BLOCK_NAMES, block_ndim, randomize_bn, tiny_net  # noqa: E402
 
 import repconv  # noqa: E402
-from repconv.checkpoint import load_checkpoint  # noqa: E402
 from repconv.errors import RepconvError  # noqa: E402
-from repconv.onnx_io import load_onnx_session, onnx_bytes  # noqa: E402
+from repconv.formats.checkpoint import load_checkpoint  # noqa: E402
+from repconv.formats.onnx_io import load_onnx_session, onnx_bytes  # noqa: E402
 
 THREADS = 2
 

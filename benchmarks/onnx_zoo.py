@@ -32,7 +32,7 @@ from timm.utils.model import reparameterize_model
 from zoo_models import BY_NAME, HAND_WRITTEN, REPCONV, TRAINING, build, relative_error, seeded_input
 
 import repconv
-from repconv.onnx_io import OnnxModule, onnx_bytes
+from repconv.formats.onnx_io import OnnxModule, onnx_bytes
 
 THREADS = 2
 MODELS = ("repvgg_a0", "mobileone_s0", "fastvit_t8", "repvit_m0_9", "repghostnet_050",

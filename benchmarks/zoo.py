@@ -46,7 +46,7 @@ from zoo_models import (
     seeded_input,
 )
 
-from repconv.opcount import OpCounts
+from repconv.measure.opcount import OpCounts
 
 LATENCY_BAR = 1.05  # repconv / hand-written, batch 1
 SHORT = {TRAINING: "t", HAND_WRITTEN: "h", REPCONV: "r"}

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import repconv
-from repconv.opcount import OpCounts, count_ops
+from repconv.measure.opcount import OpCounts, count_ops
 
 ERROR_BAR = 1e-4  # float32, scale-relative: max|fused - training| / max|training|
 NOISE_FACTOR = 10.0  # ...or this many times the training model's own float32 rounding

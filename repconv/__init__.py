@@ -1,6 +1,5 @@
 """repconv: fold Conv-BN pairs and linear multi-branch blocks into single convolutions."""
 
-from repconv.checkpoint import load_deploy
 from repconv.errors import (
     AlgebraError,
     InputError,
@@ -9,9 +8,11 @@ from repconv.errors import (
     TraceError,
     VerificationError,
 )
+from repconv.formats.checkpoint import load_deploy
 from repconv.fuse import FuseResult, fuse
 from repconv.report import FuseReport
-from repconv.verify import VerifyReport, verify
+from repconv.verify.outputs import verify
+from repconv.verify.report import VerifyReport
 
 __all__ = [
     "AlgebraError",

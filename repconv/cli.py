@@ -25,9 +25,9 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 
 from repconv import __version__
 from repconv.errors import RepconvError, VerificationError
+from repconv.measure.quant import DEFAULT_TARGET, requested_target
 from repconv.pipeline import Options, bench_checkpoint, fuse_checkpoint, verify_checkpoints
 from repconv.progress import Progress, progress_display
-from repconv.quant import DEFAULT_TARGET, requested_target
 
 # The --json document's schema: bump when a field changes meaning or goes away.
 JSON_SCHEMA_VERSION = 1

@@ -11,14 +11,16 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from repconv import plan as plan_record
-from repconv import region_check, rewrite, surgery
-from repconv import regions as region_analysis
 from repconv.errors import TraceError
-from repconv.graph import bind_call, propagate_shapes, record_calls, trace
-from repconv.report import FuseReport, ModelCounts, RewriteRecord, SkipRecord
-from repconv.rules.base import describe
-from repconv.verify import eval_mode, verify
+from repconv.fold import local_check as region_check
+from repconv.fold import regions as region_analysis
+from repconv.fold.graph import bind_call, eval_mode, propagate_shapes, record_calls, trace
+from repconv.fold.rules.base import describe
+from repconv.report import FuseReport, ModelCounts, SkipRecord
+from repconv.rewrite import apply as rewrite
+from repconv.rewrite import plan as plan_record
+from repconv.rewrite.record import RewriteRecord
+from repconv.verify.outputs import verify
 
 FuseProgress = Callable[[str, int, int], None]
 # an untraceable module is run once per child to find results it discards: only for few
@@ -260,12 +262,3 @@ def fuse(
             fuser.report.verification = verify(model, fused, inputs, rtol=rtol, atol=atol,
                                                seed=seed)
     return FuseResult(fused, fuser.report, plan_record.to_json(fuser.steps), fuser.originals)
-
-
-def replay_plan(
-    model: nn.Module, plan: object, weights: dict[str, Tensor] | None = None
-) -> nn.Module:
-    """Apply a recorded plan (validated first; with ``weights``, against them too) to a freshly
-    built model: the same structure, empty weights."""
-    steps = plan_record.parse(plan, weights)
-    return surgery.replay(model.eval(), steps).eval()

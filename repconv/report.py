@@ -10,7 +10,8 @@ from rich.table import Table
 from rich.text import Text
 from torch import nn
 
-from repconv.verify import VerifyReport
+from repconv.rewrite.record import RewriteRecord
+from repconv.verify.report import VerifyReport
 
 
 @dataclass(frozen=True)
@@ -29,24 +30,6 @@ class ModelCounts:
             batchnorms=sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()),
             parameters=sum(p.numel() for p in model.parameters()),
         )
-
-
-@dataclass(frozen=True)
-class RewriteRecord:
-    """One region folded into one conv."""
-
-    scope: str
-    module: str | None
-    kind: str
-    ops: list[str]
-    kernel_size: list[int]
-    groups: int
-    macs_before: int
-    macs_after: int
-    local_error: float
-    replaced: str = ""  # the node whose value the fused op now computes
-    fused_module: str | None = None  # where the fused conv lives in the fused model
-    sources: list[str] = field(default_factory=list)  # the module running each op, in order
 
 
 @dataclass(frozen=True)

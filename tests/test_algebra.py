@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from repconv import algebra as A
 from repconv.errors import AlgebraError
+from repconv.fold import algebra as A
 
 F64 = torch.float64
 TOL = 1e-10

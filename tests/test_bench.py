@@ -11,7 +11,7 @@ import torch
 from cli_support import assert_no_traceback, assert_refused, invoke, snapshot
 from rich.console import Console
 
-from repconv.bench import Form, bench
+from repconv.measure.bench import Form, bench
 from repconv.samples import repvgg_tiny
 
 

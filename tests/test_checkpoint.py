@@ -22,10 +22,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 import repconv
-from repconv.checkpoint import load_checkpoint, load_deploy
 from repconv.errors import InputError
+from repconv.formats.checkpoint import load_checkpoint, load_deploy
 from repconv.pipeline import Options, fuse_checkpoint, verify_checkpoints
-from repconv.plan import PLAN_VERSION
+from repconv.rewrite.plan import PLAN_VERSION
 from repconv.samples import repvgg_tiny, resnet_tiny
 
 SHAPE = (1, 3, 16, 16)

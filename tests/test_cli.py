@@ -40,7 +40,7 @@ from torch import nn
 
 from repconv import __version__
 from repconv.cli import app
-from repconv.plan import PLAN_VERSION
+from repconv.rewrite.plan import PLAN_VERSION
 from repconv.samples import RepVGGBlock, repvgg_tiny, resnet_tiny
 
 # ---------------------------------------------------------------------------------- helpers
@@ -483,7 +483,7 @@ def test_arch_cannot_call_arbitrary_repconv_functions(tmp_path: Path,
     monkeypatch.chdir(tmp_path)
     planted = tmp_path / "planted.pt"
     path = tmp_path / "ckpt.pt"
-    torch.save({"state_dict": width8_state_dict(), "arch": "repconv.make_samples:save_checkpoint",
+    torch.save({"state_dict": width8_state_dict(), "arch": "repconv.samples.make:save_checkpoint",
                 "arch_kwargs": {"checkpoint": {}, "path": str(planted)}}, path)
     result = invoke("inspect", path)
     assert result.exit_code == 2

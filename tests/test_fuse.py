@@ -26,7 +26,7 @@ from reference_blocks import (
 from torch import Tensor, nn
 
 import repconv
-from repconv.fuse import replay_plan
+from repconv.rewrite.surgery import replay_plan
 
 SPATIAL = {1: (11,), 2: (9, 10), 3: (5, 6, 5)}
 

@@ -29,9 +29,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from repconv.errors import InputError
-from repconv.pt2 import load_program
+from repconv.formats.pt2 import load_program
 from repconv.samples import repvgg_tiny
-from repconv.verify import verify
+from repconv.verify.outputs import verify
 
 
 class Payload:
@@ -114,7 +114,7 @@ def test_pt2_payload_does_not_run(deploy_files: dict[str, Path], repvgg_ckpt: Pa
 def test_unpickling_guard_catches_what_inspection_would_miss(
         deploy_files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Should torch add a way to unpickle, the guard around torch.export.load still refuses."""
-    monkeypatch.setattr("repconv.pt2.check_archive", lambda path: None)
+    monkeypatch.setattr("repconv.formats.pt2.check_archive", lambda path: None)
     for name, change in (("weight", pickled_first_weight), ("sample", evil_sample_inputs)):
         marker = tmp_path / f"RAN_{name}"
         evil = rewrite_archive(deploy_files[".pt2"], tmp_path / f"{name}.pt2", change(marker))
@@ -386,7 +386,7 @@ def test_unexpected_failure_is_still_one_line_and_one_document(
     def broken(*_args: object, **_kwargs: object) -> None:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr("repconv.pipeline.fuse", broken)
+    monkeypatch.setattr("repconv.pipeline.commands.fuse", broken)
     result = invoke("fuse", repvgg_ckpt, tmp_path / "out.pt", "--json")
     assert_no_traceback(result)
     assert result.exit_code == 3

@@ -13,7 +13,7 @@ from reference_blocks import randomize_bn
 from torch import Tensor, nn
 
 import repconv
-from repconv.fuse import replay_plan
+from repconv.rewrite.surgery import replay_plan
 
 
 def _fuse_and_compare(model: nn.Module, shape: tuple[int, ...]) -> repconv.FuseResult:

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from repconv.checkpoint import load_checkpoint
-from repconv.lazy_init import RANDOM_INITS, random_init_skipped
+from repconv.formats.checkpoint import load_checkpoint
+from repconv.formats.lazy_init import RANDOM_INITS, random_init_skipped
 
 
 class WithRandomBuffer(nn.Module):

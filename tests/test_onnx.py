@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 import repconv
 from repconv.errors import InputError
-from repconv.onnx_io import (
+from repconv.formats.onnx_io import (
     DEFAULT_OPSET,
     OUTPUT_TREE_KEY,
     OnnxModule,

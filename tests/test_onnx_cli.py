@@ -28,9 +28,9 @@ from reference_blocks import randomize_bn
 from test_onnx import TupleHead, needs_onnx
 from torch import Tensor, nn
 
-from repconv.checkpoint import load_checkpoint
-from repconv.onnx_io import OUTPUT_TREE_KEY, OnnxModule
-from repconv.onnx_pipeline import INPUT_SHAPE_KEY
+from repconv.formats.checkpoint import load_checkpoint
+from repconv.formats.onnx_deploy import INPUT_SHAPE_KEY
+from repconv.formats.onnx_io import OUTPUT_TREE_KEY, OnnxModule
 
 pytestmark = needs_onnx
 TAMPERED = "stages.1.0.fused_conv"  # the conv whose weight the tampered file scales by 1.01

@@ -11,8 +11,8 @@ from torch import nn
 
 import repconv
 from repconv.errors import InputError
-from repconv.fuse import replay_plan
-from repconv.plan import parse
+from repconv.rewrite.plan import parse
+from repconv.rewrite.surgery import replay_plan
 
 
 def _fused_plan() -> tuple[list[dict], dict[str, torch.Tensor]]:

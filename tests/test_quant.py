@@ -16,9 +16,15 @@ from torch import Tensor, nn
 
 import repconv
 from repconv.errors import InputError
-from repconv.quant import BnScale, LayerReadiness, NearZeroVariance, QuantReport, quant_report
-from repconv.report import RewriteRecord
-from repconv.verify import random_inputs
+from repconv.measure.quant import (
+    BnScale,
+    LayerReadiness,
+    NearZeroVariance,
+    QuantReport,
+    quant_report,
+)
+from repconv.rewrite.record import RewriteRecord
+from repconv.verify.outputs import random_inputs
 
 DEAD_CHANNEL = 5
 TINY_VAR = 1e-6

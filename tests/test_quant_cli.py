@@ -21,8 +21,8 @@ from cli_support import (
 )
 
 import repconv
-from repconv.checkpoint import load_checkpoint
-from repconv.quant import calibration_batches, quant_report
+from repconv.formats.checkpoint import load_checkpoint
+from repconv.measure.quant import calibration_batches, quant_report
 
 LAYERS = 7  # the sample's 6 fused convs and its linear head
 SUSPECT = "stages.2.1"  # a block with an identity branch, whose BN the test starves

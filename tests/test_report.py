@@ -7,8 +7,9 @@ import json
 from rich.console import Console
 
 from repconv.pipeline import FuseOutcome
-from repconv.report import FuseReport, ModelCounts, RewriteRecord, SkipRecord
-from repconv.verify import VerifyReport
+from repconv.report import FuseReport, ModelCounts, SkipRecord
+from repconv.rewrite.record import RewriteRecord
+from repconv.verify.report import VerifyReport
 
 EXPECTED_AT_80 = """\
 note: model was in train mode; fused its eval-mode behaviour

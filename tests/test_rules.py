@@ -12,8 +12,8 @@ from reference_blocks import RepVGGBlock, randomize_bn
 from torch import Tensor, nn
 
 import repconv
-from repconv import regions
-from repconv.graph import propagate_shapes, trace
+from repconv.fold import regions
+from repconv.fold.graph import propagate_shapes, trace
 
 
 def randn(*shape: int, seed: int) -> Tensor:

@@ -10,9 +10,10 @@ import torch
 import torch.fx
 from torch import nn
 
-from repconv import make_samples, samples
-from repconv.checkpoint import build_model
+from repconv import samples
+from repconv.formats.checkpoint import build_model
 from repconv.pipeline import Options, fuse_checkpoint
+from repconv.samples import make as make_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = samples.SAMPLES
@@ -24,7 +25,7 @@ NAMES = sorted(SAMPLES)
 
 def _load(spec: samples.SampleSpec) -> dict:
     path = SAMPLE_DIR / spec.filename
-    assert path.is_file(), f"{path} missing; run `python -m repconv.make_samples`"
+    assert path.is_file(), f"{path} missing; run `python -m repconv.samples.make`"
     return torch.load(path, weights_only=True)
 
 

@@ -72,7 +72,7 @@ def test_linear_over_length_never_mixes_with_channel_maps() -> None:
 
 def test_token_plan_replays_on_a_fresh_model() -> None:
     """The deploy plan of a LeViT-style fold rebuilds the same model from the bare class."""
-    from repconv.fuse import replay_plan
+    from repconv.rewrite.surgery import replay_plan
 
     torch.manual_seed(9)
     model = randomize_bns(tm.TokenMlp(), seed=9)
@@ -102,7 +102,7 @@ def test_a_replaced_module_keeps_its_attributes() -> None:
     assert executed(fused_model, x).batchnorms == 0
     assert error(model, fused_model, x) <= TOL
     # a fresh model rebuilt from the plan carries them the same way
-    from repconv.fuse import replay_plan
+    from repconv.rewrite.surgery import replay_plan
 
     fresh = tm.TokenMlp()
     fresh.ln1.f = -1
@@ -123,8 +123,8 @@ def test_a_conv_bn_sequence_becomes_its_conv() -> None:
 
 def test_each_token_rewrite_is_checked_against_the_ops_it_replaced() -> None:
     """The per-rewrite table compares a linear layer on tokens with ops that flattened them."""
-    from repconv.rewrite_check import RewriteCheck
-    from repconv.verify import verify
+    from repconv.verify.outputs import verify
+    from repconv.verify.rewrites import RewriteCheck
 
     torch.manual_seed(12)
     model = randomize_bns(tm.TokenMlp(), seed=12)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 import repconv
-from repconv.opcount import OpCounts, count_ops
+from repconv.measure.opcount import OpCounts, count_ops
 
 TOL = 1e-5
 

@@ -16,8 +16,8 @@ from cli_support import assert_no_traceback, assert_refused, invoke, snapshot, w
 from safetensors.torch import save_file
 from torch import nn
 
-from repconv.pt2 import read_record
-from repconv.verify import REWRITE_RTOL, UPCAST_RTOL
+from repconv.formats.pt2 import read_record
+from repconv.verify.outputs import REWRITE_RTOL, UPCAST_RTOL
 
 
 @pytest.fixture(scope="module")

@@ -17,16 +17,15 @@ from noisy_models import deep_conv_bn
 from torch import Tensor, nn
 
 import repconv
-from repconv.rewrite_check import ROUNDING_SIGMAS, RewriteCheck
-from repconv.verify import (
+from repconv.verify.outputs import (
     LOW_PRECISION_NOISE_FACTOR,
-    UNIT_RATIO,
     UPCAST_RTOL,
     random_inputs,
     verify,
 )
-from repconv.verify_reference import FLOAT64, ORIGINAL
-from repconv.verify_report import VerifyReport
+from repconv.verify.reference import FLOAT64, ORIGINAL
+from repconv.verify.report import UNIT_RATIO, VerifyReport
+from repconv.verify.rewrites import ROUNDING_SIGMAS, RewriteCheck
 
 VARY = ("batch", "spatial")
 SCALE = {torch.float16: 1.01, torch.bfloat16: 1.02}  # issue 9's tampering, per dtype

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from user_models import randomize_bns
 
-from repconv.verify_reference import Float64Reference, leaves
+from repconv.verify.reference import Float64Reference, leaves
 
 
 class Stack(nn.Module):

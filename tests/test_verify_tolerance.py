@@ -15,17 +15,16 @@ from noisy_models import deep_conv_bn
 from torch import Tensor, nn
 
 import repconv
-from repconv.rewrite_check import RewriteCheck
-from repconv.verify import (
+from repconv.verify.outputs import (
     LOW_PRECISION_NOISE_FACTOR,
     NOISE_FACTOR,
-    UNIT_RATIO,
     UPCAST_RTOL,
     random_inputs,
     verify,
 )
-from repconv.verify_reference import FLOAT64, ORIGINAL
-from repconv.verify_report import times
+from repconv.verify.reference import FLOAT64, ORIGINAL
+from repconv.verify.report import UNIT_RATIO, times
+from repconv.verify.rewrites import RewriteCheck
 
 VARY = ("batch", "spatial")
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from repconv.verify import REWRITE_RTOL, _other_size, computed_in, varied_shapes, verify
+from repconv.verify.outputs import REWRITE_RTOL, _other_size, varied_shapes, verify
+from repconv.verify.reference import computed_in
 
 
 @pytest.mark.parametrize("size, other", [(224, 160), (32, 64), (16, 32), (64, 32), (17, 12),
@@ -68,7 +69,7 @@ def test_rewrite_table_allows_the_rounding_of_tiny_fp16_weights() -> None:
     """Weights under fp16's smallest normal number round to an absolute step: the rewrite's row
     allows for it (the outputs, 2.6% off here, still tell that fp16 cannot hold these weights)."""
     from repconv import fuse
-    from repconv.rewrite_check import RewriteCheck
+    from repconv.verify.rewrites import RewriteCheck
 
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)).eval()
     with torch.no_grad():

@@ -1,0 +1,384 @@
+"""Tracing a module into a torch.fx graph with shapes, and reading constants out of it."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import operator
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils._pytree import tree_map
+
+from repconv.errors import TraceError
+
+# Modules whose own forward repconv understands. A subclass that keeps the inherited forward is a
+# leaf like its base; one that overrides forward (a fused BatchNorm+activation, say) is traced
+# through, and its F.batch_norm / F.conv2d calls are recognised as functional ops.
+UNDERSTOOD_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.Linear,
+)
+
+
+def _keeps_inherited_forward(module: nn.Module) -> bool:
+    return any(
+        isinstance(module, base) and type(module).forward is base.forward
+        for base in UNDERSTOOD_MODULES
+    )
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, leaves: frozenset[str] = frozenset()) -> None:
+        super().__init__()
+        self.leaves = leaves
+        self.tensor_names: dict[int, str] = {}
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        if isinstance(root, nn.Module):
+            # fx finds a parameter's name by scanning every parameter on each access: one
+            # index instead keeps tracing linear in the model's size
+            named = [*root.named_parameters(), *root.named_buffers()]
+            self.tensor_names = {id(t): n for n, t in reversed(named)}
+        return super().trace(root, concrete_args)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if not isinstance(attr_val, Tensor):
+            return attr_val
+        name = self.tensor_names.get(id(attr_val))
+        if name is None:
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaves:
+            return True
+        if isinstance(m, UNDERSTOOD_MODULES):
+            return _keeps_inherited_forward(m)
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(
+    module: nn.Module,
+    leaves: frozenset[str] = frozenset(),
+    concrete_args: dict[str, Any] | None = None,
+) -> fx.GraphModule:
+    """Symbolically trace ``module``, keeping the submodules named in ``leaves`` as calls and
+    holding ``concrete_args`` (non-tensor arguments) at the given values; TraceError says why
+    it does not trace."""
+    try:
+        graph = _Tracer(leaves).trace(module, concrete_args=concrete_args or None)
+    except Exception as exc:  # tracing runs user code: any failure means "does not trace"
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise TraceError(f"{type(exc).__name__}: {first_line}"[:300]) from exc
+    # a fused model unpickles with torch alone: fx re-traces it with its own tracer
+    graph._tracer_cls = None
+    for node in graph.nodes:
+        if isinstance(node.type, str):
+            # `from __future__ import annotations` leaves types as strings, which pickling
+            # the GraphModule cannot handle; the type is only a code-generation hint.
+            node.type = None
+    return fx.GraphModule(module, graph, class_name=type(module).__name__)
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Run models in eval mode, then restore every submodule's own training flag."""
+    saved = [(m, m.training) for model in models for m in model.modules()]
+    for module, _ in saved:  # flags, not .eval(): torch.export modules refuse eval()
+        module.training = False
+    try:
+        yield
+    finally:
+        for module, training in saved:
+            module.training = training
+
+
+def run_model(module: nn.Module, example_inputs: tuple[Tensor, ...]) -> object:
+    """Call ``module`` on the example input; a failure (wrong shape, say) is a TraceError that
+    names the model's own complaint."""
+    try:
+        with torch.no_grad():
+            return module(*example_inputs)
+    except Exception as exc:  # the model's own code failed on the example input
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        shapes = [list(x.shape) for x in example_inputs]
+        reason = (lines[-1] if lines else type(exc).__name__)[:300]
+        raise TraceError(f"the model fails on an input of shape {shapes}: {reason}; check "
+                         "--input-shape") from exc
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> object:
+    """Run ``gm`` once, recording each node's output shape and dtype in ``node.meta``; returns
+    its output."""
+    try:
+        # ShapeProp prints a traceback of its own before raising: the TraceError says it all
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            return ShapeProp(gm).propagate(*example_inputs)
+    except Exception as exc:  # the traced code failed on the example input
+        cause = exc.__cause__ or exc
+        lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+        reason = (lines[-1] if lines else type(cause).__name__)[:300]
+        raise TraceError(f"the traced forward fails on the example input: {reason}") from exc
+
+
+def _positional_inplace(node: fx.Node) -> bool:
+    """``F.relu(x, True)``: an ``inplace`` parameter given by position."""
+    try:
+        params = list(inspect.signature(node.target).parameters)
+    except (TypeError, ValueError):  # builtins without a signature take no inplace flag
+        return False
+    index = params.index("inplace") if "inplace" in params else len(node.args)
+    return len(node.args) > index and node.args[index] is True
+
+
+def mutated_input(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
+    """The node whose tensor ``node`` changes in place (``x.add_(y)``, ``F.relu(x, inplace=True)``,
+    ``x[i] = v``, ``nn.ReLU(inplace=True)``), or None. fx records such ops as ordinary nodes,
+    so their effect on later readers is invisible to the graph's data flow."""
+    target = node.args[0] if node.args else None
+    if not isinstance(target, fx.Node):
+        return None
+    if node.op == "call_method":
+        name = str(node.target)
+        mutates = name.endswith("_") and not name.endswith("__")
+    elif node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        mutates = (node.kwargs.get("inplace") is True or _positional_inplace(node)
+                   or node.target is operator.setitem
+                   or (name.endswith("_") and not name.endswith("__")))
+    elif node.op == "call_module":
+        mutates = getattr(gm.get_submodule(node.target), "inplace", False) is True
+    else:
+        mutates = False
+    return target if mutates else None
+
+
+def erase_dead_code(gm: fx.GraphModule) -> None:
+    """Erase nodes nobody uses, except those that change a tensor in place (fx's own dead-code
+    elimination counts ``x.sub_(m)`` as pure and would drop it)."""
+    for node in reversed(list(gm.graph.nodes)):
+        if node.op in ("placeholder", "output") or node.users:
+            continue
+        if node.is_impure() or mutated_input(node, gm) is not None:
+            continue
+        gm.graph.erase_node(node)
+
+
+# Reads of a tensor's metadata, not its values. Within a linear region every value has the same
+# rank, dtype and device; its shape may differ (padding, strides), so shape reads are kept apart.
+_RANK_ATTRIBUTES = frozenset({"ndim", "dtype", "device", "is_cuda", "layout"})
+_RANK_METHODS = frozenset({"dim", "ndimension", "is_floating_point", "get_device"})
+_SHAPE_ATTRIBUTES = frozenset({"shape"})
+_SHAPE_METHODS = frozenset({"size", "numel"})
+
+
+def metadata_read(node: fx.Node) -> str | None:
+    """"rank" or "shape" when ``node`` reads only the metadata of its first argument (so it is
+    not a data user of it), else None."""
+    if node.op == "call_function" and node.target is getattr and len(node.args) == 2:
+        attribute = node.args[1]
+        if attribute in _RANK_ATTRIBUTES:
+            return "rank"
+        return "shape" if attribute in _SHAPE_ATTRIBUTES else None
+    if node.op == "call_method":
+        if node.target in _RANK_METHODS:
+            return "rank"
+        return "shape" if node.target in _SHAPE_METHODS else None
+    if node.op == "call_function" and node.target in (torch.numel, torch.Tensor.dim):
+        return "shape"
+    return None
+
+
+def data_users(node: fx.Node) -> list[fx.Node]:
+    """The users of ``node`` that read its values (metadata reads excluded)."""
+    return [user for user in node.users
+            if not (metadata_read(user) and user.args and user.args[0] is node)]
+
+
+def tensor_shape(node: fx.Node) -> torch.Size | None:
+    meta = node.meta.get("tensor_meta")
+    return getattr(meta, "shape", None)
+
+
+def tensor_dtype(node: fx.Node) -> torch.dtype | None:
+    meta = node.meta.get("tensor_meta")
+    return getattr(meta, "dtype", None)
+
+
+_RANDOM_OPS = frozenset({
+    "rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "randperm",
+    "bernoulli", "multinomial", "normal", "poisson", "empty", "empty_like", "uniform_",
+    "normal_", "random_", "bernoulli_", "exponential_", "cauchy_", "geometric_", "log_normal_",
+})
+
+
+@dataclass
+class GraphContext:
+    """What rules may read about a traced graph. Reading never mutates the graph."""
+
+    module: fx.GraphModule
+    _constants: dict[fx.Node, Any] = field(default_factory=dict)
+    call_sites: Counter[str] = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        for node in self.module.graph.nodes:
+            if node.op in ("call_module", "get_attr"):
+                self.call_sites[node.target] += 1
+
+    def uses(self, target: str) -> int:
+        """How many nodes call or read ``target`` or anything inside it (``conv`` and
+        ``conv.weight`` are both uses of the conv)."""
+        prefix = target + "."
+        return sum(n for name, n in self.call_sites.items()
+                   if name == target or name.startswith(prefix))
+
+    def submodule(self, node: fx.Node) -> nn.Module:
+        return self.module.get_submodule(node.target)
+
+    def constant(self, value: Any) -> Any:
+        """The value of ``value`` if it depends on no input (a get_attr, a literal, or ops on
+        those); None when it depends on an input."""
+        if not isinstance(value, fx.Node):
+            if isinstance(value, (list, tuple)):
+                items = [self.constant(v) for v in value]
+                return None if any(i is None for i in items) else type(value)(items)
+            return value
+        if value in self._constants:
+            return self._constants[value]
+        result = self._evaluate(value)
+        self._constants[value] = result
+        return result
+
+    def _evaluate(self, node: fx.Node) -> Any:
+        if node.op == "get_attr":
+            owner, _, name = node.target.rpartition(".")
+            return getattr(self.module.get_submodule(owner), name)
+        if node.op not in ("call_function", "call_method"):
+            return None
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        if name in _RANDOM_OPS:
+            return None  # a fresh value on every call: not a constant to fold
+
+        args = [self.constant(a) for a in node.args]
+        kwargs = {k: self.constant(v) for k, v in node.kwargs.items()}
+        if any(a is None for a in args) or any(v is None for v in kwargs.values()):
+            return None
+        with torch.no_grad():
+            if node.op == "call_function":
+                return node.target(*args, **kwargs)
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+
+    def is_constant(self, value: Any) -> bool:
+        return self.constant(value) is not None
+
+    def is_tensor_input(self, value: Any) -> bool:
+        """An fx node whose value is a tensor that depends on the graph's input."""
+        return (
+            isinstance(value, fx.Node)
+            and tensor_shape(value) is not None
+            and not self.is_constant(value)
+        )
+
+
+@dataclass
+class CallRecord:
+    """How a module was called in one eager forward: how often, its first arguments (tensors
+    kept only when asked), and each call's non-tensor arguments."""
+
+    count: int = 0
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    output: Any = None
+    flags: list[str] = field(default_factory=list)
+
+
+def _clone(value: Any) -> Any:
+    return value.clone() if isinstance(value, Tensor) else value
+
+
+def _holds_tensor(value: Any) -> bool:
+    if isinstance(value, Tensor):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_holds_tensor(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_tensor(v) for v in value.values())
+    return False
+
+
+def record_calls(
+    model: nn.Module, inputs: tuple[Tensor, ...], keep_tensors: bool
+) -> tuple[dict[str, CallRecord], object]:
+    """Every submodule's calls in one forward of ``model`` on ``inputs``, by qualified name
+    (with ``keep_tensors``, each one's first arguments and output too), and the model's
+    output."""
+    records: dict[str, CallRecord] = {}
+    handles = []
+
+    def keep_output(module: nn.Module, _args: tuple, output: Any, name: str) -> None:
+        if records[name].count == 1 and records[name].output is None:
+            records[name].output = tree_map(_clone, output)
+    for name, child in model.named_modules():
+        if not name:
+            continue
+
+        def hook(_m: nn.Module, args: tuple, kwargs: dict, name: str = name) -> None:
+            record = records.setdefault(name, CallRecord())
+            record.count += 1
+            flags = {k: v for k, v in kwargs.items() if not _holds_tensor(v)}
+            positional = [v if not _holds_tensor(v) else "<tensor>" for v in args]
+            record.flags.append(repr((positional, sorted(flags.items()))))
+            if record.count == 1 and keep_tensors:
+                # copies: a forward may change its input (a list of tensors, say) in place later
+                record.args, record.kwargs = tree_map(_clone, (args, dict(kwargs)))
+
+        handles.append(child.register_forward_pre_hook(hook, with_kwargs=True))
+        if keep_tensors:
+            handles.append(child.register_forward_hook(
+                lambda m, a, o, name=name: keep_output(m, a, o, name)))
+    try:
+        output = run_model(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return records, output
+
+
+@dataclass(frozen=True)
+class BoundCall:
+    """A call bound to ``forward``'s parameters: the non-tensor ones to hold at their values
+    while tracing, and every argument in parameter order (how a traced module is called)."""
+
+    concrete: dict[str, Any]
+    positional: tuple[Any, ...]
+
+
+def bind_call(module: nn.Module, args: tuple, kwargs: dict) -> BoundCall | None:
+    """None when ``forward`` takes ``*args``/``**kwargs`` (fx cannot hold those fixed)."""
+    signature = inspect.signature(module.forward)
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in signature.parameters.values()):
+        return None if kwargs or len(args) != 1 else BoundCall({}, args)
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    concrete = {k: v for k, v in bound.arguments.items() if not _holds_tensor(v)}
+    return BoundCall(concrete, tuple(bound.arguments.values()))

@@ -1,0 +1,81 @@
+"""Check one folded region alone, before it is applied: its conv against its own ops, both in
+float64, on a small random input. Each region is checked with only its own tensors converted,
+so a checkpoint is never copied whole."""
+
+from __future__ import annotations
+
+import math
+from typing import TypeVar
+
+import torch
+from torch import Tensor, fx
+from torch.func import functional_call
+
+from repconv.fold import algebra
+from repconv.fold.algebra import Affine
+from repconv.fold.graph import tensor_shape
+from repconv.fold.region import Region
+
+T = TypeVar("T")
+
+# A region whose fused output differs from the original by more than this, relative to the
+# output's scale, in float64, is not rewritten: the algebra would be wrong, so keep the model.
+LOCAL_TOLERANCE = 1e-6
+LOCAL_CHECK_SIZE = 7  # at least: borders on both sides and an interior, per dim
+
+
+def as_token_shape(value: T, like: object) -> T:
+    """A linear layer on tokens replaces ops that flatten the tokens (LeViT's
+    ``bn(linear(x).flatten(0, 1))``): the same elements in the same order, in ``like``'s
+    shape."""
+    if (isinstance(value, Tensor) and isinstance(like, Tensor) and value.shape != like.shape
+            and value.numel() == like.numel() and value.shape[-1:] == like.shape[-1:]):
+        return value.reshape(like.shape)  # type: ignore[return-value]  # a Tensor is a T
+    return value
+
+
+def region_module(gm: fx.GraphModule, region: Region) -> fx.GraphModule:
+    """The region as a standalone module of its root, for checking it alone."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {region.root: graph.placeholder("x")}
+
+    def copy_node(node: fx.Node) -> fx.Node:
+        if node not in env:
+            env[node] = graph.node_copy(node, copy_node)
+        return env[node]
+
+    for member in region.members:
+        copy_node(member)
+    graph.output(env[region.sink])
+    return fx.GraphModule(gm, graph)
+
+
+def local_error(gm: fx.GraphModule, region: Region, affine: Affine, seed: int = 0) -> float:
+    """Scale-relative max error of ``affine`` (the region folded) against the region's ops,
+    both in float64."""
+    shape = tensor_shape(region.root)
+    generator = torch.Generator().manual_seed(seed)
+    # The maps are shift-invariant, so a small odd-sized crop checks interior and borders alike
+    # at a fraction of the cost of the model's full resolution.
+    extent, stride = affine.extent, affine.stride
+    spatial = [min(n, max(LOCAL_CHECK_SIZE, 2 * e + s + 1))
+               for n, e, s in zip(shape[2:], extent, stride)]
+    # a 0-d map (a linear layer) acts on the last dim: the other dims are batch dims
+    size = (1, *shape[1:]) if affine.nd == 0 else (1, shape[1], *spatial)
+    x = torch.randn(size, generator=generator, dtype=torch.float64)
+    original = region_module(gm, region).eval()
+    # the region's own tensors in float64, one region at a time: never a copy of the model
+    doubled = {name: t.double() if t.is_floating_point() else t for name, t in
+               (*original.named_parameters(), *original.named_buffers())}
+    fused = algebra.to_module(affine, torch.float64)
+    with torch.no_grad():
+        expected, got = functional_call(original, doubled, (x,)), fused(x)
+    if affine.nd == 0:
+        got = as_token_shape(got, expected)
+    if expected.shape != got.shape:
+        return math.inf
+    scale = float(expected.abs().max())
+    error = float((expected - got).abs().max())
+    return error / scale if scale > 0 else error
+
+

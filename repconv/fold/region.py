@@ -1,0 +1,48 @@
+"""A linear region: a connected set of lowered nodes with one input (its root) and one output
+(its sink) whose value is one `Affine` of the root."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import fx
+
+from repconv.fold.algebra import Affine
+from repconv.fold.rules import LinearOp
+
+CONV_LABELS = ("Conv1d", "Conv2d", "Conv3d", "conv1d", "conv2d", "conv3d", "Linear", "linear",
+               "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d")
+
+
+@dataclass(frozen=True)
+class Region:
+    root: fx.Node
+    sink: fx.Node
+    members: tuple[fx.Node, ...]
+    ops: tuple[LinearOp, ...]  # each member's op, which `fold_region` folds again
+    affine: Affine  # geometry only: shape, groups, strides (`fold_region` has the numbers)
+    identity: bool  # the region computes its input unchanged
+    labels: tuple[str, ...]
+    macs_before: int
+    macs_after: int
+    chain: bool  # every member has one input: each can be rewritten where it runs
+    sources: tuple[fx.Node, ...]  # in a chain, what each member reads
+    passthrough: tuple[bool, ...]  # which members pass their input on at no cost (views, ...)
+    tail: tuple[fx.Node, ...] = ()  # free identities after the sink, left where they run
+
+    @property
+    def convs(self) -> int:
+        return sum(label in CONV_LABELS for label in self.labels)
+
+    @property
+    def kind(self) -> str:
+        if self.identity:
+            return "identity removed"
+        if any(label in ("add", "sub", "cat") for label in self.labels):
+            return "multi-branch"
+        if self.convs > 1:
+            return "conv chain"
+        if self.convs == 1:
+            has_bn = any("norm" in label.lower() for label in self.labels)
+            return "conv+bn" if has_bn else "conv+affine"
+        return "affine merge"

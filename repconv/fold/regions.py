@@ -1,0 +1,394 @@
+"""Find the linear regions of a traced graph: what folds into one conv, what does not, and why.
+
+A linear region is a connected set of nodes the rules lowered, with one input (its root) and one
+output (its sink) whose intermediate values nothing else reads as data (metadata reads such as
+``x.ndim`` or ``x.shape`` are not uses of the values). Its value is one `Affine` of the root,
+built by walking the region in graph order with `algebra.then` / `add` / `concat`.
+
+Analysis only reads the graph. Where an operation is not exact or would cost more than the ops
+it replaces, the node's inputs become region boundaries and the reason is kept as a cut; the
+analysis repeats until it is stable, so the largest exact pieces still fold. A region with no
+conv in it is never turned into one: a lone BatchNorm runs faster than the depthwise conv it
+would become (DESIGN §0.2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from torch import fx
+
+from repconv.errors import AlgebraError
+from repconv.fold import algebra
+from repconv.fold.algebra import Affine
+from repconv.fold.graph import (
+    GraphContext,
+    data_users,
+    metadata_read,
+    mutated_input,
+    tensor_dtype,
+    tensor_shape,
+)
+from repconv.fold.reasons import Skip, account, is_norm
+from repconv.fold.region import Region
+from repconv.fold.rules import RULES, LinearOp, Refusal, Sum, Unary
+from repconv.fold.rules.base import channels, spatial_dims
+
+
+@dataclass
+class Analysis:
+    regions: list[Region] = field(default_factory=list)
+    skips: list[Skip] = field(default_factory=list)  # ops left as they are, and why
+    cuts: list[Skip] = field(default_factory=list)  # where a larger fold was cut, and why
+
+
+@dataclass(frozen=True)
+class _Expr:
+    root: fx.Node
+    affine: Affine
+    members: frozenset[fx.Node]
+    macs: int
+    identity: bool = False
+
+
+@dataclass(frozen=True)
+class _Split:
+    """Fold failed at ``node``: make ``boundaries`` region outputs; ``drop`` the node if it can
+    no longer be a linear op (a sum or concat whose terms cannot be combined)."""
+
+    node: fx.Node
+    reason: str
+    boundaries: tuple[fx.Node, ...]
+    drop: bool
+
+
+def _inputs(op: LinearOp) -> tuple[fx.Node, ...]:
+    if isinstance(op, Unary):
+        return (op.source,)
+    if isinstance(op, Sum):
+        return tuple(term for term, _ in op.terms)
+    return op.parts
+
+
+def _inner_inputs(
+    node: fx.Node, ops: dict[fx.Node, LinearOp], boundaries: set[fx.Node]
+) -> tuple[fx.Node, ...]:
+    """The inputs of ``node`` that lie inside its region (folded into it, not its root)."""
+    return tuple(s for s in _inputs(ops[node]) if s in ops and s not in boundaries)
+
+
+def _numel(node: fx.Node) -> int:
+    shape = tensor_shape(node)
+    return math.prod(shape[1:]) if shape is not None else 0
+
+
+def _lower_all(
+    gm: fx.GraphModule, ctx: GraphContext
+) -> tuple[dict[fx.Node, LinearOp], dict[fx.Node, str]]:
+    """Each node's linear op, and the reasons of the rules that refused theirs."""
+    ops: dict[fx.Node, LinearOp] = {}
+    refused: dict[fx.Node, str] = {}
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        if tensor_shape(node) is None or mutated_input(node, gm) is not None:
+            continue  # in-place ops stay as they are: their effect is not in the data flow
+        for rule in RULES:
+            answer = rule(node, ctx)
+            if answer is None:
+                continue
+            if isinstance(answer, Refusal):
+                refused[node] = answer.reason
+            else:
+                ops[node] = answer
+            break
+    return ops, refused
+
+
+def _drop_multi_root(ops: dict[fx.Node, LinearOp], boundaries: set[fx.Node]) -> None:
+    """Sums and concats of values with different roots are not maps of one input: they stay as
+    they are, and their linear inputs become region outputs."""
+    changed = True
+    while changed:
+        changed = False
+        roots: dict[fx.Node, frozenset[fx.Node]] = {}
+        for node, op in ops.items():
+            found: set[fx.Node] = set()
+            for source in _inputs(op):
+                inner = source in ops and source not in boundaries
+                found |= roots[source] if inner else {source}
+            roots[node] = frozenset(found)
+            if len(found) > 1 and not isinstance(op, Unary):
+                del ops[node]
+                boundaries.update(s for s in _inputs(op) if s in ops)
+                changed = True
+                break
+
+
+def _fold(
+    ops: dict[fx.Node, LinearOp], boundaries: set[fx.Node], keep_values: bool = False
+) -> dict[fx.Node, _Expr] | _Split:
+    """Each node's value as an affine map of its region's root, in graph order. Without
+    ``keep_values`` a region output keeps only its geometry: a checkpoint's fused kernels are
+    never all held at once in float64 (`fold_region` folds each again when it is applied)."""
+    exprs: dict[fx.Node, _Expr] = {}
+
+    def value(source: fx.Node) -> _Expr:
+        if source in ops and source not in boundaries:
+            return exprs[source]
+        return _Expr(source, algebra.identity(channels(source), spatial_dims(source)),
+                     frozenset(), 0)
+
+    # a value's kernel is kept until its last reader in the region has folded it; after that
+    # only its geometry (for the cost check): a checkpoint's convs are never all held in float64
+    pending = {node: 0 for node in ops}
+    for node in ops:
+        for source in _inner_inputs(node, ops, boundaries):
+            pending[source] += 1
+    for node, op in ops.items():
+        parts = [value(source) for source in _inputs(op)]
+        union = frozenset().union(*(p.members for p in parts))
+        inner = _inner_inputs(node, ops, boundaries)
+        try:
+            if isinstance(op, Unary):
+                (part,) = parts
+                leaf = algebra.in_float64(op.affine)
+                affine = leaf if not part.members else algebra.then(part.affine, leaf)
+                macs = part.macs + _op_macs(node, op.affine)
+            else:
+                if isinstance(op, Sum):
+                    affine = algebra.add(
+                        *(algebra.scaled(p.affine, c) for p, (_, c) in zip(parts, op.terms))
+                    )
+                else:
+                    if any(p.affine.nd != spatial_dims(node) for p in parts):
+                        # maps of the last dim (tokens) stacked along dim 1: not their features
+                        raise AlgebraError("the parts are maps of the last dim, stacked along "
+                                           "another")
+                    affine = algebra.concat(*(p.affine for p in parts))
+                # work the branches share (a depthwise conv feeding them all) counts once
+                macs = sum(_op_macs(m, ops[m].affine) for m in union
+                           if isinstance(ops[m], Unary))
+                merged = _numel(node) * affine.macs_per_output()
+                if merged > macs and not algebra.is_per_channel(affine):
+                    # branches of different shapes stacked: every output channel would read
+                    # every input channel through the largest kernel
+                    reason = (f"cost: one conv would take {merged:,} MACs per sample, the "
+                              f"{len(parts)} branches it merges {macs:,}")
+                    shared = frozenset.intersection(*(p.members for p in parts))
+                    ends = tuple(n for n in ops if n in shared and any(
+                        u in union and u not in shared for u in data_users(n)))
+                    # cut where the shared work ends: the branches after it may still merge
+                    return (_Split(node, reason, ends, drop=False) if ends
+                            else _Split(node, reason, inner, drop=True))
+        except AlgebraError as exc:
+            return _Split(node, str(exc), inner, drop=not isinstance(op, Unary))
+        members = union | {node}
+        assert len({p.root for p in parts}) == 1, "multi-root nodes are dropped before folding"
+        if node in boundaries and not keep_values:
+            exprs[node] = _Expr(parts[0].root, algebra.geometry_only(affine), members, macs,
+                                affine.is_identity())
+        else:
+            exprs[node] = _Expr(parts[0].root, affine, members, macs)
+        for source in inner:
+            pending[source] -= 1
+            if not pending[source]:
+                exprs[source] = replace(exprs[source],
+                                        affine=algebra.geometry_only(exprs[source].affine))
+    return exprs
+
+
+def _op_macs(node: fx.Node, affine: Affine) -> int:
+    """What an op costs in the budget a fused conv is held to: per-channel maps (BN, scale,
+    identity) add no multiply-accumulates a conv would not do anyway."""
+    return 0 if algebra.is_per_channel(affine) else _numel(node) * affine.macs_per_output()
+
+
+def _fused_macs(node: fx.Node, expr: _Expr) -> int:
+    return _numel(node) * expr.affine.macs_per_output()
+
+
+def _cost_split(
+    ops: dict[fx.Node, LinearOp], boundaries: set[fx.Node], exprs: dict[fx.Node, _Expr]
+) -> _Split | None:
+    """A region whose one conv costs more than its ops splits where a chain first grows."""
+
+    def grows(node: fx.Node) -> bool:
+        expr = exprs[node]
+        return not algebra.is_per_channel(expr.affine) and _fused_macs(node, expr) > expr.macs
+
+    for sink in (n for n in ops if n in boundaries):
+        if not grows(sink):
+            continue
+        node = next(m for m in ops if m in exprs[sink].members and grows(m))
+        inner = _inner_inputs(node, ops, boundaries)
+        reason = (f"cost: one conv would take {_fused_macs(node, exprs[node]):,} MACs per sample, "
+                  f"the {len(exprs[node].members)} ops it replaces {exprs[node].macs:,}")
+        return _Split(node, reason, inner, drop=False)
+    return None
+
+
+def analyse(gm: fx.GraphModule, keep_own_forward: bool = False) -> Analysis:
+    """The regions of ``gm`` (shapes already propagated) that fold into one conv, and what
+    stays unfused and why. Reads the graph; changes nothing. With ``keep_own_forward`` (``gm``
+    is the user's whole model), a chain does not fold ops written in the model's own forward:
+    that would rewrite the root, its class and methods, to save an elementwise op."""
+    ctx = GraphContext(gm)
+    ops, refused = _lower_all(gm, ctx)
+    cut_at: dict[fx.Node, str] = {}
+    boundaries = {node for node in ops if any(user not in ops for user in data_users(node))}
+    _drop_multi_root(ops, boundaries)
+    while True:
+        folded = _fold(ops, boundaries)
+        if not isinstance(folded, _Split):
+            folded = (_structural_split(gm, ops, boundaries, folded)
+                      or _cost_split(ops, boundaries, folded) or folded)
+        if isinstance(folded, _Split):
+            cut_at.setdefault(folded.node, folded.reason)
+            boundaries.update(folded.boundaries)
+            if folded.drop:
+                del ops[folded.node]
+            _drop_multi_root(ops, boundaries)
+            continue
+        owner: dict[fx.Node, fx.Node] = {}
+        shared: set[fx.Node] = set()
+        for sink in (n for n in ops if n in boundaries):
+            for member in folded[sink].members - {sink}:
+                if owner.setdefault(member, sink) is not sink:
+                    shared.add(member)
+        if not shared:
+            break
+        # only the last shared node of each path must be computed once for both regions; what
+        # feeds it folds into it
+        boundaries.update(n for n in shared if any(u not in shared for u in data_users(n)))
+        _drop_multi_root(ops, boundaries)
+    regions, lone = [], []
+    for boundary in (n for n in ops if n in boundaries):
+        expr, sink = folded[boundary], boundary
+        members = tuple(n for n in ops if n in expr.members)
+        # trailing identities (eval dropout in a parent's forward) pass the fused value on as
+        # they are: leaving them keeps the rewrite inside the module that runs the rest
+        tail: tuple[fx.Node, ...] = ()
+        while len(members) > 1 and _is_passthrough(ops[sink]) and ops[sink].source in members:
+            members, sink, tail = members[:-1], ops[sink].source, (sink, *tail)
+        region = Region(
+            root=expr.root,
+            sink=sink,
+            members=members,
+            ops=tuple(ops[m] for m in members),
+            affine=expr.affine,
+            identity=expr.identity,  # trimmed members are identities: the same map
+            labels=tuple(ops[m].label for m in members),
+            macs_before=expr.macs,
+            macs_after=_fused_macs(sink, expr),
+            chain=all(isinstance(ops[m], Unary) for m in members),
+            sources=tuple(_inputs(ops[m])[0] for m in members),
+            passthrough=tuple(_is_passthrough(ops[m]) for m in members),
+            tail=tail,
+        )
+        root_shape, sink_shape = tensor_shape(region.root), tensor_shape(sink)
+        if not region.chain and (root_shape is None or sink_shape is None
+                                 or root_shape[:-1] != sink_shape[:-1]) and region.affine.nd == 0:
+            # one linear layer in place of merged branches gives the root's token layout
+            refused[sink] = ("its branches reshape the tokens: one linear layer would not give "
+                             f"the shape {list(sink_shape or [])}")
+            continue
+        pieces = _without_own_ops(region, ops) if keep_own_forward and region.chain else None
+        if pieces is not None:
+            for node in region.members:
+                if node not in {m for piece in pieces for m in piece.members} and is_norm(
+                        ops[node].label):
+                    refused[node] = ("runs in the model's own forward: folding it would rewrite "
+                                     "the model's forward, its class and methods")
+        for piece in [region] if pieces is None else pieces:
+            if piece.convs and len(piece.members) > 1:
+                regions.append(piece)
+            elif piece.convs == 0 and not piece.identity:
+                lone.append(piece)
+    skips, cuts = account(regions, lone, refused, cut_at)
+    return Analysis(regions, skips, cuts)
+
+
+def _without_own_ops(region: Region, ops: dict[fx.Node, LinearOp]) -> list[Region] | None:
+    """The chain's stretches between ops that run in the traced module's own forward (not
+    inside a submodule), each as a chain of its own; None when it has no such op."""
+    own = [m.op != "call_module" and not m.meta.get("nn_module_stack") for m in region.members]
+    if not any(own):
+        return None
+    pieces: list[Region] = []
+    stretch: list[int] = []
+    for i, is_own in enumerate([*own, True]):
+        if not is_own:
+            stretch.append(i)
+            continue
+        if stretch:
+            members = tuple(region.members[j] for j in stretch)
+            folded = _fold({m: ops[m] for m in members}, {members[-1]})
+            assert not isinstance(folded, _Split), "a stretch of a folded chain folds"
+            expr = folded[members[-1]]
+            pieces.append(replace(
+                region, root=region.sources[stretch[0]], sink=members[-1], members=members,
+                ops=tuple(ops[m] for m in members), affine=expr.affine, identity=expr.identity,
+                labels=tuple(region.labels[j] for j in stretch), macs_before=expr.macs,
+                macs_after=_fused_macs(members[-1], expr),
+                sources=tuple(region.sources[j] for j in stretch),
+                passthrough=tuple(region.passthrough[j] for j in stretch), tail=()))
+        stretch = []
+    return pieces
+
+
+def _is_passthrough(op: LinearOp) -> bool:
+    return isinstance(op, Unary) and op.free
+
+
+def _structural_split(
+    gm: fx.GraphModule, ops: dict[fx.Node, LinearOp], boundaries: set[fx.Node],
+    exprs: dict[fx.Node, _Expr],
+) -> _Split | None:
+    """Cut a region where one conv cannot stand for it: where its dtype changes, where it
+    reads its input again after an op changed that input in place, or where code reads the
+    shape of a value inside it that the fused output would not have. The pieces on either side
+    still fold."""
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    for sink in (n for n in ops if n in boundaries):
+        root = exprs[sink].root
+        members = [n for n in ops if n in exprs[sink].members]
+        if len(members) < 2:
+            continue  # a single op is left as it is anyway
+        cut, reason = None, ""
+        changed = next((m for m in members if tensor_dtype(m) != tensor_dtype(root)), None)
+        if changed is not None:
+            cut = changed
+            reason = (f"dtype changes from {tensor_dtype(root)} to {tensor_dtype(changed)}: "
+                      "one conv has one dtype").replace("torch.", "")
+        mutations = [order[u] for u in root.users if mutated_input(u, gm) is root]
+        reads = [m for m in members if root in m.all_input_nodes]
+        late = [m for m in reads if any(order[reads[0]] < p < order[m] for p in mutations)]
+        if cut is None and late:
+            cut = late[0]
+            reason = (f"{root.name} is changed in place between the ops that read it: one conv "
+                      "cannot read both versions")
+        reshaped = next((m for m in members if m is not sink and _reads_shape(m)
+                         and tensor_shape(m) != tensor_shape(sink)), None)
+        if cut is None and reshaped is not None:
+            cut = reshaped
+            reason = (f"{reshaped.name}.shape is read, and differs from the fused output's shape "
+                      f"{list(tensor_shape(sink) or [])}")
+        if cut is not None:
+            inner = _inner_inputs(cut, ops, boundaries)
+            if inner or cut not in boundaries:  # each split must add a boundary, or it loops
+                return _Split(cut, reason, inner or (cut,), drop=False)
+    return None
+
+
+def _reads_shape(node: fx.Node) -> bool:
+    return any(metadata_read(u) == "shape" and u.args[0] is node for u in node.users)
+
+
+def fold_region(region: Region) -> Affine:
+    """The region's map in float64, folded again from its ops: one region's numbers at a
+    time."""
+    folded = _fold(dict(zip(region.members, region.ops)), {region.sink}, keep_values=True)
+    assert not isinstance(folded, _Split), "a region that folded in analysis folds again"
+    return folded[region.sink].affine

@@ -1,0 +1,121 @@
+"""Validation of the small values users and files give repconv: shapes, kwargs, seeds and the
+deploy-format version. Files are untrusted (DESIGN.md rule 0.4): a recorded value is checked as
+strictly as the option that would give it, and a bad one is an InputError, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from repconv.errors import InputError
+from repconv.rewrite.plan import PLAN_VERSION
+
+DEPLOY_MARKER = "repconv_deploy"
+DEPLOY_VERSION = PLAN_VERSION  # the deploy record is the plan: one version for both
+# Verification inputs are random tensors held in memory several times over (input, copies for
+# each model, activations): cap them where a typo cannot take the machine down.
+MAX_INPUT_ELEMENTS = 100_000_000
+MAX_INPUT_DIMS = 8
+# Seeds are 32-bit, as in most training scripts; the trials use seed, seed + 1, ...
+MAX_SEED = 2**32 - 1
+
+
+def shape_problem(shape: Any) -> str | None:
+    """Why ``shape`` is not a usable input shape, or None when it is."""
+    if not isinstance(shape, (list, tuple)) or not shape:
+        return "it is not a list of dimensions"
+    if any(isinstance(n, bool) or not isinstance(n, int) for n in shape):
+        return "its dimensions must be whole numbers"
+    if any(n <= 0 for n in shape):
+        return "every dimension must be at least 1"
+    if len(shape) > MAX_INPUT_DIMS:
+        return f"it has {len(shape)} dimensions (at most {MAX_INPUT_DIMS})"
+    if math.prod(shape) > MAX_INPUT_ELEMENTS:
+        return f"it has {math.prod(shape):,} elements (at most {MAX_INPUT_ELEMENTS:,})"
+    return None
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """"1,3,224,224" -> (1, 3, 224, 224), refusing anything but a positive, bounded shape."""
+    try:
+        shape: Any = [int(part) for part in text.replace("x", ",").split(",")]
+    except ValueError:
+        shape = None
+    problem = shape_problem(shape)
+    if problem is not None:
+        raise InputError(f"--input-shape {text!r} is not a usable shape ({problem}); write it "
+                         "like 1,3,224,224")
+    return tuple(shape)
+
+
+def recorded_shape(value: Any, source: str) -> tuple[int, ...] | None:
+    """The ``input_shape`` a file records (a list, or JSON text in safetensors metadata)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        value = _json_or_text(value)
+    problem = shape_problem(value)
+    if problem is not None:
+        raise InputError(f"{source} records input_shape {str(value)[:60]!r}, which is not a "
+                         f"usable shape ({problem}); the file is damaged: write it again, or "
+                         "remove the entry")
+    return tuple(value)
+
+
+def _json_or_text(text: str) -> Any:
+    """Safetensors metadata holds JSON text; text that is not JSON is reported as it is."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_kwargs(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"--model-kwargs is not valid JSON ({exc.msg} at char {exc.pos}); "
+                         "write it like '{\"width\": 32}'") from exc
+    if not isinstance(value, dict):
+        raise InputError("--model-kwargs must be a JSON object, like '{\"width\": 32}'")
+    return value
+
+
+def recorded_kwargs(value: Any, source: str) -> dict[str, Any]:
+    """The ``arch_kwargs`` a file records: a dict with string keys (JSON text in safetensors)."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        value = _json_or_text(value)
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise InputError(f"{source} records arch_kwargs {str(value)[:60]!r}, which is not an "
+                         "object of keyword arguments like {\"width\": 32}; the file is damaged")
+    return dict(value)
+
+
+def check_deploy_version(value: Any, source: str) -> None:
+    """The deploy-format marker must name the one version this repconv reads."""
+    number: Any = value
+    if isinstance(value, str) and value.isdigit():
+        number = int(value)  # safetensors metadata holds text
+    if isinstance(number, bool) or not isinstance(number, int):
+        raise InputError(f"{source} has {DEPLOY_MARKER} {str(value)[:40]!r}, which is not a "
+                         f"deploy-format version; the file is damaged: write it again with "
+                         "repconv fuse")
+    if number > DEPLOY_VERSION:
+        raise InputError(f"{source} is in deploy format {number}, newer than the format "
+                         f"{DEPLOY_VERSION} this repconv reads; upgrade repconv")
+    if number != DEPLOY_VERSION:
+        raise InputError(f"{source} is in deploy format {number}; this repconv reads format "
+                         f"{DEPLOY_VERSION} only: write it again with repconv fuse")
+
+
+def check_seed(seed: Any) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise InputError(f"--seed {seed!r} is out of range; give a whole number from 0 to "
+                         f"{MAX_SEED}")
+    return seed

@@ -1,0 +1,229 @@
+"""Writing deploy checkpoints.
+
+OUT is checked before any work starts (suffix, folder, writability, what it is now). The file
+is serialised in memory, so no temp name is recorded inside it and the same input gives the same
+bytes; then it is written to a temp file in OUT's folder and renamed into place. Any failure,
+Ctrl-C or SIGTERM removes the temp file: there is never a partial OUT.
+
+An existing OUT is replaced only when it is a regular file with a write permission bit; a
+symbolic link or a read-only file is refused rather than silently replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import save as safetensors_bytes
+from torch import Tensor, nn
+
+from repconv.errors import InputError
+from repconv.formats.metadata import DEPLOY_MARKER, DEPLOY_VERSION
+from repconv.formats.pt2 import export_bytes
+
+if TYPE_CHECKING:
+    from repconv.formats.checkpoint import LoadedCheckpoint
+
+SUFFIXES = (".pt", ".pth", ".safetensors", ".pt2", ".onnx")
+# Entries of a training checkpoint that only resume training; a deploy file drops them unless
+# --keep-extra. Everything else keeps its key and place.
+TRAINING_ONLY_KEYS = frozenset({
+    "optimizer", "optimizer_state_dict", "optimizers", "optimizer_states", "scheduler",
+    "lr_scheduler", "lr_schedulers", "scaler", "grad_scaler", "amp",
+})
+_CHUNK = 1 << 20  # written in pieces, so a signal is handled between them
+
+
+def check_output(in_path: Path, out: Path) -> None:
+    """Refuse an OUT that cannot or should not be written, before any work is done."""
+    if out.suffix not in SUFFIXES:
+        raise InputError(f"OUT {out} must end in .pt, .pth, .safetensors, .pt2 or .onnx (it "
+                         "picks the format)")
+    if out.is_symlink():
+        raise InputError(f"OUT {out} is a symbolic link (to {os.readlink(out)}); repconv does "
+                         "not write through links: give the target's path, or remove the link")
+    folder = out.parent
+    if not folder.exists():
+        raise InputError(f"folder {folder} does not exist; create it first")
+    if not folder.is_dir():
+        raise InputError(f"OUT's folder {folder} is a file, not a folder; choose another OUT")
+    if out.exists():
+        if in_path.exists() and os.path.samefile(out, in_path):
+            raise InputError("OUT is the same file as IN; repconv never overwrites its input")
+        if out.is_dir():
+            raise InputError(f"OUT {out} is a directory; give a file name")
+        mode = out.stat().st_mode
+        if not stat.S_ISREG(mode):
+            raise InputError(f"OUT {out} exists and is not a regular file; choose another OUT")
+        if not mode & 0o222:
+            raise InputError(f"OUT {out} is read-only; make it writable (chmod u+w) or remove "
+                             "it to have repconv replace it")
+    try:  # root ignores permission bits: only a real attempt tells
+        handle, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(f"cannot write in folder {folder} ({exc.strerror or exc}); choose "
+                         "another OUT or make the folder writable") from exc
+
+
+class _FdWriter:
+    """A file object over a descriptor whose every write goes through ``os.write`` in pieces,
+    so a signal is handled between them: torch.save streams into it, with no copy in memory."""
+
+    def __init__(self, handle: int) -> None:
+        self.handle = handle
+        self.failure: BaseException | None = None  # torch's writer wraps what write raises
+
+    def write(self, data: bytes | memoryview) -> int:
+        if self.failure is not None:
+            raise self.failure
+        view = memoryview(data).cast("B")
+        size = len(view)
+        try:
+            while view:
+                view = view[os.write(self.handle, view[:_CHUNK]):]
+        except BaseException as exc:  # a full disk, Ctrl-C or SIGTERM: kept for the caller
+            self.failure = exc
+            raise
+        return size
+
+    def flush(self) -> None:
+        """Every write is already in the file."""
+
+
+def write_atomically(out: Path, data: bytes | Callable[[_FdWriter], None]) -> None:
+    """``data`` (bytes, or a function writing them to the file object it gets) into ``out``
+    through a temp file in its folder, renamed into place."""
+    handle, temp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    temp = Path(temp_name)
+    try:
+        writer = _FdWriter(handle)
+        try:
+            try:
+                if callable(data):
+                    data(writer)
+                else:
+                    writer.write(data)
+            except BaseException as exc:
+                if writer.failure is not None and writer.failure is not exc:
+                    raise writer.failure from exc
+                raise
+            os.fchmod(handle, 0o666 & ~_umask())  # mkstemp makes 0600; deploy files are shared
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+        os.replace(temp, out)
+    except BaseException as exc:
+        temp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise InputError(f"cannot write {out} ({exc.strerror or exc}); nothing written: free "
+                             "space on that disk or choose another OUT") from exc
+        raise
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def _torch_save(payload: Any) -> Callable[[_FdWriter], None]:
+    """torch.save streamed into the file (a file object, not a name: no name is recorded)."""
+    return lambda file: torch.save(payload, file)
+
+
+def _safetensors_writer(state: dict[str, Tensor],
+                        metadata: dict[str, str]) -> Callable[[_FdWriter], None]:
+    """safetensors with the header's keys sorted: the library writes its metadata in hash
+    order, which changes from process to process."""
+
+    def write(file: _FdWriter) -> None:
+        data = safetensors_bytes(state, metadata=metadata)
+        length = int.from_bytes(data[:8], "little")
+        header = json.dumps(json.loads(data[8:8 + length]), sort_keys=True,
+                            separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the tensor data stays 8-byte aligned
+        file.write(len(header).to_bytes(8, "little") + header)
+        file.write(memoryview(data)[8 + length:])
+
+    return write
+
+
+def _owns_storage(tensor: Tensor) -> bool:
+    return (tensor.is_contiguous() and tensor.storage_offset() == 0
+            and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size())
+
+
+def _plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The state_dict with every tensor owning exactly its storage (a view of a bigger one
+    would save all of it); tensors that already do are not copied."""
+    return {k: v.detach() if _owns_storage(v) else v.detach().contiguous().clone()
+            for k, v in model.state_dict().items()}
+
+
+def _pickled_payload(fused: nn.Module, loaded: LoadedCheckpoint, keep_extra: bool) -> Any:
+    """IN's layout with the fused module in the slot it came from, in IN's key order. Entries
+    that only resume training, and other copies of the model (the live model beside an EMA),
+    go unless ``keep_extra``."""
+    if loaded.slot is None:
+        return fused
+    payload: dict[str, Any] = {}
+    for key, value in loaded.extra.items():
+        if key == loaded.slot:
+            payload[key] = fused
+        elif keep_extra:
+            payload[key] = value
+        elif key in TRAINING_ONLY_KEYS:
+            continue
+        else:
+            payload[key] = None if isinstance(value, nn.Module) else value
+    return payload
+
+
+def save_deploy(
+    out: Path,
+    fused: nn.Module,
+    plan: list[dict[str, Any]],
+    loaded: LoadedCheckpoint,
+    input_shape: tuple[int, ...],
+    example_inputs: tuple[Tensor, ...],
+    *,
+    keep_extra: bool = False,
+) -> str:
+    """Write the deploy checkpoint in the format OUT's suffix names; returns a description.
+    (An ``.onnx`` OUT is exported and verified first: ``repconv.onnx_pipeline``.)"""
+    if out.suffix == ".onnx":
+        raise ValueError("an .onnx OUT is written from its verified bytes, not by save_deploy")
+    arch = loaded.architecture
+    meta = {
+        DEPLOY_MARKER: DEPLOY_VERSION,
+        "arch": arch.reference if arch else "",
+        "arch_kwargs": arch.kwargs if arch else {},
+        "input_shape": list(input_shape),
+        "plan": plan,
+    }
+    if out.suffix == ".pt2":
+        exported = export_bytes(fused, example_inputs, {
+            DEPLOY_MARKER: DEPLOY_VERSION, "input_shape": list(input_shape)})
+        write_atomically(out, exported.data)
+        return exported.describe()
+    if out.suffix == ".safetensors":
+        metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+        write_atomically(out, _safetensors_writer(_plain_state_dict(fused), metadata))
+        return "safetensors weights with the rewrite plan in metadata"
+    if loaded.pickled:
+        write_atomically(out, _torch_save(_pickled_payload(fused, loaded, keep_extra)))
+        where = f" under {loaded.slot!r}, in IN's layout" if loaded.slot else ""
+        return f"pickled fused module{where}"
+    payload = {**meta, "state_dict": _plain_state_dict(fused)}
+    if keep_extra:
+        payload = {**loaded.extra, **payload}
+    write_atomically(out, _torch_save(payload))
+    return "fused state_dict with the rewrite plan (loads with weights_only=True)"

@@ -1,0 +1,177 @@
+"""Changing modules in place: a fused conv inserted into a module's traced forward, the
+forward wrapped back under the module's own class, modules swapped (carrying their plain
+attributes), and a recorded plan replayed on a freshly built model."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+
+from repconv.errors import InputError, TraceError
+from repconv.fold.graph import erase_dead_code, metadata_read, trace
+from repconv.rewrite import plan as plan_record
+from repconv.rewrite.plan import ModuleSwap, Step
+
+
+def own_attributes(module: nn.Module) -> dict[str, Any]:
+    """The plain attributes a module's class or its builder set (``legacy``, a detector's
+    ``f`` and ``i``), which a parent's forward may read."""
+    return {name: value for name, value in vars(module).items()
+            if not name.startswith("_") and name != "training"}
+
+
+def carry_attributes(old: nn.Module, new: nn.Module) -> None:
+    """A fused layer that replaces a whole module keeps that module's plain attributes (those
+    the layer does not have itself), so a parent routing through ``child.f`` still runs."""
+    for name, value in own_attributes(old).items():
+        if not hasattr(new, name):
+            setattr(new, name, value)
+
+
+def insert_fused(
+    gm: fx.GraphModule, root: fx.Node, first: fx.Node, sink: fx.Node,
+    members: tuple[fx.Node, ...], name: str | None,
+) -> fx.Node:
+    """Make ``sink``'s users, and the metadata reads of the members, read the fused conv of
+    ``root`` (or ``root`` itself), computed where the region's first op ran: an in-place
+    change of ``root`` after that point must not be seen."""
+    if name is None:
+        fused = root
+    else:
+        with gm.graph.inserting_before(first):
+            fused = gm.graph.call_module(name, (root,))
+    sink.replace_all_uses_with(fused)
+    for member in members:
+        for user in list(member.users):
+            if not metadata_read(user):
+                continue
+            checks = _assertion_chain(user)
+            if checks is None:
+                user.replace_input_with(member, fused)
+            else:
+                # an assert on the metadata of an op that no longer runs (timm asserts x.ndim
+                # before each BatchNorm): the fused conv checks its own input
+                for node in reversed(checks):
+                    gm.graph.erase_node(node)
+    return fused
+
+
+_CHECK_OPS = (operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
+              operator.and_, operator.or_, operator.not_, torch._assert)
+
+
+def _assertion_chain(read: fx.Node) -> list[fx.Node] | None:
+    """``read`` and everything downstream of it, in graph order, when all of it only compares
+    metadata with constants and ends in ``torch._assert``; else None."""
+    chain, frontier = [read], [read]
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            if user.op != "call_function" or user.target not in _CHECK_OPS:
+                return None
+            if any(i not in chain and i is not user for i in user.all_input_nodes):
+                return None
+            if user not in chain:
+                chain.append(user)
+                frontier.append(user)
+    if not any(n.target is torch._assert for n in chain):
+        return None
+    order = {n: i for i, n in enumerate(read.graph.nodes)}
+    return sorted(chain, key=order.__getitem__)
+
+
+def free_name(gm: nn.Module, wanted: str) -> str:
+    """``wanted`` if no attribute has that name yet, else a numbered variant."""
+    name, n = wanted.replace(".", "_"), 1
+    candidate = name
+    while hasattr(gm, candidate):
+        n += 1
+        candidate = f"{name}_{n}"
+    return candidate
+
+
+def fused_conv_name(gm: fx.GraphModule) -> str:
+    """The fused conv's attribute name at the frame's top level."""
+    return free_name(gm, "fused_conv")
+
+
+def wrap(original: nn.Module, fgm: fx.GraphModule) -> fx.GraphModule:
+    """The rewritten forward under the original's class name, keeping its plain attributes
+    (a parent may route through ``child.f``)."""
+    erase_dead_code(fgm)
+    fgm.delete_all_unused_submodules()
+    fgm.graph.lint()
+    fgm.recompile()
+    # fx wraps each call in two more Python frames (for its error messages); a deploy model
+    # pays that on every forward, so it is called like any module
+    type(fgm).__call__ = nn.Module.__call__
+    own = vars(fgm)
+    for key, value in own_attributes(original).items():
+        # instance attributes shadow class ones (a detector's `m.type` shadows Module.type)
+        if key not in own:
+            setattr(fgm, key, value)
+    fgm.train(original.training)
+    return fgm
+
+
+def set_module(owner: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    target = owner.get_submodule(parent) if parent else owner
+    setattr(target, name, module)
+
+
+def replay(model: nn.Module, steps: list[Step]) -> nn.Module:
+    """Rebuild the structure `apply` wrote, with empty weights, on a freshly built model."""
+    for step in steps:
+        if isinstance(step, ModuleSwap):
+            replacement = nn.Identity() if step.spec is None else step.spec.build()
+            replaced = _resolve(model, step.path)
+            if step.spec is not None:
+                carry_attributes(replaced, replacement)
+            set_module(model, step.path, replacement)
+            continue
+        frame_module = _resolve(model, step.scope)
+        try:
+            fgm = trace(frame_module, frozenset(step.leaves), dict(step.concrete))
+        except TraceError as exc:
+            raise InputError(f"deploy plan rewrites {step.scope or 'the model'}, which does not "
+                             f"trace in this model ({exc}); build the architecture the deploy "
+                             "file was made from") from exc
+        nodes = {node.name: node for node in fgm.graph.nodes}
+        for edit in step.edits:
+            found = [nodes.get(n) for n in (edit.root, edit.first, edit.sink)]
+            if any(n is None for n in found):
+                raise InputError(f"deploy plan refers to nodes {edit.root!r}/{edit.sink!r}, "
+                                 f"which {step.scope or 'the model'} does not have; build the "
+                                 "architecture the deploy file was made from")
+            root, first, sink = found
+            if edit.module is not None and edit.spec is not None:
+                fgm.add_module(edit.module, edit.spec.build())
+            members = tuple(nodes[m] for m in edit.members if m in nodes)
+            nodes[sink.name] = insert_fused(fgm, root, first, sink, members, edit.module)
+        wrapped = wrap(frame_module, fgm)
+        if step.scope:
+            set_module(model, step.scope, wrapped)
+        else:
+            model = wrapped
+    return model
+
+
+def _resolve(model: nn.Module, path: str) -> nn.Module:
+    try:
+        return model.get_submodule(path) if path else model
+    except AttributeError as exc:
+        raise InputError(f"deploy plan names module {path!r}, which this model does not have; "
+                         "build the architecture the deploy file was made from") from exc
+
+
+def replay_plan(
+    model: nn.Module, plan: object, weights: dict[str, Tensor] | None = None
+) -> nn.Module:
+    """Apply a recorded plan (validated first; with ``weights``, against them too) to a freshly
+    built model: the same structure, empty weights."""
+    steps = plan_record.parse(plan, weights)
+    return replay(model.eval(), steps).eval()
