@@ -8,7 +8,7 @@ from repconv.errors import (
     TraceError,
     VerificationError,
 )
-from repconv.formats.checkpoint import load_deploy
+from repconv.formats.deploy import load_deploy
 from repconv.fuse import FuseResult, fuse
 from repconv.report import FuseReport
 from repconv.verify.outputs import verify

@@ -37,3 +37,13 @@ class VerificationError(RepconvError):
     def __init__(self, message: str, outcome: object = None) -> None:
         super().__init__(message)
         self.outcome = outcome
+
+
+def one_line(exc: BaseException, limit: int = 200, *, last: bool = False) -> str:
+    """An exception as one line for a message: its first (or ``last``) non-empty line, cut to
+    ``limit`` characters; its type name when it has no message. Library code quoting the cause
+    of a failure (torch's, the model's own) uses this, so no message grows a traceback."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return (lines[-1] if last else lines[0])[:limit]

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 import repconv
 from repconv.errors import InputError
-from repconv.formats.checkpoint import load_checkpoint, load_deploy
+from repconv.formats.checkpoint import load_checkpoint
+from repconv.formats.deploy import load_deploy
 from repconv.pipeline import Options, fuse_checkpoint, verify_checkpoints
 from repconv.rewrite.plan import PLAN_VERSION
 from repconv.samples import repvgg_tiny, resnet_tiny

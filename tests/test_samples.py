@@ -11,7 +11,7 @@ import torch.fx
 from torch import nn
 
 from repconv import samples
-from repconv.formats.checkpoint import build_model
+from repconv.formats.build import build_model
 from repconv.pipeline import Options, fuse_checkpoint
 from repconv.samples import make as make_samples
 

@@ -217,6 +217,16 @@ def identity(channels: int, nd: int) -> Affine:
     return diagonal(torch.ones(channels), torch.zeros(channels), nd)
 
 
+def bn_statistics_problem(running_mean: Tensor, running_var: Tensor) -> str | None:
+    """Why BatchNorm statistics make no per-channel map (NaN/Inf, a negative variance), or
+    None."""
+    if not (torch.isfinite(running_mean).all() and torch.isfinite(running_var).all()):
+        return "running statistics contain NaN or Inf"
+    if (running_var < 0).any():
+        return "negative running_var entries"
+    return None
+
+
 def from_bn(
     running_mean: Tensor,
     running_var: Tensor,

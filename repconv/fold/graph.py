@@ -16,7 +16,7 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_map
 
-from repconv.errors import TraceError
+from repconv.errors import TraceError, one_line
 
 # Modules whose own forward repconv understands. A subclass that keeps the inherited forward is a
 # leaf like its base; one that overrides forward (a fused BatchNorm+activation, say) is traced
@@ -85,8 +85,7 @@ def trace(
     try:
         graph = _Tracer(leaves).trace(module, concrete_args=concrete_args or None)
     except Exception as exc:  # tracing runs user code: any failure means "does not trace"
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise TraceError(f"{type(exc).__name__}: {first_line}"[:300]) from exc
+        raise TraceError(f"{type(exc).__name__}: {one_line(exc, 300)}"[:300]) from exc
     # a fused model unpickles with torch alone: fx re-traces it with its own tracer
     graph._tracer_cls = None
     for node in graph.nodes:
@@ -117,10 +116,9 @@ def run_model(module: nn.Module, example_inputs: tuple[Tensor, ...]) -> object:
         with torch.no_grad():
             return module(*example_inputs)
     except Exception as exc:  # the model's own code failed on the example input
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         shapes = [list(x.shape) for x in example_inputs]
-        reason = (lines[-1] if lines else type(exc).__name__)[:300]
-        raise TraceError(f"the model fails on an input of shape {shapes}: {reason}; check "
+        raise TraceError(f"the model fails on an input of shape {shapes}: "
+                         f"{one_line(exc, 300, last=True)}; check "
                          "--input-shape") from exc
 
 
@@ -132,9 +130,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> obj
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             return ShapeProp(gm).propagate(*example_inputs)
     except Exception as exc:  # the traced code failed on the example input
-        cause = exc.__cause__ or exc
-        lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
-        reason = (lines[-1] if lines else type(cause).__name__)[:300]
+        reason = one_line(exc.__cause__ or exc, 300, last=True)
         raise TraceError(f"the traced forward fails on the example input: {reason}") from exc
 
 

@@ -19,15 +19,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
-from repconv.errors import InputError
-from repconv.formats.checkpoint import check_readable
+from repconv.errors import InputError, one_line
+from repconv.formats.decode import check_readable
+from repconv.formats.kinds import FileKind, kind_of
 from repconv.formats.metadata import shape_problem
 
-SUFFIXES = (".pt", ".pth", ".safetensors")
+KINDS = (FileKind.TORCH, FileKind.SAFETENSORS)
 
 
 def _read(path: Path) -> Any:
-    if path.suffix == ".safetensors":
+    if kind_of(path) is FileKind.SAFETENSORS:
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
@@ -37,9 +38,9 @@ def _read(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
             OSError) as exc:
-        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:120]
         raise InputError(f"--inputs {path} is not a tensor file torch loads weights-only "
-                         f"({detail}); save the tensors with torch.save") from exc
+                         f"({one_line(exc, 120, last=True)}); save the tensors with torch.save"
+                         ) from exc
 
 
 def _as_tuple(value: Any, path: Path) -> tuple[Any, ...]:
@@ -76,7 +77,7 @@ def _check(tensor: Any, name: str) -> Tensor:
 
 def load_inputs(path: Path) -> tuple[Tensor, ...]:
     """The model inputs stored in ``path``, validated."""
-    if path.suffix not in SUFFIXES:
+    if kind_of(path) not in KINDS:
         raise InputError(f"--inputs {path} must end in .pt, .pth or .safetensors")
     check_readable(path)
     values = _as_tuple(_read(path), path)

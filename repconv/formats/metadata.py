@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from repconv.errors import InputError
@@ -119,3 +121,21 @@ def check_seed(seed: Any) -> int:
         raise InputError(f"--seed {seed!r} is out of range; give a whole number from 0 to "
                          f"{MAX_SEED}")
     return seed
+
+
+def recorded_plan(container: Mapping[str, Any], path: Path) -> list[dict[str, Any]] | None:
+    """The recorded rewrite plan of a deploy file (None for a training checkpoint). Its
+    entries are validated where they are replayed."""
+    if DEPLOY_MARKER not in container:
+        return None
+    check_deploy_version(container[DEPLOY_MARKER], str(path))
+    plan = container.get("plan")
+    if isinstance(plan, str):
+        try:
+            plan = json.loads(plan)
+        except json.JSONDecodeError:
+            plan = None
+    if not isinstance(plan, list):
+        raise InputError(f"{path} has no readable rewrite plan; the deploy file is damaged: "
+                         "write it again with repconv fuse")
+    return plan

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from repconv.errors import InputError
+from repconv.formats.kinds import FileKind, kind_of
 from repconv.formats.metadata import recorded_shape
 from repconv.formats.onnx_io import (
     DEFAULT_OPSET,
@@ -37,7 +38,7 @@ ONNX_VARIATIONS = ("batch",)  # repconv's ONNX files have a dynamic batch, a fix
 def check_onnx_output(out: Path, opset: int | None) -> int | None:
     """Before any work: the opset to export OUT with (None: OUT is not ``.onnx``), with the
     ``repconv[onnx]`` extra installed and ``opset`` one the exporter writes."""
-    if out.suffix != ".onnx":
+    if kind_of(out) is not FileKind.ONNX:
         if opset is not None:
             raise InputError(f"--opset {opset} is for an .onnx OUT only, and OUT {out} is "
                              f"{out.suffix or 'without a suffix'}; drop --opset or write .onnx")

@@ -37,9 +37,9 @@ from torch.utils._pytree import (
     treespec_loads,
 )
 
-from repconv.errors import InputError, TraceError
+from repconv.errors import InputError, TraceError, one_line
 from repconv.fold.graph import eval_mode
-from repconv.formats.checkpoint import check_readable
+from repconv.formats.decode import check_readable
 from repconv.formats.write import write_atomically
 
 DEFAULT_OPSET = 18
@@ -202,8 +202,8 @@ def load_onnx_session(source: Path | str | bytes, *, threads: int | None = None,
     try:
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types for every bad file
-        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "unreadable"
-        raise InputError(f"{name} is not an ONNX model ONNX Runtime can load ({detail})") from exc
+        raise InputError(f"{name} is not an ONNX model ONNX Runtime can load "
+                         f"({one_line(exc)})") from exc
 
 
 # ONNX Runtime's names of the floating input types, and the torch dtype a tensor is fed as
@@ -237,9 +237,8 @@ def run_onnx(session: Any, inputs: Sequence[Tensor]) -> list[Tensor]:
     except InputError:
         raise
     except Exception as exc:  # ORT reports wrong ranks, shapes and dtypes with its own types
-        detail = str(exc).strip().splitlines()[0][:200]
         raise InputError(f"ONNX Runtime refused the inputs "
-                         f"{[list(x.shape) for x in inputs]}: {detail}") from exc
+                         f"{[list(x.shape) for x in inputs]}: {one_line(exc)}") from exc
     return [torch.from_numpy(out) for out in outputs]
 
 
@@ -304,6 +303,5 @@ def initializers(source: Path | str | bytes) -> dict[str, Tensor]:
                 for w in proto.graph.initializer
                 if w.data_type in floating and w.data_location != onnx.TensorProto.EXTERNAL}
     except Exception as exc:  # protobuf and onnx raise their own types for a damaged file
-        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "unreadable"
         raise InputError(f"{name} is not an ONNX model whose weights can be read "
-                         f"({detail})") from exc
+                         f"({one_line(exc)})") from exc

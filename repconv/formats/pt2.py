@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from repconv.errors import InputError
+from repconv.errors import InputError, one_line
 from repconv.formats.metadata import DEPLOY_MARKER, check_deploy_version, recorded_shape
 
 _TRUST_HINT = "load it only if you trust the file, with --trust-pickle"
@@ -107,10 +107,6 @@ def _dynamic_dims(program: torch.export.ExportedProgram) -> list[list[int]]:
             and isinstance(node.meta["val"], Tensor)]
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-
-
 def _export(model: nn.Module,
             inputs: tuple[Tensor, ...]) -> tuple[torch.export.ExportedProgram, str]:
     """The program, dynamic where the model allows; else static, with the reason."""
@@ -119,7 +115,7 @@ def _export(model: nn.Module,
         return torch.export.export(model, _example_for_export(inputs),
                                    dynamic_shapes=_dynamic_spec(inputs)), ""
     except Exception as exc:  # a model that exports only statically still exports
-        return torch.export.export(model, inputs), _first_line(exc)
+        return torch.export.export(model, inputs), one_line(exc)
     finally:
         logging.disable(logging.NOTSET)
 
@@ -132,7 +128,7 @@ def export_bytes(model: nn.Module, example_inputs: tuple[Tensor, ...],
         program, static_because = _export(model, example_inputs)
     except Exception as exc:  # export failures come from deep inside torch
         raise InputError(f"the fused model does not export with torch.export "
-                         f"({_first_line(exc)}); write .pt or .safetensors instead") from exc
+                         f"({one_line(exc)}); write .pt or .safetensors instead") from exc
     # stack traces name this machine's paths and per-process counters ("<eval_with_key>.64"):
     # without them the same model gives the same bytes
     for module in program.graph_module.modules():
@@ -197,8 +193,8 @@ def load_program(path: Path, *, trust_pickle: bool) -> nn.Module:
     except InputError:
         raise
     except Exception as exc:  # a damaged archive fails inside torch in many ways
-        first = str(exc).strip().splitlines()[0][:150] if str(exc).strip() else ""
-        raise InputError(f"{path} is not a readable torch.export program ({first}); write it "
+        raise InputError(f"{path} is not a readable torch.export program "
+                         f"({one_line(exc, 150)}); write it "
                          "again with repconv fuse") from exc
     finally:
         logging.disable(logging.NOTSET)

@@ -17,20 +17,18 @@ import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from repconv.errors import InputError
+from repconv.formats.checkpoint import LoadedCheckpoint
+from repconv.formats.kinds import FileKind, kind_of
 from repconv.formats.metadata import DEPLOY_MARKER, DEPLOY_VERSION
 from repconv.formats.pt2 import export_bytes
 
-if TYPE_CHECKING:
-    from repconv.formats.checkpoint import LoadedCheckpoint
-
-SUFFIXES = (".pt", ".pth", ".safetensors", ".pt2", ".onnx")
 # Entries of a training checkpoint that only resume training; a deploy file drops them unless
 # --keep-extra. Everything else keeps its key and place.
 TRAINING_ONLY_KEYS = frozenset({
@@ -42,7 +40,7 @@ _CHUNK = 1 << 20  # written in pieces, so a signal is handled between them
 
 def check_output(in_path: Path, out: Path) -> None:
     """Refuse an OUT that cannot or should not be written, before any work is done."""
-    if out.suffix not in SUFFIXES:
+    if kind_of(out) is None:
         raise InputError(f"OUT {out} must end in .pt, .pth, .safetensors, .pt2 or .onnx (it "
                          "picks the format)")
     if out.is_symlink():
@@ -198,8 +196,9 @@ def save_deploy(
     keep_extra: bool = False,
 ) -> str:
     """Write the deploy checkpoint in the format OUT's suffix names; returns a description.
-    (An ``.onnx`` OUT is exported and verified first: ``repconv.onnx_pipeline``.)"""
-    if out.suffix == ".onnx":
+    (An ``.onnx`` OUT is exported and verified first: ``repconv.formats.onnx_deploy``.)"""
+    kind = kind_of(out)
+    if kind is FileKind.ONNX:
         raise ValueError("an .onnx OUT is written from its verified bytes, not by save_deploy")
     arch = loaded.architecture
     meta = {
@@ -209,12 +208,12 @@ def save_deploy(
         "input_shape": list(input_shape),
         "plan": plan,
     }
-    if out.suffix == ".pt2":
+    if kind is FileKind.PT2:
         exported = export_bytes(fused, example_inputs, {
             DEPLOY_MARKER: DEPLOY_VERSION, "input_shape": list(input_shape)})
         write_atomically(out, exported.data)
         return exported.describe()
-    if out.suffix == ".safetensors":
+    if kind is FileKind.SAFETENSORS:
         metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
         write_atomically(out, _safetensors_writer(_plain_state_dict(fused), metadata))
         return "safetensors weights with the rewrite plan in metadata"

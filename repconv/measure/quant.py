@@ -32,7 +32,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.utils._pytree import tree_flatten
 
-from repconv.errors import InputError
+from repconv.errors import InputError, one_line
 from repconv.fold.graph import eval_mode
 from repconv.rewrite.record import RewriteRecord
 from repconv.verify.outputs import random_inputs
@@ -351,7 +351,7 @@ def quant_report(
             simulation = _Simulation(fused, layers, batches)
         except RuntimeError as exc:  # the model's own code failing on the given inputs
             raise InputError(f"the fused model fails on the calibration inputs: "
-                             f"{str(exc).splitlines()[0][:200]}") from exc
+                             f"{one_line(exc)}") from exc
         sensitivity = {name: simulation.error([name]) for name in layers}
         ranked = sorted(layers, key=lambda name: -sensitivity[name])
         error_per_channel = simulation.error(layers)

@@ -13,13 +13,11 @@ import torch
 from torch import Tensor, nn
 
 from repconv.errors import InputError, VerificationError
-from repconv.formats.checkpoint import (
-    LoadedCheckpoint,
-    check_readable,
-    load_checkpoint,
-    load_deploy_with_shape,
-)
+from repconv.formats.checkpoint import LoadedCheckpoint, load_checkpoint
+from repconv.formats.decode import check_readable
+from repconv.formats.deploy import load_deploy_with_shape
 from repconv.formats.inputs import load_inputs
+from repconv.formats.kinds import FileKind, kind_of
 from repconv.formats.metadata import check_seed, parse_kwargs, parse_shape
 from repconv.formats.onnx_deploy import (
     ONNX_VARIATIONS,
@@ -280,18 +278,19 @@ def _load_deployed(path: Path, original: LoadedCheckpoint, options: Options, *,
                    timing: bool = False) -> _Deployed:
     """The deployed model, the input shape its file recorded and the sizes it accepts
     (``timing``: an ONNX Runtime session set up to be timed beside torch, without weights)."""
-    if path.suffix == ".onnx":
+    kind = kind_of(path)
+    if kind is FileKind.ONNX:
         onnx = load_onnx_deploy(path, threads=torch.get_num_threads() if timing else None,
                                 spin_wait=not timing, with_weights=not timing)
         return _Deployed(onnx.module, onnx.input_shape, onnx.vary, onnx.note,
                          weights=onnx.weights)
-    if path.suffix == ".pt2":
+    if kind is FileKind.PT2:
         check_readable(path)
         record = read_record(path)
         vary, note = _pt2_variations(path, record.dynamic)
         return _Deployed(load_program(path, trust_pickle=options.trust_pickle),
                          record.input_shape, vary, note, lenient=("spatial",))
-    if original.pickled and path.suffix == ".safetensors" and options.model is None:
+    if original.pickled and kind is FileKind.SAFETENSORS and options.model is None:
         # A pickled original is its own fresh training model: replay the plan onto a copy.
         # (Its .pt deploy files are pickled modules, loaded below like any pickled input.)
         return _Deployed(*load_deploy_with_shape(copy.deepcopy(original.model), path))

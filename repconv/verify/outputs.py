@@ -41,7 +41,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from repconv.errors import InputError, TraceError
+from repconv.errors import InputError, TraceError, one_line
 from repconv.fold.graph import eval_mode
 from repconv.formats.metadata import MAX_INPUT_ELEMENTS, check_seed
 from repconv.progress import Progress, no_progress
@@ -51,7 +51,6 @@ from repconv.verify.reference import (
     Float64Reference,
     compare_output,
     computed_in,
-    first_line,
     leaves,
 )
 from repconv.verify.report import UNIT_RATIO, RewriteError, Run, SkippedRun, VerifyReport
@@ -239,19 +238,19 @@ def verify(
             except Exception as exc:  # model code failing on the input is a usage problem
                 if plan.optional:
                     skipped.append(SkippedRun(plan.source, plan.shapes, "the original model "
-                                              f"does not run at this size ({first_line(exc)})"))
+                                              f"does not run at this size ({one_line(exc)})"))
                     continue
                 raise TraceError(f"the model fails on {plan.source} inputs of shape "
-                                 f"{plan.shapes}: {first_line(exc)}") from exc
+                                 f"{plan.shapes}: {one_line(exc)}") from exc
             try:
                 got = leaves(fused(*(x.clone() for x in given)))
             except Exception as exc:  # the deployed model refusing what the original runs
                 if plan.optional and plan.source.partition(" ")[0] in lenient:
                     skipped.append(SkippedRun(plan.source, plan.shapes, "the fused model does "
-                                              f"not accept this size ({first_line(exc)})"))
+                                              f"not accept this size ({one_line(exc)})"))
                     continue
                 problem = (f"the fused model fails on inputs of shape {plan.shapes} where the "
-                           f"original runs ({first_line(exc)})")
+                           f"original runs ({one_line(exc)})")
                 break
             problem = _structure_problem(expected[0], got[0], expected[1], got[1])
             if problem:

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
+from repconv.errors import one_line
 from repconv.verify.report import OutputError
 
 FLOAT64 = "float64"  # VerifyReport.reference when the bar is noise-relative
@@ -130,11 +131,6 @@ def leaves(output: object) -> tuple[list[tuple[str, Tensor]], str]:
     return tensors, f"{spec} {structure}"
 
 
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
-
-
 @dataclass
 class Float64Reference:
     """Runs the original model in float64, one input at a time. ``problem`` (set on the first
@@ -176,7 +172,7 @@ class Float64Reference:
                 self.problem = "the original model does not compute its outputs in float64"
             return None if self.problem else [t for _, t in got]
         except Exception as exc:  # no double kernel, a tensor not upcast, out of memory
-            self.problem = f"the original model does not run in float64 ({first_line(exc)})"
+            self.problem = f"the original model does not run in float64 ({one_line(exc)})"
             return None
         finally:
             self.seconds += time.perf_counter() - start

@@ -41,9 +41,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from repconv.errors import one_line
 from repconv.fold.local_check import as_token_shape
 from repconv.rewrite.record import RewriteRecord
-from repconv.verify.reference import FLOAT64, ORIGINAL, computed_in, error_of, first_line
+from repconv.verify.reference import FLOAT64, ORIGINAL, computed_in, error_of
 from repconv.verify.report import RewriteError
 
 _CALLABLE = (nn.modules.conv._ConvNd, nn.Linear)
@@ -139,7 +140,7 @@ class RewriteCheck:
             with computed_in(torch.float64, original):
                 exact = as_token_shape(original(x.to(torch.float64, copy=True)), expected)
         except Exception as exc:  # no double kernel, a tensor not upcast, out of memory
-            return None, f"the replaced ops do not run in float64 ({first_line(exc)})"
+            return None, f"the replaced ops do not run in float64 ({one_line(exc)})"
         if not isinstance(exact, Tensor) or exact.shape != expected.shape or (
                 exact.dtype != torch.float64):
             return None, "the replaced ops do not compute their output in float64"

@@ -11,23 +11,14 @@ diagonal map.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
-from torch import Tensor, fx, nn
+from torch import fx, nn
 
 from repconv.fold import algebra
 from repconv.fold.graph import GraphContext
 from repconv.fold.rules.base import Refusal, Unary, describe, spatial_dims
 
 _BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
-
-
-def _statistics_problem(mean: Tensor, var: Tensor) -> str | None:
-    if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
-        return "running statistics contain NaN or Inf"
-    if (var < 0).any():
-        return "running_var has negative entries"
-    return None
 
 
 def lower(node: fx.Node, ctx: GraphContext) -> Unary | Refusal | None:
@@ -61,7 +52,7 @@ def lower(node: fx.Node, ctx: GraphContext) -> Unary | Refusal | None:
         label = "batch_norm"
     else:
         return None
-    problem = _statistics_problem(mean, var)
+    problem = algebra.bn_statistics_problem(mean, var)
     if problem:
         return Refusal(f"BatchNorm {where}: {problem}")
     nd = spatial_dims(source)
