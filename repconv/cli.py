@@ -25,6 +25,7 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 
 from repconv import __version__
 from repconv.errors import RepconvError, VerificationError
+from repconv.formats.metadata import parse_kwargs, parse_shape
 from repconv.measure.quant import DEFAULT_TARGET, requested_target
 from repconv.pipeline import Options, bench_checkpoint, fuse_checkpoint, verify_checkpoints
 from repconv.progress import Progress, progress_display
@@ -129,6 +130,14 @@ TrustOpt = Annotated[bool, typer.Option(
     "entries or non-aten ops. Unpickling runs code from the file: only for files you trust.")]
 
 
+def _options(model: str | None, model_kwargs: str | None, input_shape: str | None,
+             **typed: Any) -> Options:
+    """The library's typed options from the CLI's text: --model-kwargs JSON parsed, --input-shape
+    "N,C,H,W" parsed (each refused as InputError, one line, exit 2)."""
+    return Options(model, parse_kwargs(model_kwargs) if model_kwargs is not None else None,
+                   parse_shape(input_shape) if input_shape is not None else None, **typed)
+
+
 def _jsonable(value: Any) -> Any:
     """Non-finite floats as strings, so every JSON parser accepts the document."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -229,11 +238,12 @@ def fuse(
     (nothing written). 2: bad usage or unreadable input (nothing written). 3: internal error.
     130/143: interrupted by Ctrl-C/SIGTERM (nothing written).
     """
-    options = Options(model, model_kwargs, input_shape, rtol, atol, seed, trust_pickle, inputs,
-                      rewrite_rtol)
     _run(
         as_json,
-        lambda progress: fuse_checkpoint(in_path, out_path, options, keep_extra=keep_extra,
+        lambda progress: fuse_checkpoint(in_path, out_path, _options(
+            model, model_kwargs, input_shape, rtol=rtol, atol=atol, seed=seed,
+            trust_pickle=trust_pickle, inputs_file=inputs, rewrite_rtol=rewrite_rtol),
+            keep_extra=keep_extra,
                                          check=not skip_verify, progress=progress, opset=opset,
                                          quant_target=requested_target(quant, quant_target)),
         lambda outcome: 0,
@@ -266,11 +276,12 @@ def verify(
     Exit 0: outputs and rewrites agree within tolerance. 1: they do not, or nothing could be
     compared. 2: bad usage or unreadable input. 3: internal error.
     """
-    options = Options(model, model_kwargs, input_shape, rtol, atol, seed, trust_pickle, inputs,
-                      rewrite_rtol)
     _run(
         as_json,
-        lambda progress: verify_checkpoints(original, deploy, options, progress=progress),
+        lambda progress: verify_checkpoints(original, deploy, _options(
+            model, model_kwargs, input_shape, rtol=rtol, atol=atol, seed=seed,
+            trust_pickle=trust_pickle, inputs_file=inputs, rewrite_rtol=rewrite_rtol),
+            progress=progress),
         lambda outcome: 0 if outcome.report.passed else 1,
     )
 
@@ -294,10 +305,9 @@ def inspect(
 
     Exit 0: listed. 2: bad usage or unreadable input. 3: internal error.
     """
-    options = Options(model, model_kwargs, input_shape, seed=seed, trust_pickle=trust_pickle,
-                      inputs_file=inputs)
-
     def action(progress: Progress) -> Any:
+        options = _options(model, model_kwargs, input_shape, seed=seed,
+                           trust_pickle=trust_pickle, inputs_file=inputs)
         outcome = fuse_checkpoint(in_path, None, options, check=False, progress=progress,
                                   quant_target=requested_target(quant, quant_target))
         outcome.report.show_rewrites = True
@@ -330,10 +340,10 @@ def bench(
 
     Exit 0: measured. 2: bad usage or unreadable input. 3: internal error.
     """
-    options = Options(model, model_kwargs, input_shape, trust_pickle=trust_pickle)
     _run(
         as_json,
-        lambda progress: bench_checkpoint(in_path, out_path, options, seconds=seconds,
+        lambda progress: bench_checkpoint(in_path, out_path, _options(
+            model, model_kwargs, input_shape, trust_pickle=trust_pickle), seconds=seconds,
                                           threads=threads, progress=progress),
         lambda outcome: 0,
     )

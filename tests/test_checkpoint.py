@@ -30,7 +30,6 @@ from repconv.rewrite.plan import PLAN_VERSION
 from repconv.samples import repvgg_tiny, resnet_tiny
 
 SHAPE = (1, 3, 16, 16)
-SHAPE_TEXT = ",".join(map(str, SHAPE))
 BUILDERS: dict[str, Callable[..., nn.Module]] = {"repvgg": repvgg_tiny, "resnet": resnet_tiny}
 DEPLOY_KEYS = {"repconv_deploy", "state_dict", "plan", "arch", "arch_kwargs", "input_shape"}
 
@@ -62,11 +61,11 @@ def bn_count(model: nn.Module) -> int:
 
 
 def weights_only_options(arch: str) -> Options:
-    return Options(model=f"repconv.samples:{arch}_tiny", model_kwargs='{"width": 8}',
-                   input_shape=SHAPE_TEXT)
+    return Options(model=f"repconv.samples:{arch}_tiny", model_kwargs={"width": 8},
+                   input_shape=SHAPE)
 
 
-TRUSTED = Options(trust_pickle=True, input_shape=SHAPE_TEXT)
+TRUSTED = Options(trust_pickle=True, input_shape=SHAPE)
 
 
 # ------------------------------------------------------------------------- input layouts
@@ -213,7 +212,7 @@ def test_verify_checkpoints_round_trip(workdir: Path, layout: str, fmt: str) -> 
 def test_load_checkpoint_layouts(tmp_path: Path, layout: str) -> None:
     original, path, options = _write_input(layout, tmp_path)
     loaded = load_checkpoint(path, model_reference=options.model,
-                             model_kwargs=json.loads(options.model_kwargs or "{}"),
+                             model_kwargs=options.model_kwargs or {},
                              trust_pickle=options.trust_pickle)
     assert LAYOUTS[layout][3] in loaded.found
     assert loaded.pickled is LAYOUTS[layout][2]
@@ -291,12 +290,12 @@ def _pt_twin(repvgg_ckpt: Path, tmp_path: Path) -> Path:
 def test_verify_uses_input_shape_recorded_in_deploy(tmp_path: Path, fmt: str) -> None:
     bare = tmp_path / "bare.pt"
     torch.save(trained("repvgg").state_dict(), bare)  # records no input shape
-    options = Options(model="repconv.samples:repvgg_tiny", model_kwargs='{"width": 8}')
+    options = Options(model="repconv.samples:repvgg_tiny", model_kwargs={"width": 8})
     out = tmp_path / f"deploy{fmt}"
     with pytest.raises(InputError, match="--input-shape"):
         fuse_checkpoint(bare, out, options)
     assert not out.exists()
-    fuse_checkpoint(bare, out, Options(**{**options.__dict__, "input_shape": "1,3,24,24"}))
+    fuse_checkpoint(bare, out, Options(**{**options.__dict__, "input_shape": (1, 3, 24, 24)}))
     outcome = verify_checkpoints(bare, out, options)  # no input shape given
     assert outcome.report.passed
     assert outcome.report.input_shapes == [[1, 3, 24, 24]]

@@ -21,7 +21,7 @@ from repconv.pipeline import Options, fuse_checkpoint
 from repconv.samples import repvgg_tiny, resnet_tiny
 
 SHAPE = (1, 3, 16, 16)
-TRUSTED = Options(trust_pickle=True, input_shape=",".join(map(str, SHAPE)))
+TRUSTED = Options(trust_pickle=True, input_shape=SHAPE)
 OPTIMIZER = {"state": {}, "param_groups": [{"lr": 0.1, "momentum": 0.9}]}
 
 

@@ -55,7 +55,7 @@ def _fuse(tmp_path: Path, builder: type[nn.Module]) -> list[str]:
     torch.manual_seed(0)
     path = tmp_path / "ckpt.pt"
     torch.save(builder().state_dict(), path)
-    options = Options(model=f"{__name__}:{builder.__name__}", input_shape=SHAPE)
+    options = Options(model=f"{__name__}:{builder.__name__}", input_shape=(2, 3, 8, 8))
     outcome = fuse_checkpoint(path, tmp_path / "deploy.pt", options)
     assert outcome.report.verification.passed
     return outcome.report.notes

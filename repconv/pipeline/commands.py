@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import copy
-import json
 import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -18,7 +18,7 @@ from repconv.formats.decode import check_readable
 from repconv.formats.deploy import load_deploy_with_shape
 from repconv.formats.inputs import load_inputs
 from repconv.formats.kinds import FileKind, kind_of
-from repconv.formats.metadata import check_seed, parse_kwargs, parse_shape
+from repconv.formats.metadata import check_seed
 from repconv.formats.onnx_deploy import (
     ONNX_VARIATIONS,
     check_onnx_output,
@@ -46,9 +46,9 @@ from repconv.verify.rewrites import RewriteCheck
 class Options:
     """What every command shares: how to build the model and what to feed it."""
 
-    model: str | None = None
-    model_kwargs: str | None = None
-    input_shape: str | None = None
+    model: str | None = None  # "package.module:callable"
+    model_kwargs: dict[str, Any] | None = None
+    input_shape: tuple[int, ...] | None = None
     rtol: float | None = None
     atol: float = 0.0
     seed: int = 0
@@ -62,7 +62,7 @@ class Options:
         return load_checkpoint(
             path,
             model_reference=self.model,
-            model_kwargs=parse_kwargs(self.model_kwargs),
+            model_kwargs=self.model_kwargs or {},
             trust_pickle=self.trust_pickle,
         )
 
@@ -79,7 +79,7 @@ class Options:
         Recorded shapes were validated when their file was read."""
         given = next(iter(samples.values()), None)
         if self.input_shape is not None:
-            shapes, source = [parse_shape(self.input_shape)], "--input-shape"
+            shapes, source = [self.input_shape], "--input-shape"
         else:
             source, shape = next(((k, s) for k, s in recorded.items() if s), ("", None))
             shapes = [shape] if shape is not None else None
@@ -296,7 +296,7 @@ def _load_deployed(path: Path, original: LoadedCheckpoint, options: Options, *,
         return _Deployed(*load_deploy_with_shape(copy.deepcopy(original.model), path))
     if options.model is None and original.architecture is not None:
         arch = original.architecture
-        options = replace(options, model=arch.reference, model_kwargs=json.dumps(arch.kwargs))
+        options = replace(options, model=arch.reference, model_kwargs=arch.kwargs)
     loaded = options.load(path)
     if loaded.deploy_plan is None and not loaded.pickled:
         raise InputError(f"{path} is not a repconv deploy file; give the file repconv fuse wrote")
