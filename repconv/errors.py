@@ -21,7 +21,12 @@ class ModelBuildError(InputError):
 
 
 class TraceError(RepconvError):
-    """The model cannot be traced or run on the example input."""
+    """The model cannot be traced or run on the example input. ``failed_in``: the path (in the
+    module traced) of the innermost module whose forward stopped the trace, when known."""
+
+    def __init__(self, message: str, failed_in: str = "") -> None:
+        super().__init__(message)
+        self.failed_in = failed_in
 
 
 class AlgebraError(RepconvError):

@@ -14,11 +14,13 @@ from torch.utils._pytree import tree_flatten, tree_map
 from repconv.errors import TraceError
 from repconv.fold import local_check as region_check
 from repconv.fold import regions as region_analysis
-from repconv.fold.graph import bind_call, eval_mode, propagate_shapes, record_calls, trace
+from repconv.fold.capture import Capture, capture
+from repconv.fold.graph import bind_call, eval_mode, record_calls
 from repconv.fold.rules.base import describe
 from repconv.report import FuseReport, ModelCounts, SkipRecord
 from repconv.rewrite import apply as rewrite
 from repconv.rewrite import plan as plan_record
+from repconv.rewrite.paths import join_path, module_path
 from repconv.rewrite.record import RewriteRecord
 from repconv.verify.outputs import verify
 
@@ -57,22 +59,6 @@ def _poison(_module: nn.Module, _args: tuple, output: Any) -> Any:
     return tree_map(_nan_like, output)
 
 
-def _trace_mismatch(expected: object, got: object) -> str | None:
-    """Why the traced forward's output ``got`` is not the module's own ``expected`` on the
-    example input, or None."""
-    if type(expected) is not type(got) and not (
-            isinstance(expected, (tuple, list)) and isinstance(got, (tuple, list))):
-        return (f"the traced forward returns a {type(got).__name__} where the module returns a "
-                f"{type(expected).__name__}")
-    want = [t for t in tree_flatten(expected)[0] if isinstance(t, Tensor)]
-    have = [t for t in tree_flatten(got)[0] if isinstance(t, Tensor)]
-    if len(want) != len(have) or any(
-            a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=1e-6, equal_nan=True)
-            for a, b in zip(want, have)):
-        return "the traced forward computes other values than the module on the example input"
-    return None
-
-
 class _Fuser:
     def __init__(self, model: nn.Module, inputs: tuple[Tensor, ...], check_seed: int,
                  progress: FuseProgress) -> None:
@@ -86,6 +72,7 @@ class _Fuser:
         # fused one by one: they are all the model's activations
         self.calls, self.output = record_calls(model, _copies(inputs), keep_tensors=False)
         self.calls_have_tensors = False
+        self.root_capture: Capture | None = None  # the model's own, when captured with values
 
     def fuse_scope(self, module: nn.Module, scope: str, args: tuple, kwargs: dict,
                    output: object) -> nn.Module:
@@ -97,13 +84,11 @@ class _Fuser:
         try:
             if bound is None:
                 raise TraceError("its forward takes *args/**kwargs")
-            gm = trace(module, concrete_args=bound.concrete)
-            traced_output = propagate_shapes(gm, _copies(bound.positional))
-            mismatch = _trace_mismatch(output, traced_output)
-            if mismatch:
-                raise TraceError(mismatch)
+            captured = capture(module, bound, output)
         except TraceError as exc:
             return self._fuse_children(module, scope, str(exc))
+        self._note_capture(captured, scope)
+        gm = captured.module
         analysis = region_analysis.analyse(gm, keep_own_forward=module is self.model)
         where = f"{scope}: " if scope else ""
         self.report.skipped += [SkipRecord(where + s.where, s.reason) for s in analysis.skips]
@@ -149,7 +134,7 @@ class _Fuser:
                 local_error=error,
                 replaced=describe(region.sink),
                 fused_module=applied.placed.get(id(region)),
-                sources=[rewrite.join_path(scope, rewrite.module_path(m)) for m in region.members],
+                sources=[join_path(scope, module_path(m)) for m in region.members],
             ))
             if id(region) in applied.placed:
                 self.originals[applied.placed[id(region)]] = region_check.region_module(
@@ -157,6 +142,21 @@ class _Fuser:
         self.report.notes += applied.notes
         self.steps += applied.steps
         return applied.module
+
+    def _note_capture(self, captured: Capture, scope: str) -> None:
+        """What the report says of a capture beyond torch.fx; the model's own input-size
+        guards are kept to capture and verify at other sizes."""
+        if captured.route == "symbolic":
+            return
+        sizes = len(captured.size_guards)
+        decided = f", deciding {sizes} time(s) on sizes" if sizes else ""
+        opaque = (f"; kept as opaque calls: {', '.join(captured.opaque)} (first: "
+                  f"{next(iter(captured.opaque.values()))})" if captured.opaque else "")
+        self.report.notes.append(
+            f"{scope or 'the model'} captured with values{decided} (torch.fx stopped: "
+            f"{captured.symbolic_failure}){opaque}")
+        if not scope:
+            self.root_capture = captured
 
     def _fuse_children(self, module: nn.Module, scope: str, why: str) -> nn.Module:
         if not list(module.children()):
@@ -187,7 +187,7 @@ class _Fuser:
             return []
         args, kwargs = (record.args, record.kwargs) if scope else (self.inputs, {})
         children = [(name, child) for name, child in module.named_children()
-                    if self.calls.get(rewrite.join_path(scope, name)) is not None]
+                    if self.calls.get(join_path(scope, name)) is not None]
         if len(children) > MAX_DISCARD_CHECKS:
             return []
 
@@ -208,14 +208,14 @@ class _Fuser:
                 handle.remove()
             if len(poisoned) == len(baseline) and all(
                     torch.equal(a, b) for a, b in zip(poisoned, baseline)):
-                discarded.append(rewrite.join_path(scope, name))
+                discarded.append(join_path(scope, name))
         return discarded
 
     def _fuse_called(self, container: nn.Module, scope: str) -> None:
         """Fuse each child of ``container`` that was called; walk into children that were not
         (ModuleList, ModuleDict) to reach the blocks inside them."""
         for name, child in container.named_children():
-            path = rewrite.join_path(scope, name)
+            path = join_path(scope, name)
             record = self.calls.get(path)
             if record is not None and record.count:
                 fused = self.fuse_scope(child, path, record.args, record.kwargs, record.output)

@@ -42,11 +42,17 @@ def _keeps_inherited_forward(module: nn.Module) -> bool:
     )
 
 
-class _Tracer(fx.Tracer):
+class Tracer(fx.Tracer):
+    """torch.fx's tracer with repconv's leaves (``leaves`` by path, and the modules whose own
+    forward repconv understands), modules named by the path they are called through (a module
+    shared by several parents, like a detector's one activation, is named where each call
+    runs), and the module whose forward stopped a trace remembered in ``failed_in``."""
+
     def __init__(self, leaves: frozenset[str] = frozenset()) -> None:
         super().__init__()
         self.leaves = leaves
         self.tensor_names: dict[int, str] = {}
+        self.failed_in = ""
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         if isinstance(root, nn.Module):
@@ -73,19 +79,34 @@ class _Tracer(fx.Tracer):
             return _keeps_inherited_forward(m)
         return super().is_leaf_module(m, module_qualified_name)
 
+    def path_of_module(self, mod: nn.Module) -> str:
+        caller = self.scope.module_path
+        owner = self._module_at(caller) if caller else None
+        if owner is not None:
+            for name, child in owner.named_modules(remove_duplicate=False):
+                if child is mod and name:
+                    return f"{caller}.{name}"
+        return super().path_of_module(mod)
 
-def trace(
-    module: nn.Module,
-    leaves: frozenset[str] = frozenset(),
-    concrete_args: dict[str, Any] | None = None,
-) -> fx.GraphModule:
-    """Symbolically trace ``module``, keeping the submodules named in ``leaves`` as calls and
-    holding ``concrete_args`` (non-tensor arguments) at the given values; TraceError says why
-    it does not trace."""
-    try:
-        graph = _Tracer(leaves).trace(module, concrete_args=concrete_args or None)
-    except Exception as exc:  # tracing runs user code: any failure means "does not trace"
-        raise TraceError(f"{type(exc).__name__}: {one_line(exc, 300)}"[:300]) from exc
+    def _module_at(self, path: str) -> nn.Module | None:
+        try:
+            return self.root.get_submodule(path)
+        except AttributeError:
+            return None
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if not self.failed_in:
+                self.failed_in = self.path_of_module(m)
+            raise
+
+
+def graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """``graph`` of ``module``'s forward as a GraphModule under the module's class name, in a
+    form that pickles with torch alone."""
     # a fused model unpickles with torch alone: fx re-traces it with its own tracer
     graph._tracer_cls = None
     for node in graph.nodes:
@@ -94,6 +115,23 @@ def trace(
             # the GraphModule cannot handle; the type is only a code-generation hint.
             node.type = None
     return fx.GraphModule(module, graph, class_name=type(module).__name__)
+
+
+def trace(
+    module: nn.Module,
+    leaves: frozenset[str] = frozenset(),
+    concrete_args: dict[str, Any] | None = None,
+) -> fx.GraphModule:
+    """Symbolically trace ``module``, keeping the submodules named in ``leaves`` as calls and
+    holding ``concrete_args`` (non-tensor arguments) at the given values; TraceError says why
+    it does not trace (and in which module)."""
+    tracer = Tracer(leaves)
+    try:
+        graph = tracer.trace(module, concrete_args=concrete_args or None)
+    except Exception as exc:  # tracing runs user code: any failure means "does not trace"
+        raise TraceError(f"{type(exc).__name__}: {one_line(exc, 300)}"[:300],
+                         failed_in=tracer.failed_in) from exc
+    return graph_module(module, graph)
 
 
 @contextlib.contextmanager

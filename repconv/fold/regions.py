@@ -155,6 +155,8 @@ def _fold(
                 (part,) = parts
                 leaf = algebra.in_float64(op.affine)
                 affine = leaf if not part.members else algebra.then(part.affine, leaf)
+                for after in op.then:
+                    affine = algebra.then(affine, algebra.in_float64(after))
                 macs = part.macs + _op_macs(node, op.affine)
             else:
                 if isinstance(op, Sum):
@@ -183,7 +185,9 @@ def _fold(
                     return (_Split(node, reason, ends, drop=False) if ends
                             else _Split(node, reason, inner, drop=True))
         except AlgebraError as exc:
-            return _Split(node, str(exc), inner, drop=not isinstance(op, Unary))
+            # a map that does not compose on its own (a pad with a value whose neighbour does
+            # not cancel it) is no linear op at all
+            return _Split(node, str(exc), inner, drop=not isinstance(op, Unary) or not inner)
         members = union | {node}
         assert len({p.root for p in parts}) == 1, "multi-root nodes are dropped before folding"
         if node in boundaries and not keep_values:

@@ -17,7 +17,6 @@ Everything is recorded as `plan` steps, which `surgery.replay` applies to a fres
 
 from __future__ import annotations
 
-import operator
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,20 +24,27 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.fx._symbolic_trace import _assert_is_none
 
 from repconv.errors import TraceError
 from repconv.fold import algebra
 from repconv.fold.algebra import Affine
 from repconv.fold.graph import (
     CallRecord,
-    bind_call,
     mutated_input,
     tensor_dtype,
     tensor_shape,
-    trace,
 )
 from repconv.fold.region import CONV_LABELS, Region
+from repconv.rewrite.align import Alignment, AlignmentError, trace_and_align
+from repconv.rewrite.paths import (
+    common_path,
+    frame_of,
+    inside,
+    inside_nodes,
+    join_path,
+    relative,
+    stack,
+)
 from repconv.rewrite.plan import FrameRewrite, ModuleSpec, ModuleSwap, NodeEdit, Step
 from repconv.rewrite.surgery import (
     carry_attributes,
@@ -77,57 +83,64 @@ class Applied:
     notes: list[str] = field(default_factory=list)
 
 
-def _stack(node: fx.Node) -> list[str]:
-    return list(node.meta.get("nn_module_stack", {}))
-
-
-def module_path(node: fx.Node) -> str:
-    """The module that runs ``node``: the called module itself, or the one whose forward holds
-    the op ("" for the traced module's own forward)."""
-    stack = _stack(node)
-    return str(node.target) if node.op == "call_module" else (stack[-1] if stack else "")
-
-
-def _frame(node: fx.Node) -> str:
-    """The module whose forward runs ``node`` ("" for the traced module itself)."""
-    stack = _stack(node)
-    if node.op == "call_module":
-        return stack[-2] if len(stack) >= 2 else ""
-    return stack[-1] if stack else ""
-
-
-def join_path(scope: str, path: str) -> str:
-    """``path`` inside module ``scope`` ("" is the model itself)."""
-    return ".".join(filter(None, (scope, path)))
-
-
-def _common(paths: list[str]) -> str:
-    parts = [p.split(".") if p else [] for p in paths]
-    common: list[str] = []
-    for level in zip(*parts):
-        if len(set(level)) != 1:
-            break
-        common.append(level[0])
-    return ".".join(common)
-
-
-def _inside(path: str, frame: str) -> bool:
-    return frame == "" or path == frame or path.startswith(frame + ".")
-
-
-def _relative(path: str, frame: str) -> str:
-    return path[len(frame) + 1:] if frame else path
-
-
-def _touched(edits: list[_Edit], frame: str) -> set[str]:
-    """Module paths, relative to ``frame``, that run a member of these edits."""
+def _touched(edits: list[_Edit], frame: str, *, absolute: bool = False) -> set[str]:
+    """Module paths, relative to ``frame`` (or as they are), that run a member of these
+    edits."""
     touched: set[str] = set()
     for edit in edits:
         for member in edit.members:
-            for path in _stack(member):
-                if _inside(path, frame) and path != frame:
-                    touched.add(_relative(path, frame))
+            for path in stack(member):
+                if inside(path, frame) and path != frame:
+                    touched.add(path if absolute else relative(path, frame))
     return touched
+
+
+def input_dependent(gm: fx.GraphModule) -> set[fx.Node]:
+    """The nodes computing tensors from the graph's inputs: the work a module's call does (its
+    constants and metadata reads aside)."""
+    dependent: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(a in dependent for a in node.all_input_nodes):
+            dependent.add(node)
+    return {n for n in dependent if n.op != "placeholder" and tensor_shape(n) is not None}
+
+
+def _owned(gm: fx.GraphModule, path: str, dependent: set[fx.Node]) -> set[fx.Node]:
+    """The tensors module ``path`` computes from the inputs."""
+    return {n for n in gm.graph.nodes if n in dependent and path in stack(n)}
+
+
+def _inlined(gm: fx.GraphModule, edits: list[_Edit], frame: str,
+             dependent: set[fx.Node]) -> set[str]:
+    """Children of ``frame`` (relative paths) a frame rewrite must trace through: those that
+    run part of an edit. A child whose every tensor is a member of one edit, its input and
+    output outside, stays one call (the edit removes it whole), so a child torch.fx cannot
+    trace (DBB's in-place border write) does not stop its parent's rewrite."""
+    whole: set[str] = set()
+    for edit in edits:
+        members = set(edit.members)
+        for path in {p for m in edit.members for p in stack(m) if inside(p, frame) and p != frame}:
+            owned = _owned(gm, path, dependent)
+            if owned and owned <= members and not {edit.root, edit.sink} & owned:
+                whole.add(path)
+    return {relative(path, frame) for path in _touched(edits, frame, absolute=True)
+            if not any(inside(path, w) for w in whole)}
+
+
+def _whole_owner(gm: fx.GraphModule, member: fx.Node, members: set[fx.Node],
+                 calls: Mapping[str, CallRecord], scope: str,
+                 dependent: set[fx.Node]) -> str | None:
+    """The innermost module, called once, whose every tensor is a member of the region: an
+    op in its own forward (a border pad inside DBB's ``BNAndPadLayer``, YOLOv7's ``x +
+    implicit``) is then rewritten by swapping that module, with no need to trace its forward."""
+    for path in reversed(stack(member)):
+        record = calls.get(join_path(scope, path))
+        if record is None or record.count != 1:
+            continue
+        owned = _owned(gm, path, dependent)
+        if owned and owned <= members:
+            return path
+    return None
 
 
 def fused_module(gm: fx.GraphModule, region: Region, affine: Affine) -> nn.Module:
@@ -157,14 +170,14 @@ def _whole_module(gm: fx.GraphModule, scope_module: nn.Module, region: Region,
     forward. Only a module called once that runs nothing else, and whose own attributes do not
     clash with the fused layer's (they are carried over)."""
     nodes = [*region.members, *region.tail]
-    path = _common([_frame(n) for n in nodes])
+    path = common_path([frame_of(n) for n in nodes])
     record = calls.get(join_path(scope, path))
     if not path or record is None or record.count != 1:
         return None
     module = scope_module.get_submodule(path)
     if any(hasattr(fused, name) for name in own_attributes(module)):
         return None
-    if set(_inside_nodes(gm, path)) != set(nodes):
+    if set(inside_nodes(gm, path)) != set(nodes):
         return None
     last = nodes[-1]
     if any(u not in nodes for n in nodes[:-1] for u in n.users):
@@ -184,6 +197,7 @@ def _plan_edits(
     call_sites: Mapping[str, int],
 ) -> tuple[dict[str, list[_Edit]], list[tuple[str, nn.Module | None, Region]]]:
     """Split regions into forward edits by frame and module swaps."""
+    dependent = input_dependent(gm)
     frames: dict[str, list[_Edit]] = defaultdict(list)
     swaps: list[tuple[str, nn.Module | None, Region]] = []
     for region in regions:
@@ -193,19 +207,30 @@ def _plan_edits(
             swaps.append((whole, fused, region))
             continue
         if not region.chain:
-            frame = _common([_frame(m) for m in region.members])
+            frame = common_path([frame_of(m) for m in region.members])
             frames[frame].append(_Edit(region.root, region.members[0], region.sink,
                                        region.members, fused, region))
             continue
         at = _chain_slot(gm, region)
+        members = {*region.members, *region.tail}
+        owners = {m: _whole_owner(gm, m, members, calls, scope, dependent)
+                  for m in region.members if m.op != "call_module"}
+        swapped = {path for path in owners.values() if path is not None and not (
+            any(inside(p, path) for p in stack(region.members[at]))
+            and any(hasattr(fused, a) for a in own_attributes(scope_module.get_submodule(path))))}
+        for path in sorted(swapped):
+            slot = any(inside(p, path) for p in stack(region.members[at]))
+            swaps.append((path, fused if slot else None, region))
         for i, (member, source) in enumerate(zip(region.members, region.sources)):
+            if any(inside(p, owner) for p in stack(member) for owner in swapped):
+                continue  # its module is swapped whole
             if i != at and region.passthrough[i]:
                 continue  # it already passes its input on: rewriting its module gains nothing
             module = fused if i == at else None
             if member.op == "call_module" and call_sites.get(str(member.target), 0) == 1:
                 swaps.append((str(member.target), module, region))
             else:
-                frames[_frame(member)].append(_Edit(source, member, member, (member,), module,
+                frames[frame_of(member)].append(_Edit(source, member, member, (member,), module,
                                                     region))
     # a frame whose edits reach into another frame's module traces it inline: one rewrite
     changed = True
@@ -213,108 +238,13 @@ def _plan_edits(
         changed = False
         for outer in sorted(frames, key=len):
             touched = _touched(frames[outer], outer)
-            for inner in [f for f in frames if f != outer and _inside(f, outer)]:
-                if _relative(inner, outer) in touched:
+            for inner in [f for f in frames if f != outer and inside(f, outer)]:
+                if relative(inner, outer) in touched:
                     frames[outer] += frames.pop(inner)
                     changed = True
             if changed:
                 break
     return frames, swaps
-
-
-class _AlignmentError(Exception):
-    pass
-
-
-def _same_op(outer: fx.Node, inner: fx.Node, frame: str) -> bool:
-    if outer.op != inner.op:
-        return False
-    if outer.op in ("call_module", "get_attr"):
-        return outer.target == (f"{frame}.{inner.target}" if frame else inner.target)
-    return outer.target == inner.target
-
-
-def _flat_nodes(node: fx.Node) -> list[Any]:
-    flat: list[Any] = []
-    fx.node.map_aggregate((node.args, node.kwargs), flat.append)
-    return flat
-
-
-def _align(
-    gm: fx.GraphModule, fgm: fx.GraphModule, frame: str
-) -> dict[fx.Node, fx.Node | None]:
-    """Map the nodes of the scope trace ``gm`` that run inside ``frame`` (and the values it
-    reads from outside) to the nodes of ``frame``'s own trace ``fgm``. Both traces run the same
-    Python in the same order; a child kept as a call in ``fgm`` stands for all its nodes."""
-    outer_guards, inner_guards = _guard_nodes(gm), _guard_nodes(fgm)
-    outer = [n for n in gm.graph.nodes if n not in outer_guards and (
-        frame in _stack(n) or (frame == "" and n.op not in ("placeholder", "output")))]
-    inner = [n for n in fgm.graph.nodes
-             if n.op not in ("placeholder", "output") and n not in inner_guards]
-    mapping: dict[fx.Node, fx.Node | None] = {}
-    kept_calls: set[fx.Node] = set()
-    i = 0
-    for node in inner:
-        if node.target is operator.getitem and node.args[0] in kept_calls:
-            continue  # unpacking a kept child's tuple: inlined, the tuple never existed
-        if i >= len(outer):
-            raise _AlignmentError(f"{node.name} has no counterpart")
-        child = f"{frame}.{node.target}" if frame else str(node.target)
-        if node.op == "call_module" and outer[i].target != child and child in _stack(outer[i]):
-            group = []
-            while i < len(outer) and child in _stack(outer[i]):
-                group.append(outer[i])
-                i += 1
-            members = set(group)
-            outputs = [g for g in group if any(u not in members for u in g.users)]
-            kept_calls.add(node)
-            for g in outputs:
-                # one output is the call's value; of several, which is which is unknown here
-                mapping[g] = node if len(outputs) == 1 else None
-            continue
-        if not _same_op(outer[i], node, frame):
-            raise _AlignmentError(f"{outer[i].name} vs {node.name}")
-        mapping[outer[i]] = node
-        for a, b in zip(_flat_nodes(outer[i]), _flat_nodes(node)):
-            if isinstance(a, fx.Node) and isinstance(b, fx.Node) and b.op == "placeholder":
-                mapping.setdefault(a, b)
-        i += 1
-    return mapping
-
-
-def _guard_nodes(fgm: fx.GraphModule) -> set[fx.Node]:
-    """The checks fx adds for arguments held fixed while tracing (``flag == True`` asserted,
-    ``_assert_is_none(extra)``): they read only a placeholder and have no counterpart in a
-    trace that held the argument at a larger scope."""
-    guards: set[fx.Node] = set()
-    for node in fgm.graph.nodes:
-        if node.op != "placeholder":
-            continue
-        for user in node.users:
-            if user.target is _assert_is_none:
-                guards.add(user)
-            elif user.target is operator.eq and all(u.target is torch._assert
-                                                     for u in user.users):
-                guards |= {user, *user.users}
-    return guards
-
-
-def _frame_arguments(frame_path: str, calls: Mapping[str, CallRecord], module: nn.Module,
-                     scope_concrete: dict[str, Any] | None) -> dict[str, Any] | str:
-    """The non-tensor arguments to hold fixed while tracing a frame, or why it cannot be."""
-    if scope_concrete is not None:
-        concrete = scope_concrete
-    else:
-        record = calls.get(frame_path)
-        if record is None or record.count == 0:
-            return "never called on the example input"
-        if len(set(record.flags)) > 1:
-            return "called with different non-tensor arguments; one trace cannot hold them all"
-        bound = bind_call(module, record.args, record.kwargs) if record.args else None
-        concrete = bound.concrete if bound is not None else {}
-    if not all(isinstance(v, _JSON_SCALARS) for v in concrete.values()):
-        return "takes non-tensor arguments a deploy file cannot record"
-    return concrete
 
 
 def apply(
@@ -336,33 +266,35 @@ def apply(
             call_sites[str(node.target)] += 1
     dead = dead_children(gm, calls, scope)
     applied.removed = [r for r in regions
-                       if any(_inside(p, d) for m in r.members for p in _stack(m) for d in dead)]
+                       if any(inside(p, d) for m in r.members for p in stack(m) for d in dead)]
     live = [r for r in regions if r not in applied.removed]
     frames, swaps = _plan_edits(gm, scope_module, scope, live, fused_modules, calls,
                                 call_sites)
     # phase 1: trace and align every frame; a region any part of which cannot be placed is
     # applied nowhere (half a chain applied would fold its BN twice)
     refused: dict[int, str] = {}
-    traced: dict[str, tuple[fx.GraphModule, dict[fx.Node, fx.Node], dict[str, Any]]] = {}
+    traced: dict[str, tuple[fx.GraphModule, Alignment, dict[str, Any]]] = {}
+    dependent = input_dependent(gm)
     for frame in sorted(frames, key=lambda f: (f.count("."), f) if f else (-1, "")):
         if frame not in frames:
             continue  # merged into an enclosing frame that inlines it
         edits = frames[frame]
         frame_path = join_path(scope, frame)
         try:
-            traced[frame] = _trace_and_align(gm, scope_module, frame, frame_path, edits, calls,
-                                             scope_concrete)
-            if traced[frame][1].keys() >= set(_inside_nodes(gm, frame)):
+            inlined = _inlined(gm, edits, frame, dependent)
+            traced[frame] = trace_and_align(gm, scope_module, frame, frame_path, inlined, calls,
+                                            scope_concrete)
+            if traced[frame][1].values.keys() >= set(inside_nodes(gm, frame)):
                 # every child inlined: a deeper frame's rewrite happens here, in this trace
-                for inner in [f for f in frames if f != frame and _inside(f, frame)]:
+                for inner in [f for f in frames if f != frame and inside(f, frame)]:
                     edits += frames.pop(inner)
-        except (TraceError, _AlignmentError) as exc:
+        except (TraceError, AlignmentError) as exc:
             why = f"{frame_path or 'the model'}'s forward could not be rewritten alone ({exc})"
             refused.update((id(edit.region), why) for edit in edits)
             continue
         fgm, mapping, _ = traced[frame]
         for edit in edits:
-            if mapping.get(edit.root) is None or mapping.get(edit.first) is None:
+            if mapping.values.get(edit.root) is None or mapping.where(edit.first) is None:
                 refused[id(edit.region)] = ("its input is not visible in "
                                             f"{frame_path or 'the model'}'s own forward")
     applied.refused = [(r, refused[id(r)]) for r in live if id(r) in refused]
@@ -379,8 +311,10 @@ def apply(
         leaves_used = sorted(str(n.target) for n in fgm.graph.nodes if n.op == "call_module")
         recorded: list[NodeEdit] = []
         for edit in edits:
-            root, first, sink = mapping[edit.root], mapping[edit.first], mapping[edit.sink]
-            members = tuple(mapping[m] for m in edit.members)
+            root, first, sink = (mapping.values[edit.root], mapping.where(edit.first),
+                                 mapping.values[edit.sink])
+            assert root is not None and first is not None and sink is not None, "checked above"
+            members = tuple(dict.fromkeys(n for n in map(mapping.where, edit.members) if n))
             fused_root = replaced.get(root, root)
             name = None
             if edit.module is not None:
@@ -429,44 +363,17 @@ def apply(
     return applied
 
 
-def _inside_nodes(gm: fx.GraphModule, frame: str) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr")
-            and (frame == "" or frame in _stack(n))]
-
-
-def _trace_and_align(
-    gm: fx.GraphModule, scope_module: nn.Module, frame: str, frame_path: str,
-    edits: list[_Edit], calls: Mapping[str, CallRecord], scope_concrete: dict[str, Any],
-) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node], dict[str, Any]]:
-    """The frame's own trace, with its untouched children kept as calls where the two traces
-    still line up (else inlined), and the map from the scope trace's nodes to it."""
-    frame_module = scope_module.get_submodule(frame) if frame else scope_module
-    concrete = _frame_arguments(frame_path, calls, frame_module,
-                                scope_concrete if frame == "" else None)
-    if isinstance(concrete, str):
-        raise TraceError(concrete)
-    touched = _touched(edits, frame)
-    leaves = frozenset(n for n, _ in frame_module.named_modules() if n and n not in touched)
-    try:
-        fgm = trace(frame_module, leaves, concrete)
-        return fgm, _align(gm, fgm, frame), concrete
-    except (TraceError, _AlignmentError):
-        # a child kept as a call may return a tuple its caller unpacks: inline every child
-        fgm = trace(frame_module, frozenset(), concrete)
-        return fgm, _align(gm, fgm, frame), concrete
-
-
 def dead_children(gm: fx.GraphModule, calls: Mapping[str, CallRecord], scope: str) -> list[str]:
     """Submodules (paths relative to the traced scope) called once, whose every op in the trace
     is pure and feeds nothing that is used: work the forward computes and throws away."""
     groups: dict[str, list[fx.Node]] = defaultdict(list)
     for node in gm.graph.nodes:
-        for path in _stack(node):
+        for path in stack(node):
             groups[path].append(node)
     dead: list[str] = []
     for path, nodes in sorted(groups.items()):
         record = calls.get(join_path(scope, path))
-        if record is None or record.count != 1 or any(_inside(path, d) for d in dead):
+        if record is None or record.count != 1 or any(inside(path, d) for d in dead):
             continue
         members = set(nodes)
         if all(not n.is_impure() and n.op != "placeholder" and all(u in members for u in n.users)

@@ -13,6 +13,7 @@ from repconv.fold.rules import (
     concat,
     conv,
     pad,
+    pad_value,
     passthrough,
     token_reshape,
 )
@@ -22,6 +23,7 @@ RULES: tuple[Rule, ...] = (
     conv.lower,
     batch_norm.lower,
     avg_pool.lower,
+    pad_value.lower,
     pad.lower,
     passthrough.lower,
     token_reshape.lower,

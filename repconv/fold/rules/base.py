@@ -28,6 +28,9 @@ class Unary:
     # the identity at no cost (a view, eval dropout): a fold may leave it where it runs; an
     # identity that runs an op (``x + 0``, ``x * 1``, ``.clone()``) is rewritten away instead
     free: bool = False
+    # maps applied after ``affine``, in order: an op that is one conv only next to its
+    # neighbours (a pad with a value, ``shift(+c) . pad0 . shift(-c)``) folds as several
+    then: tuple[Affine, ...] = ()
 
 
 @dataclass(frozen=True)

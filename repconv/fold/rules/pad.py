@@ -36,6 +36,9 @@ def lower(node: fx.Node, ctx: GraphContext) -> Unary | Refusal | None:
         return None
     if value not in (0, 0.0, None):
         return Refusal(f"pads with {value}, not zero")
+    if not isinstance(pads, (list, tuple)):
+        return Refusal("its pads are computed from the input's size (TF 'SAME' padding): a conv "
+                       "would fix them to the example's")
     pads = [int(p) for p in pads]
     if any(p < 0 for p in pads):
         return Refusal("negative padding crops: not a conv padding")
