@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_support import (
+from helpers.cli_support import (
     CONSOLE_SCRIPT,
     RUNNER,
     SHAPE8,
@@ -35,7 +35,7 @@ from cli_support import (
     snapshot,
     width8_state_dict,
 )
-from reference_blocks import randomize_bn
+from helpers.reference_blocks import randomize_bn
 from torch import nn
 
 from repconv import __version__

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_support import (
+from helpers.cli_support import (
     SHAPE8,
     assert_refused,
     invoke,

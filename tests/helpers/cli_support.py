@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from reference_blocks import randomize_bn
 from typer.testing import CliRunner, Result
 
+from helpers.reference_blocks import randomize_bn
 from repconv.cli import app
 from repconv.samples import repvgg_tiny
 
@@ -27,7 +27,7 @@ os.environ["REPCONV_PROGRESS_SECONDS"] = "3600"
 RUNNER = CliRunner()
 CONSOLE_SCRIPT = Path(sys.executable).with_name("repconv")
 SHAPE8 = "1,3,16,16"  # verification input for the width-8 test models
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def invoke(*args: object) -> Result:
