@@ -3,7 +3,7 @@ ShuffleNet), fused through the public API, judged on what the fused model execut
 
 Every model has random BN statistics (``randomize_bn``); outputs are compared at the fuse input
 and at other batch and spatial sizes; op counts are aten ops that actually run
-(``repconv.opcount.count_ops``), not modules.
+(``repconv.measure.opcount.count_ops``), not modules.
 """
 
 from __future__ import annotations

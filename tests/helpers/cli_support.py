@@ -1,6 +1,7 @@
 """What the command-line tests share: running repconv in-process (CliRunner) and as a real
-process, and the checks every refused command must pass (DESIGN.md section 3): exit code 2,
-one stderr line starting with 'error:', no traceback, nothing written, IN unchanged; with
+process, and the checks every refused command must pass (docs/design.md "8. Command-line
+contract"): exit code 2, one stderr line starting with 'error:', no traceback, nothing written,
+IN unchanged; with
 --json, exactly one JSON document on stdout.
 """
 
