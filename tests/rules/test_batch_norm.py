@@ -108,7 +108,7 @@ def test_train_mode_is_refused() -> None:
 @pytest.mark.parametrize(("buffer", "value", "problem"), [
     ("running_mean", float("nan"), "running statistics contain NaN or Inf"),
     ("running_var", float("inf"), "running statistics contain NaN or Inf"),
-    ("running_var", -0.5, "running_var has negative entries"),
+    ("running_var", -0.5, "negative running_var entries"),
 ])
 def test_damaged_statistics_are_refused(buffer: str, value: float, problem: str) -> None:
     model = randomize_bn(Wrap(nn.BatchNorm2d(4)), seed=0)
