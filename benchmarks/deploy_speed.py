@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from _timing import interleaved_ms  # noqa: E402
-from reference_blocks import BLOCK_NAMES, randomize_bn, tiny_net  # noqa: E402
+from helpers.reference_blocks import BLOCK_NAMES, randomize_bn, tiny_net  # noqa: E402
 
 import repconv  # noqa: E402
 from repconv.formats.checkpoint import load_checkpoint  # noqa: E402

@@ -1,6 +1,6 @@
 """`make bench`: the three benchmark tables of one run (deploy latency, conversion cost,
-numerical error), printed as they come and saved to benchmarks/results_bench.md, which README's
-Results section quotes.
+numerical error), printed as they come and saved to benchmarks/results_bench.md, which
+docs/benchmarks.md quotes.
 
 Run: `make bench` or `python benchmarks/make_bench.py`.
 """

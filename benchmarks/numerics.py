@@ -5,7 +5,7 @@
    Conv-BN fold) computes in the checkpoint's own dtype. Both fused models run in float64
    against the original run in float64, so the figure is the folding error alone.
 2. Tolerances: the scale-relative error `repconv verify` measures on correctly fused models
-   (every block family of tests/reference_blocks.py, 2 seeds, at the example shape, batch 2
+   (every block family of tests/helpers/reference_blocks.py, 2 seeds, at the example shape, batch 2
    and another size) and on tampered ones (one fused conv's weights x1.02, each conv in turn,
    at the example shape), for the outputs (scale-relative) and for the per-rewrite table
    (relative to the sum of |w * x| + |b| at each element), with both models run upcast to
@@ -39,8 +39,8 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests")]
 
-from noisy_models import deep_conv_bn  # noqa: E402
-from reference_blocks import BLOCK_NAMES, randomize_bn, tiny_net  # noqa: E402
+from helpers.noisy_models import deep_conv_bn  # noqa: E402
+from helpers.reference_blocks import BLOCK_NAMES, randomize_bn, tiny_net  # noqa: E402
 
 import repconv  # noqa: E402
 from repconv.formats.checkpoint import load_checkpoint  # noqa: E402
@@ -212,7 +212,7 @@ def _tampered(result: repconv.FuseResult, path: str, factor: float) -> nn.Module
 
 
 def noisy_table() -> None:
-    """Deep conv-BN networks (tests/noisy_models.py) at growing float32 noise."""
+    """Deep conv-BN networks (tests/helpers/noisy_models.py) at growing float32 noise."""
     print("| offset | seeds | noise min, max | error vs float64 / noise: median, max | "
           "passed (old fixed 1e-5) | x1.0001 conv: error / allowed, min | x1.0001 caught |")
     print("|---:|---:|---:|---:|---:|---:|---:|")

@@ -26,7 +26,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from _timing import interleaved_ms  # noqa: E402
 from deploy_speed import RepVGGTinyDeploy  # noqa: E402
-from reference_blocks import BLOCK_NAMES, block_ndim, randomize_bn, tiny_net  # noqa: E402
+from helpers.reference_blocks import BLOCK_NAMES, block_ndim, randomize_bn, tiny_net  # noqa: E402
 
 import repconv  # noqa: E402
 from repconv.errors import RepconvError  # noqa: E402

@@ -1,7 +1,10 @@
-"""Shared fixtures: one torch thread per test process, and the shipped sample checkpoints."""
+"""Shared fixtures and markers: one torch thread per test process, the shipped sample
+checkpoints, and ``needs_onnx`` (skipped where the repconv[onnx] extra is not installed).
+Shared code lives in ``tests/helpers``."""
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +12,21 @@ import pytest
 import torch
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "sample_checkpoints"
+ONNX_EXTRA = ("onnx", "onnxscript", "onnxruntime")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "needs_onnx: needs the repconv[onnx] extra; skipped where it is missing")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if all(importlib.util.find_spec(name) is not None for name in ONNX_EXTRA):
+        return
+    skip = pytest.mark.skip(reason="the repconv[onnx] extra is not installed")
+    for item in items:
+        if "needs_onnx" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.measure import rel_err
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -130,13 +131,6 @@ def apply_affine(a: A.Affine, x: Tensor) -> Tensor:
     return CONV_FN[a.nd](x, a.weight, a.bias, a.stride, padding, a.dilation, a.groups)
 
 
-def rel_err(got: Tensor, ref: Tensor) -> float:
-    assert got.shape == ref.shape, (got.shape, ref.shape)
-    got, ref = got.detach().double(), ref.detach().double()
-    scale = max(float(ref.abs().max()), 1e-300)
-    return float((got - ref).abs().max()) / scale
-
-
 def input_sizes(nd: int) -> list[tuple[int, ...]]:
     """Odd, even and mixed spatial sizes."""
     if nd == 0:
@@ -164,8 +158,8 @@ def check(
         with torch.no_grad():
             got_module = module(x)
         got_direct = apply_affine(a, x)
-        assert rel_err(got_module, expected) < tol, size
-        assert rel_err(got_direct, expected) < tol, size
+        assert rel_err(expected, got_module) < tol, size
+        assert rel_err(expected, got_direct) < tol, size
         assert tuple(expected.shape[2:]) == a.output_size(size), size
 
 
@@ -763,7 +757,7 @@ def test_to_module_dtype(nd: int, dtype: torch.dtype) -> None:
     if dtype in (torch.float32, torch.float64):
         x = torch.randn(2, 4, *(8,) * nd, dtype=F64)
         with torch.no_grad():
-            err = rel_err(module(x.to(dtype)), ref(x))
+            err = rel_err(ref(x), module(x.to(dtype)))
         assert err < (1e-5 if dtype == torch.float32 else TOL)
 
 
@@ -804,8 +798,8 @@ def test_float64_math_loses_less_than_native_fold(dtype: torch.dtype) -> None:
     native_w, native_b = _fold_native(w, b, stats, eps)
     assert native_w.dtype == dtype
     # evaluate both weight sets in float64 so only the weight rounding is compared
-    err_ours = rel_err(F.conv2d(x, ours.weight.double(), ours.bias.double(), padding=1), truth)
-    err_native = rel_err(F.conv2d(x, native_w.double(), native_b.double(), padding=1), truth)
+    err_ours = rel_err(truth, F.conv2d(x, ours.weight.double(), ours.bias.double(), padding=1))
+    err_native = rel_err(truth, F.conv2d(x, native_w.double(), native_b.double(), padding=1))
     assert err_ours <= err_native, (err_ours, err_native)
     assert err_ours < (2e-3 if dtype == torch.float16 else 2e-2)
 
@@ -925,8 +919,8 @@ def test_add_property(case: tuple[int, list[dict]]) -> None:
         expected = sum(outputs[n])
         with torch.no_grad():
             got = module(x)
-        assert rel_err(got, expected) < 1e-9, (n, specs)
-        assert rel_err(apply_affine(fused, x), expected) < 1e-9, (n, specs)
+        assert rel_err(expected, got) < 1e-9, (n, specs)
+        assert rel_err(expected, apply_affine(fused, x)) < 1e-9, (n, specs)
         assert tuple(expected.shape[2:]) == fused.output_size((n, n + 1))
 
 
@@ -944,4 +938,4 @@ def test_then_mixes_groups_without_dense_kernels(groups_a: int, groups_b: int,
                     torch.randn(16, generator=gen, dtype=F64), groups=groups_b)
     composed = A.then(a, b)
     x = torch.randn(2, 8, 9, 7, generator=gen, dtype=F64)
-    assert rel_err(apply_affine(composed, x), apply_affine(b, apply_affine(a, x))) < 1e-12
+    assert rel_err(apply_affine(b, apply_affine(a, x)), apply_affine(composed, x)) < 1e-12

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_support import assert_no_traceback, assert_refused, invoke, snapshot
+from helpers.cli_support import assert_no_traceback, assert_refused, invoke, snapshot
 from rich.console import Console
 
 from repconv.measure.bench import Form, bench

@@ -7,7 +7,6 @@ max|a-b| / max|a| < 1e-5), not against repconv's own verification.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -15,8 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from measure import rel_err
-from reference_blocks import randomize_bn
+from helpers.cli_support import sha256
+from helpers.measure import count_bns, rel_err
+from helpers.reference_blocks import randomize_bn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -50,14 +50,6 @@ def outputs(model: nn.Module, seed: int = 7) -> tuple[Tensor, Tensor]:
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         return x, model(x)
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def bn_count(model: nn.Module) -> int:
-    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def weights_only_options(arch: str) -> Options:
@@ -183,7 +175,7 @@ def test_round_trip(workdir: Path, layout: str, fmt: str) -> None:
     assert outcome.ok
     assert outcome.written
     assert LAYOUTS[layout][3] in outcome.loaded
-    assert outcome.report.before.batchnorms == bn_count(original) > 0
+    assert outcome.report.before.batchnorms == count_bns(original) > 0
     assert outcome.report.after.batchnorms == 0
     assert outcome.report.verification.max_rel_error < 1e-5
     assert sorted(p.name for p in out.parent.iterdir()) == sorted([in_path.name, out.name])
@@ -195,7 +187,7 @@ def test_round_trip(workdir: Path, layout: str, fmt: str) -> None:
     if isinstance(deployed, torch.fx.GraphModule):  # torch.export program
         assert not [n for n in deployed.graph.nodes if "batch_norm" in str(n.target)]
     else:
-        assert bn_count(deployed) == 0
+        assert count_bns(deployed) == 0
     assert sha256(in_path) == in_hash
 
 

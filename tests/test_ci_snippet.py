@@ -12,7 +12,7 @@ import zipfile
 from pathlib import Path
 
 import torch
-from cli_support import REPO, run_process
+from helpers.cli_support import REPO, run_process
 
 
 def _shell_step() -> str:

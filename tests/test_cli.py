@@ -1,4 +1,5 @@
-"""The command line as scripts and CI pipelines use it (DESIGN.md section 3).
+"""The command line as scripts and CI pipelines use it (docs/design.md
+"8. Command-line contract").
 
 Most tests run the Typer app in-process with ``typer.testing.CliRunner``: its ``Result`` keeps
 ``stdout`` and ``stderr`` apart (``output`` mixes both). A few run ``python -m repconv`` and the
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_support import (
+from helpers.cli_support import (
     CONSOLE_SCRIPT,
     RUNNER,
     SHAPE8,
@@ -35,7 +36,7 @@ from cli_support import (
     snapshot,
     width8_state_dict,
 )
-from reference_blocks import randomize_bn
+from helpers.reference_blocks import randomize_bn
 from torch import nn
 
 from repconv import __version__
@@ -343,10 +344,9 @@ def test_verify_pt2(repvgg_ckpt: Path, tmp_path: Path) -> None:
 
 
 def test_json_fields_are_documented(repvgg_ckpt: Path, deploys: Deploys) -> None:
-    """Every field a --json document carries is named in README's "The JSON document"."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("### The JSON document", 1)[1].split("\n### ", 1)[0]
-    documented = set(re.findall(r"`(\w+)`", section))
+    """Every field a --json document carries is named in docs/json.md."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "json.md").read_text()
+    documented = set(re.findall(r"`(\w+)`", page))
     checked = invoke("verify", repvgg_ckpt, deploys.repvgg, "--json")
     verify_doc = json.loads(checked.stdout)
     fields = (set(deploys.repvgg_json) | set(deploys.repvgg_json["verification"])

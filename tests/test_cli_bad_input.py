@@ -1,4 +1,4 @@
-"""Bad input on the command line, case by case (DESIGN.md section 3).
+"""Bad input on the command line, case by case (docs/design.md "8. Command-line contract").
 
 Every case must give: exit code 2, exactly one stderr line starting with ``error:``, no
 traceback anywhere, nothing written (no OUT, no temp file beside it), IN unchanged.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_support import (
+from helpers.cli_support import (
     SHAPE8,
     assert_refused,
     invoke,

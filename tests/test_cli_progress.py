@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cli_support import assert_process_refused, run_process
+from helpers.cli_support import assert_process_refused, run_process
 from rich.console import Console
 
 from repconv.progress import INTERVAL_ENV, progress_display

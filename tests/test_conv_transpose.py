@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from measure import rel_err
-from reference_blocks import randomize_bn
+from helpers.measure import rel_err
+from helpers.reference_blocks import randomize_bn
 from torch import nn
 
 import repconv

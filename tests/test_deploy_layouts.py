@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from measure import count_bns as bn_count
-from measure import rel_err
-from reference_blocks import randomize_bn
+from helpers.measure import count_bns, rel_err
+from helpers.reference_blocks import randomize_bn
 from torch import Tensor, nn
 
 from repconv.pipeline import Options, fuse_checkpoint
@@ -53,8 +52,8 @@ def test_keep_extra_keeps_the_fused_module(tmp_path: Path) -> None:
     assert list(payload) == ["epoch", "model", "ema", "optimizer"]  # IN's keys, IN's order
     assert payload["epoch"] == 3
     assert payload["optimizer"]["param_groups"] == [{"lr": 0.01}]
-    assert bn_count(payload["ema"]) == 0
-    assert bn_count(payload["model"]) == bn_count(original) > 0  # the live model, kept as is
+    assert count_bns(payload["ema"]) == 0
+    assert count_bns(payload["model"]) == count_bns(original) > 0  # the live model, kept as is
     x, expected = outputs(original)
     assert rel_err(expected, payload["ema"](x)) < 1e-5
 
@@ -67,7 +66,7 @@ def test_pickled_module_deploy_drops_training_entries(tmp_path: Path) -> None:
     # the optimizer goes; the live model beside the EMA becomes None; nothing else moves
     assert list(deployed) == ["epoch", "model", "ema"]
     assert deployed["epoch"] == 3 and deployed["model"] is None
-    assert bn_count(deployed["ema"]) == 0
+    assert count_bns(deployed["ema"]) == 0
     x, expected = outputs(original)
     assert rel_err(expected, deployed["ema"](x)) < 1e-5
 
@@ -100,7 +99,7 @@ def test_trainer_checkpoint_keeps_its_layout(tmp_path: Path, keep_extra: bool) -
                           [k for k in expected_keys if k != "optimizer"])
     assert ckpt["model"] is None  # --keep-extra must not put IN's None over the fused model
     assert ckpt["train_args"] == {"epochs": 3, "imgsz": 16} and ckpt["epoch"] == 7
-    assert bn_count(ckpt["ema"]) == 0
+    assert count_bns(ckpt["ema"]) == 0
     assert {p.dtype for p in ckpt["ema"].parameters()} == {torch.float16}  # EMA's own dtype
 
     loaded = detector_loader(out)
@@ -121,7 +120,7 @@ def test_model_key_layout_keeps_its_layout(tmp_path: Path) -> None:
     ckpt = torch.load(out, weights_only=False)
     assert list(ckpt) == ["model", "epoch", "best_acc"]
     model = ckpt["model"].eval()
-    assert bn_count(model) == 0
+    assert count_bns(model) == 0
     x, expected = outputs(original)
     with torch.no_grad():
         assert rel_err(expected, model(x)) < 1e-5

@@ -13,8 +13,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from measure import count_bns, count_convs, rel_err
-from reference_blocks import (
+from helpers.measure import count_bns, count_convs, count_linears, rel_err
+from helpers.reference_blocks import (
     BLOCK_NAMES,
     RepVGGBlock,
     block_ndim,
@@ -23,26 +23,13 @@ from reference_blocks import (
     tiny_net,
     tiny_net_example_input,
 )
+from helpers.tensors import randn, run
 from torch import Tensor, nn
 
 import repconv
 from repconv.rewrite.surgery import replay_plan
 
 SPATIAL = {1: (11,), 2: (9, 10), 3: (5, 6, 5)}
-
-
-def count_linears(model: nn.Module) -> int:
-    return sum(isinstance(m, nn.Linear) for m in model.modules())
-
-
-def randn(*shape: int, seed: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
-
-
-def run(model: nn.Module, *inputs: Tensor) -> object:
-    with torch.no_grad():
-        return model(*inputs)
 
 
 def _block(name: str) -> tuple[nn.Module, int]:

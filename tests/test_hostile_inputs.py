@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_support import (
+from helpers.cli_support import (
     assert_no_traceback,
     assert_process_refused,
     assert_refused,
@@ -24,6 +24,7 @@ from cli_support import (
     repconv_process,
     snapshot,
 )
+from helpers.user_models import ReturnsNone
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -195,15 +196,6 @@ def test_scaled_weights_with_an_empty_recorded_shape_do_not_pass(
     assert data["elements_compared"] == 10 and data["outputs_compared"] == 1
 
 
-class ReturnsNone(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
-
-    def forward(self, x: torch.Tensor) -> None:
-        self.bn(self.conv(x))
-
-
 class EmptyOutput(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x[:, :0] * 2
@@ -237,7 +229,7 @@ def test_fuse_of_a_model_returning_none_writes_nothing(tmp_path: Path,
     torch.save(ReturnsNone().state_dict(), path)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "none_models.py").write_text(
-        "from test_hostile_inputs import ReturnsNone as build\n")
+        "from helpers.user_models import ReturnsNone as build\n")
     monkeypatch.delitem(sys.modules, "none_models", raising=False)
     result = invoke("fuse", path, tmp_path / "out.pt", "--model", "none_models:build",
                     "--input-shape", "1,3,8,8", "--json")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from measure import count_bns, rel_err
-from reference_blocks import randomize_bn
+from helpers.measure import count_bns, rel_err
+from helpers.reference_blocks import randomize_bn
 from torch import Tensor, nn
 
 import repconv

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_support import invoke
+from helpers.cli_support import invoke
 from torch import Tensor, nn
 
 from repconv.pipeline import Options, fuse_checkpoint

@@ -3,13 +3,14 @@ with repconv.verify; and every bad input as one InputError line."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from reference_blocks import randomize_bn, tiny_net, tiny_net_example_input
+from helpers.measure import count_convs
+from helpers.reference_blocks import randomize_bn, tiny_net, tiny_net_example_input
+from helpers.user_models import TupleHead
 from torch import Tensor, nn
 
 import repconv
@@ -23,10 +24,6 @@ from repconv.formats.onnx_io import (
     onnx_bytes,
 )
 
-needs_onnx = pytest.mark.skipif(
-    any(importlib.util.find_spec(name) is None for name in ("onnx", "onnxscript", "onnxruntime")),
-    reason="the repconv[onnx] extra is not installed",
-)
 FAMILIES = ("RepVGGBlock", "DiverseBranchBlock", "MobileOneBlock", "RepMixer",
             "Branchy1d", "Branchy3d")
 
@@ -37,11 +34,7 @@ def _onnx_conv_count(data: bytes) -> int:
     return sum(node.op_type == "Conv" for node in onnx.load_from_string(data).graph.node)
 
 
-def _torch_conv_count(model: nn.Module) -> int:
-    return sum(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
-
-
-@needs_onnx
+@pytest.mark.needs_onnx
 @pytest.mark.parametrize("family", FAMILIES)
 def test_block_family_round_trip(family: str, tmp_path: Path) -> None:
     net = randomize_bn(tiny_net(family), seed=1)
@@ -53,27 +46,14 @@ def test_block_family_round_trip(family: str, tmp_path: Path) -> None:
     assert report.passed, report.summary()
     assert report.max_rel_error < 1e-5
     data = path.read_bytes()
-    assert _onnx_conv_count(data) == _torch_conv_count(fused)
+    assert _onnx_conv_count(data) == count_convs(fused)
     # runtimes fold BN into a conv, not branches: the training model's export keeps them all
-    assert _onnx_conv_count(onnx_bytes(net, example)) == _torch_conv_count(net)
-    assert _torch_conv_count(fused) < _torch_conv_count(net)
+    assert _onnx_conv_count(onnx_bytes(net, example)) == count_convs(net)
+    assert count_convs(fused) < count_convs(net)
     assert [p.name for p in tmp_path.iterdir()] == ["fused.onnx"]  # no temp file left
 
 
-class TupleHead(nn.Module):
-    """Returns a nested structure: (map, (pooled, {"doubled": map * 2}))."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(4)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
-        y = self.bn(self.conv(x))
-        return y, (y.flatten(1).mean(1), {"doubled": y * 2})
-
-
-@needs_onnx
+@pytest.mark.needs_onnx
 def test_tuple_outputs_keep_their_structure() -> None:
     net = randomize_bn(TupleHead(), seed=2)
     example = torch.randn(1, 3, 8, 8)
@@ -88,7 +68,7 @@ def test_tuple_outputs_keep_their_structure() -> None:
     assert repconv.verify(net, module, example).passed
 
 
-@needs_onnx
+@pytest.mark.needs_onnx
 def test_fp16_weights_stay_fp16() -> None:
     import onnx
 
@@ -105,7 +85,7 @@ def test_fp16_weights_stay_fp16() -> None:
     assert report.max_rel_error < 5e-3  # fp16 rounding, not a different computation
 
 
-@needs_onnx
+@pytest.mark.needs_onnx
 def test_batch_dimension_is_dynamic() -> None:
     net = randomize_bn(tiny_net("MobileOneBlock"), seed=4)
     example = tiny_net_example_input("MobileOneBlock", batch=1)
@@ -119,7 +99,7 @@ def test_batch_dimension_is_dynamic() -> None:
     assert repconv.verify(net, module, x).passed
 
 
-@needs_onnx
+@pytest.mark.needs_onnx
 def test_tampered_file_fails_verification(tmp_path: Path) -> None:
     import onnx
     from onnx import numpy_helper
@@ -139,7 +119,7 @@ def test_tampered_file_fails_verification(tmp_path: Path) -> None:
     assert report.max_rel_error > 10 * report.rtol  # 1 % of one conv's weight: 6e-4
 
 
-@needs_onnx
+@pytest.mark.needs_onnx
 def test_chosen_opset_is_written() -> None:
     import onnx
 
@@ -149,7 +129,7 @@ def test_chosen_opset_is_written() -> None:
     data = onnx_bytes(fused, example, opset=20)
     imports = onnx.load_from_string(data).opset_import
     assert next(entry.version for entry in imports if entry.domain == "") == 20
-    assert _onnx_conv_count(data) == _torch_conv_count(fused)
+    assert _onnx_conv_count(data) == count_convs(fused)
     assert repconv.verify(net, OnnxModule(data), example).passed
     with pytest.raises(InputError, match=r"--opset 17 is out of range: torch's exporter writes "
                                          r"opsets 18 to \d+$"):
@@ -175,7 +155,7 @@ class _Eigen(nn.Module):
         return torch.linalg.eigh(x @ x.transpose(-1, -2)).eigenvalues
 
 
-@needs_onnx
+@pytest.mark.needs_onnx
 def test_export_failure_names_the_op(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"no ONNX translation for op aten\._linalg_eigh; ") as e:
         export_onnx(_Eigen(), torch.randn(1, 3, 3), tmp_path / "out.onnx")
@@ -188,13 +168,13 @@ class _Counted(nn.Module):
         return x * 2, 3
 
 
-@needs_onnx
+@pytest.mark.needs_onnx
 def test_non_tensor_output_is_refused() -> None:
     with pytest.raises(InputError, match="returns int besides tensors"):
         onnx_bytes(_Counted(), torch.randn(1, 3))
 
 
-@needs_onnx
+@pytest.mark.needs_onnx
 @pytest.mark.parametrize("content", ["garbage", "truncated", "empty", "directory"])
 def test_unloadable_onnx_is_an_input_error(content: str, tmp_path: Path) -> None:
     path = tmp_path / "bad.onnx"
@@ -216,7 +196,7 @@ def test_unloadable_onnx_is_an_input_error(content: str, tmp_path: Path) -> None
     assert str(path) in str(caught.value)
 
 
-@needs_onnx
+@pytest.mark.needs_onnx
 def test_output_structure_metadata_is_checked() -> None:
     import onnx
 
@@ -232,7 +212,7 @@ def test_output_structure_metadata_is_checked() -> None:
         module(torch.randn(2, 3, 8, 8), torch.randn(1))
 
 
-@needs_onnx
+@pytest.mark.needs_onnx
 def test_same_model_gives_the_same_bytes() -> None:
     net = randomize_bn(tiny_net("RepVGGBlock"), seed=8)
     example = tiny_net_example_input("RepVGGBlock")
@@ -242,7 +222,7 @@ def test_same_model_gives_the_same_bytes() -> None:
     assert b"stack_trace" not in first  # no paths of this machine in the file
 
 
-@needs_onnx
+@pytest.mark.needs_onnx
 def test_external_data_outside_the_model_folder_is_refused(tmp_path: Path) -> None:
     """An .onnx may name files holding its weights; ONNX Runtime reads none outside its folder."""
     import numpy as np

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from cli_support import (
+from helpers.cli_support import (
     SHAPE8,
     assert_no_traceback,
     assert_process_refused,
@@ -24,15 +24,15 @@ from cli_support import (
     snapshot,
     width8_state_dict,
 )
-from reference_blocks import randomize_bn
-from test_onnx import TupleHead, needs_onnx
-from torch import Tensor, nn
+from helpers.reference_blocks import randomize_bn
+from helpers.user_models import Eigen, TupleHead
+from torch import Tensor
 
 from repconv.formats.checkpoint import load_checkpoint
 from repconv.formats.onnx_deploy import INPUT_SHAPE_KEY
 from repconv.formats.onnx_io import OUTPUT_TREE_KEY, OnnxModule
 
-pytestmark = needs_onnx
+pytestmark = pytest.mark.needs_onnx
 TAMPERED = "stages.1.0.fused_conv"  # the conv whose weight the tampered file scales by 1.01
 # `python -c BLOCK MODULES repconv-args...`: repconv with the named modules unimportable, as
 # on a machine without the repconv[onnx] extra
@@ -143,24 +143,11 @@ def test_verify_fails_a_tampered_onnx(sample_onnx: tuple[Path, dict[str, Any]],
         f"({next(r for r in data['rewrite_errors'] if not r['passed'])['magnitude_error']:.1e})")
 
 
-class Eigen(nn.Module):
-    """A Conv-BN whose head calls an op torch's ONNX exporter has no translation for."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 3, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.bn(self.conv(x)).flatten(2)
-        return torch.linalg.eigh(y @ y.transpose(-1, -2)).eigenvalues
-
-
 def _user_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cls: str,
                 state: dict[str, Tensor]) -> str:
     """A --model module in the folder repconv runs from, and its weights in ckpt.pt."""
     name = f"onnx_models_{cls.lower()}_{tmp_path.name.replace('-', '_')}"
-    (tmp_path / f"{name}.py").write_text(f"from test_onnx_cli import {cls} as build\n")
+    (tmp_path / f"{name}.py").write_text(f"from helpers.user_models import {cls} as build\n")
     torch.save(state, tmp_path / "ckpt.pt")
     monkeypatch.chdir(tmp_path)
     monkeypatch.delitem(sys.modules, name, raising=False)

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from reference_blocks import randomize_bn, tiny_net, tiny_net_example_input
+from helpers.reference_blocks import randomize_bn, tiny_net, tiny_net_example_input
 from torch import nn
 
 import repconv

@@ -15,10 +15,10 @@ import re
 from dataclasses import dataclass
 
 import torch
+from helpers.measure import count_bns, count_convs, rel_err
+from helpers.reference_blocks import randomize_bn
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
-from measure import count_bns, count_convs, rel_err
-from reference_blocks import randomize_bn
 from torch import Tensor, nn
 
 import repconv

@@ -10,7 +10,7 @@ from typing import NamedTuple
 import pytest
 import torch
 import torch.nn.functional as F
-from reference_blocks import randomize_bn, tiny_net, tiny_net_example_input
+from helpers.reference_blocks import randomize_bn, tiny_net, tiny_net_example_input
 from rich.console import Console
 from torch import Tensor, nn
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from cli_support import (
+from helpers.cli_support import (
     assert_no_traceback,
     assert_refused,
     invoke,

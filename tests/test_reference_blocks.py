@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.fx
 import torch.nn.functional as F
-from reference_blocks import (
+from helpers.reference_blocks import (
     BLOCK_NAMES,
     LAYER_SCALE_NAMES,
     ACBlock,

@@ -7,22 +7,14 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from measure import count_bns, count_convs, rel_err
-from reference_blocks import RepVGGBlock, randomize_bn
+from helpers.measure import count_bns, count_convs, rel_err
+from helpers.reference_blocks import RepVGGBlock, randomize_bn
+from helpers.tensors import randn, run
 from torch import Tensor, nn
 
 import repconv
 from repconv.fold import regions
 from repconv.fold.graph import propagate_shapes, trace
-
-
-def randn(*shape: int, seed: int) -> Tensor:
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-
-
-def run(model: nn.Module, x: Tensor) -> Tensor | tuple[Tensor, ...]:
-    with torch.no_grad():
-        return model(x)
 
 
 def reasons(result: repconv.FuseResult) -> list[str]:

@@ -6,12 +6,12 @@ executed."""
 from __future__ import annotations
 
 import pytest
-import token_models as tm
 import torch
-from measure import rel_err
-from test_user_models import executed, randn
+from helpers import token_models as tm
+from helpers.measure import executed, rel_err
+from helpers.reference_blocks import randomize_bn
+from helpers.tensors import randn
 from torch import Tensor, nn
-from user_models import randomize_bns
 
 import repconv
 
@@ -20,7 +20,7 @@ TOL = 1e-5
 
 def fused(cls: type[nn.Module], example: Tensor, seed: int) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(seed)
-    model = randomize_bns(cls(), seed=seed)
+    model = randomize_bn(cls(), seed=seed)
     return model, repconv.fuse(model, example).model
 
 
@@ -75,7 +75,7 @@ def test_token_plan_replays_on_a_fresh_model() -> None:
     from repconv.rewrite.surgery import replay_plan
 
     torch.manual_seed(9)
-    model = randomize_bns(tm.TokenMlp(), seed=9)
+    model = randomize_bn(tm.TokenMlp(), seed=9)
     result = repconv.fuse(model, randn(1, 16, 8, seed=0))
     weights = result.model.state_dict()
     rebuilt = replay_plan(tm.TokenMlp(), result.plan, weights)
@@ -90,7 +90,7 @@ def test_a_replaced_module_keeps_its_attributes() -> None:
     fused layer that replaces the module carries them; one whose names clash with the layer's
     own (``in_features``) keeps its class, and the fused layer goes into its linear's slot."""
     torch.manual_seed(10)
-    model = randomize_bns(tm.TokenMlp(), seed=10)
+    model = randomize_bn(tm.TokenMlp(), seed=10)
     model.ln1.f = -1
     model.ln2.in_features = "the module's own"
     result = repconv.fuse(model, randn(1, 16, 8, seed=0))
@@ -113,7 +113,7 @@ def test_a_replaced_module_keeps_its_attributes() -> None:
 def test_a_conv_bn_sequence_becomes_its_conv() -> None:
     """``Conv2d_BN(nn.Sequential)`` (RepViT, EfficientViT) is replaced by the one conv."""
     torch.manual_seed(11)
-    model = randomize_bns(nn.Sequential(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1),
+    model = randomize_bn(nn.Sequential(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1),
                                                       nn.BatchNorm2d(8)), nn.ReLU()), seed=11)
     fused_model = repconv.fuse(model, randn(1, 3, 8, 8, seed=0)).model
     assert type(fused_model[0]) is nn.Conv2d
@@ -127,7 +127,7 @@ def test_each_token_rewrite_is_checked_against_the_ops_it_replaced() -> None:
     from repconv.verify.rewrites import RewriteCheck
 
     torch.manual_seed(12)
-    model = randomize_bns(tm.TokenMlp(), seed=12)
+    model = randomize_bn(tm.TokenMlp(), seed=12)
     x = randn(1, 9, 8, seed=0)
     result = repconv.fuse(model, x, check=False)
     check = RewriteCheck(result.model, result.originals, result.report.rewrites, result.model)

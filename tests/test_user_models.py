@@ -1,9 +1,9 @@
 """Issue 7 as executable spec: models written like third-party code (YOLO, timm, HuggingFace,
 ShuffleNet), fused through the public API, judged on what the fused model executes.
 
-Every model has random BN statistics (``randomize_bns``); outputs are compared at the fuse input
+Every model has random BN statistics (``randomize_bn``); outputs are compared at the fuse input
 and at other batch and spatial sizes; op counts are aten ops that actually run
-(``repconv.opcount.count_ops``), not modules.
+(``repconv.measure.opcount.count_ops``), not modules.
 """
 
 from __future__ import annotations
@@ -14,30 +14,19 @@ import re
 
 import pytest
 import torch
-import user_models as um
-import user_models_detector as det
-import user_models_wrappers as wr
-from measure import rel_err
+from helpers import user_models as um
+from helpers import user_models_detector as det
+from helpers import user_models_wrappers as wr
+from helpers.measure import executed, rel_err
+from helpers.reference_blocks import randomize_bn
+from helpers.tensors import randn, run
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 import repconv
-from repconv.measure.opcount import OpCounts, count_ops
+from repconv.measure.opcount import count_ops
 
 TOL = 1e-5
-
-
-def randn(*shape: int, seed: int) -> Tensor:
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-
-
-def run(model: nn.Module, *args: object, **kwargs: object) -> object:
-    with torch.no_grad():
-        return model(*args, **kwargs)
-
-
-def executed(model: nn.Module, *args: object, **kwargs: object) -> OpCounts:
-    return count_ops(lambda: model(*args, **kwargs))
 
 
 def max_err(original: nn.Module, fused: nn.Module, *args: object, **kwargs: object) -> float:
@@ -50,7 +39,7 @@ def max_err(original: nn.Module, fused: nn.Module, *args: object, **kwargs: obje
 
 def fused_pair(cls: type[nn.Module], example: Tensor, seed: int) -> tuple[nn.Module, object]:
     torch.manual_seed(seed)
-    model = um.randomize_bns(cls(), seed=seed)
+    model = randomize_bn(cls(), seed=seed)
     return model, repconv.fuse(model, example)
 
 
@@ -72,12 +61,12 @@ DET_OTHER = [(2, 3, 64, 64), (1, 3, 96, 128), (2, 3, 128, 96)]
 @pytest.fixture(scope="module")
 def detector() -> tuple[nn.Module, object]:
     torch.manual_seed(0)
-    model = um.randomize_bns(det.DetectionModel(), seed=1)
+    model = randomize_bn(det.DetectionModel(), seed=1)
     return model, repconv.fuse(model, randn(*DET_EXAMPLE, seed=0))
 
 
 def test_detector_root_does_not_trace_as_a_whole() -> None:
-    model = um.randomize_bns(det.DetectionModel(), seed=1)
+    model = randomize_bn(det.DetectionModel(), seed=1)
     with pytest.raises(Exception, match="iterated"):
         torch.fx.symbolic_trace(model)
     assert isinstance(run(model, randn(*DET_EXAMPLE, seed=0)), tuple)

@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_support import assert_no_traceback, assert_refused, invoke, snapshot, width8_state_dict
+from helpers.cli_support import (
+    assert_no_traceback,
+    assert_refused,
+    invoke,
+    snapshot,
+    width8_state_dict,
+)
 from safetensors.torch import save_file
 from torch import nn
 

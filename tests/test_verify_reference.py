@@ -8,8 +8,8 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from helpers.reference_blocks import randomize_bn
 from torch import Tensor, nn
-from user_models import randomize_bns
 
 from repconv.verify.reference import Float64Reference, leaves
 
@@ -47,7 +47,7 @@ def _reference(model: nn.Module, x: Tensor) -> tuple[Float64Reference, list[Tens
 
 def test_one_module_at_a_time_in_float64() -> None:
     torch.manual_seed(0)
-    model = randomize_bns(Stack(), seed=0)
+    model = randomize_bn(Stack(), seed=0)
     seen: list[int] = []
     for module in model.modules():
         module.register_forward_hook(lambda *_: seen.append(_float64_tensors(model)))
@@ -64,7 +64,7 @@ def test_one_module_at_a_time_in_float64() -> None:
 
 def test_a_tied_weight_falls_back_to_the_whole_model() -> None:
     torch.manual_seed(1)
-    model = randomize_bns(TiedHead(), seed=1)
+    model = randomize_bn(TiedHead(), seed=1)
     x = torch.randn(2, 3, 8, 8)
     reference, got = _reference(model, x)
     assert got is not None and reference.whole_model and not reference.problem

@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from noisy_models import deep_conv_bn
+from helpers.noisy_models import deep_conv_bn
 from torch import Tensor, nn
 
 import repconv

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_support import (
+from helpers.cli_support import (
     assert_process_refused,
     assert_refused,
     invoke,

@@ -54,7 +54,8 @@ def account(
 
 def _no_conv_reason(region: Region, refused: dict[fx.Node, str]) -> str:
     """Why a BatchNorm merges into no conv: it would run as a depthwise conv, slower than the
-    BatchNorm it replaced (DESIGN §0.2), so it stays."""
+    BatchNorm it replaced, so it stays (docs/design.md "3. Rules and regions", "Never
+    slower")."""
     source = region.root
     others = sorted({label for label in region.labels if not is_norm(label)})
     readers = [u.name for u in data_users(source) if u not in region.members]

@@ -9,7 +9,7 @@ Analysis only reads the graph. Where an operation is not exact or would cost mor
 it replaces, the node's inputs become region boundaries and the reason is kept as a cut; the
 analysis repeats until it is stable, so the largest exact pieces still fold. A region with no
 conv in it is never turned into one: a lone BatchNorm runs faster than the depthwise conv it
-would become (DESIGN §0.2).
+would become (docs/design.md "3. Rules and regions", "Never slower").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``--inputs FILE``: real sample data to verify on, read as data (DESIGN.md rule 0.4).
+"""``--inputs FILE``: real sample data to verify on, read as data (docs/design.md "7. Trust").
 
 A ``.pt``/``.pth`` file is loaded with ``weights_only=True``; a ``.safetensors`` file holds
 named tensors. Either holds one tensor (one input, batch first), a tuple or list of tensors

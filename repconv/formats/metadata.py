@@ -1,6 +1,7 @@
 """Validation of the small values users and files give repconv: shapes, kwargs, seeds and the
-deploy-format version. Files are untrusted (DESIGN.md rule 0.4): a recorded value is checked as
-strictly as the option that would give it, and a bad one is an InputError, never a traceback.
+deploy-format version. Files are untrusted (docs/design.md "7. Trust"): a recorded value is
+checked as strictly as the option that would give it, and a bad one is an InputError, never a
+traceback.
 """
 
 from __future__ import annotations

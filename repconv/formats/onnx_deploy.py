@@ -66,7 +66,7 @@ def describe(opset: int) -> str:
 
 class OnnxWeights(nn.Module):
     """The floating weights of an ``.onnx`` file as a state_dict, for the per-rewrite table
-    (:class:`repconv.rewrite_check.RewriteCheck` runs the reference conv with them). fp16
+    (:class:`repconv.verify.rewrites.RewriteCheck` runs the reference conv with them). fp16
     weights are upcast to float32 (exact), the precision verification compares in."""
 
     def __init__(self, weights: dict[str, Tensor]) -> None:

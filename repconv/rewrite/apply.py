@@ -1,7 +1,7 @@
 """Apply folded regions where their ops run.
 
-The fused model stays the user's model (DESIGN §0.1). A region is applied at the smallest scope
-that can hold it:
+The fused model stays the user's model (docs/design.md "4. Where rewrites land"). A region is
+applied at the smallest scope that can hold it:
 - A module whose whole forward is the region (a RepVGG block, LeViT's ``LinearNorm``) is
   replaced by the fused conv, which carries the module's plain attributes.
 - A chain (each op reads the one before it) is rewritten op by op where each op runs. An op that

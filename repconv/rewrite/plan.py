@@ -1,10 +1,11 @@
 """The deploy plan: the record of every rewrite, stored in deploy files and replayed on load.
 
-A deploy file is untrusted input (DESIGN §0.4). Its plan is parsed into these typed records
-before anything uses it: module paths are plain attribute paths (identifiers and indices, no
-dunder parts), modules come from a closed list of conv and linear types whose arguments are
-checked for type and range, and (when the weights are at hand) against the weights' shapes, so
-the plan can neither reach outside the model nor allocate more than the file holds.
+A deploy file is untrusted input (docs/design.md "7. Trust"). Its plan is parsed into these
+typed records before anything uses it: module paths are plain attribute paths (identifiers and
+indices, no dunder parts), modules come from a closed list of conv and linear types whose
+arguments are checked for type and range, and (when the weights are at hand) against the
+weights' shapes, so the plan can neither reach outside the model nor allocate more than the file
+holds.
 
 Two kinds of step, applied in order:
 - ``ModuleSwap``: the module at ``path`` becomes a fused conv (``spec``) or an ``nn.Identity``

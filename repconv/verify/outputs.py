@@ -18,16 +18,16 @@ bfloat16 conv with weights x1.02 hides in the noise.
 
 Tolerance: where the models are compared in float32, each output must be within
 ``max(rtol, noise_factor * noise)`` of the original run in float64, ``noise`` being the
-original's own float32 error against that (:mod:`repconv.verify_reference`): a fused model may
+original's own float32 error against that (:mod:`repconv.verify.reference`): a fused model may
 round differently, not more. ``noise_factor`` is NOISE_FACTOR for float32 models; for fp16/bf16
 models (upcast) LOW_PRECISION_NOISE_FACTOR times the dtype's unit over float32's (UNIT_RATIO:
 2^13, 2^16): their fused weights are rounded once to the dtype, which perturbs the network as
-float32 rounding does, at the dtype's unit (README "Tolerances": 0.12-0.28x the noise so scaled
+float32 rounding does, at the dtype's unit (docs/tolerances.md: 0.12-0.28x the noise so scaled
 on timm models). Elsewhere (float64,
 fp16/bf16 compared natively, ``noise_factor`` 0, an original that does not run in float64) the
 fixed ``rtol`` against the original as run.
 
-``rewrites`` (:mod:`repconv.rewrite_check`) adds the per-rewrite table: each fused conv against
+``rewrites`` (:mod:`repconv.verify.rewrites`) adds the per-rewrite table: each fused conv against
 the ops it replaced, on the activation that reaches it, so a failure names the rewrite.
 """
 
@@ -59,10 +59,10 @@ from repconv.verify.rewrites import RewriteCheck
 # Scale-relative tolerance of the outputs when both models run in the model's own dtype, by the
 # least precise floating dtype among the inputs and the model's tensors. Where the models are
 # compared in float32 it is a floor: the bar is max(rtol, NOISE_FACTOR * the original's own
-# float32 noise), measured against the original run in float64 (repconv.verify_reference).
+# float32 noise), measured against the original run in float64 (repconv.verify.reference).
 DEFAULT_RTOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 1e-2,
                 torch.bfloat16: 5e-2}
-# ... when fp16/bf16 models run upcast (what the CLI does); README "Tolerances" has the
+# ... when fp16/bf16 models run upcast (what the CLI does); docs/tolerances.md has the
 # measured error distributions these separate.
 UPCAST_RTOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 5e-3,
                torch.bfloat16: 2e-2}
@@ -72,15 +72,15 @@ UPCAST_RTOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 5e-3,
 REWRITE_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-3,
                 torch.bfloat16: 4e-3}
 # A correct fold errs by 0.92x (median) to 1.67x (max) the original's own float32 noise
-# (README "Tolerances": 28 reference models, 16 deep noisy conv-BN nets, 11 timm models); 8x
+# (docs/tolerances.md: 28 reference models, 16 deep noisy conv-BN nets, 11 timm models); 8x
 # leaves 4.8x above the largest, and one fused conv's weights x1.0001 in the noisiest nets
 # still lands 5.4x over the bar (the network amplifies the change as it amplifies rounding).
 NOISE_FACTOR = 8.0
 # fp16/bf16 models compared upcast: the factor on the float32 noise scaled to the dtype's unit
-# (UNIT_RATIO). A correct fold errs by 0.13-0.28x that on deep timm models (README
-# "Tolerances"), by up to 0.8x on the 2-block reference models, where the floors rule: 2 leaves
-# 7x above the deep models. Their outputs then move less under one conv x1.02 than under
-# correct rounding; the per-rewrite table is what catches that conv.
+# (UNIT_RATIO). A correct fold errs by 0.13-0.28x that on deep timm models
+# (docs/tolerances.md), by up to 0.8x on the 2-block reference models, where the floors rule:
+# 2 leaves 7x above the deep models. Their outputs then move less under one conv x1.02 than
+# under correct rounding; the per-rewrite table is what catches that conv.
 LOW_PRECISION_NOISE_FACTOR = 2.0
 VARIATIONS = ("batch", "spatial")
 

@@ -13,8 +13,8 @@ upcast in place, exactly, and put back right after that run), and for every outp
 - the output passes when ``reference_error <= max(rtol, noise_factor * noise)`` (plus
   ``atol`` in absolute terms).
 
-A correct fold has ``reference_error`` about ``noise`` (README "Tolerances" has the measured
-ratios; ``NOISE_FACTOR`` in :mod:`repconv.verify` leaves a margin above them). Where the
+A correct fold has ``reference_error`` about ``noise`` (docs/tolerances.md has the measured
+ratios; ``NOISE_FACTOR`` in :mod:`repconv.verify.outputs` leaves a margin above them). Where the
 original does not run in float64 (an op without a double kernel, a tensor the in-place upcast
 cannot reach, no memory for the float64 copy), verification falls back to the fixed ``rtol``
 against the original as run, and the report says why.

@@ -109,7 +109,7 @@ class VerifyReport:
     rewrite_rtol: float | None = None
     rewrite_errors: list[RewriteError] = field(default_factory=list)
     worst_rewrite: str = ""
-    # the bar (repconv.verify_reference): "float64" (noise-relative) or "original" (fixed rtol)
+    # the bar (repconv.verify.reference): "float64" (noise-relative) or "original" (fixed rtol)
     reference: str = ""
     reference_note: str = ""  # why the reference is not float64
     noise_factor: float = 0.0  # tolerance = max(rtol, noise_factor * noise)

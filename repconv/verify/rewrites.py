@@ -50,7 +50,7 @@ from repconv.verify.report import RewriteError
 _CALLABLE = (nn.modules.conv._ConvNd, nn.Linear)
 # The max of |N(0, 1)| over a million elements is about 5; a uniform rounding error is at most
 # sqrt(3) sigma per term. Correct folds reach 5.0 sigma on timm models, one conv of bf16
-# weights x1.02 16 or more (README "Tolerances"). A coherent error (many identical weights
+# weights x1.02 16 or more (docs/tolerances.md). A coherent error (many identical weights
 # rounded alike, on inputs of one sign) can reach sqrt(3 * n) sigma: 10 holds up to 33 taps.
 ROUNDING_SIGMAS = 10.0
 # the float32 arithmetic of the fused conv itself, against the float64 reference

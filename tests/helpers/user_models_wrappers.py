@@ -1,7 +1,7 @@
 """Models whose *callers* matter: HuggingFace-style wrappers that call a backbone with keyword
 flags and get an ``OrderedDict``-subclass output back, and a timm-like classifier whose root
 methods (``forward_features``, ``forward_head``, ``reset_classifier``) and plain attributes users
-rely on. Written without repconv awareness; see ``user_models.randomize_bns``.
+rely on. Written without repconv awareness; see ``reference_blocks.randomize_bn``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """What the command-line tests share: running repconv in-process (CliRunner) and as a real
-process, and the checks every refused command must pass (DESIGN.md section 3): exit code 2,
-one stderr line starting with 'error:', no traceback, nothing written, IN unchanged; with
+process, and the checks every refused command must pass (docs/design.md "8. Command-line
+contract"): exit code 2, one stderr line starting with 'error:', no traceback, nothing written,
+IN unchanged; with
 --json, exactly one JSON document on stdout.
 """
 
@@ -15,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from reference_blocks import randomize_bn
 from typer.testing import CliRunner, Result
 
+from helpers.reference_blocks import randomize_bn
 from repconv.cli import app
 from repconv.samples import repvgg_tiny
 
@@ -27,7 +28,7 @@ os.environ["REPCONV_PROGRESS_SECONDS"] = "3600"
 RUNNER = CliRunner()
 CONSOLE_SCRIPT = Path(sys.executable).with_name("repconv")
 SHAPE8 = "1,3,16,16"  # verification input for the width-8 test models
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def invoke(*args: object) -> Result:

@@ -3,7 +3,8 @@
 Each one reproduces a pattern from a real framework that a fuser meets in the wild (timm,
 torchvision, ShuffleNet code). The detector lives in ``user_models_detector.py``; the
 HuggingFace-style wrappers and the timm-like classifier in ``user_models_wrappers.py``.
-Call :func:`randomize_bns` before comparing anything: fresh BatchNorms are the identity.
+Give them random BN statistics (``reference_blocks.randomize_bn``) before comparing
+anything: fresh BatchNorms are the identity.
 """
 
 from __future__ import annotations
@@ -13,25 +14,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
-
-
-def randomize_bns(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Every BatchNorm far from the identity: running_mean ~ 2·N(0, 1), running_var ~ U(0.5, 3),
-    weight ~ U(0.5, 1.5), bias ~ N(0, 0.5²). Private generator; returns ``model.eval()``."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if not isinstance(m, _BatchNorm):
-                continue
-            if m.running_mean is not None and m.running_var is not None:
-                m.running_mean.copy_(2 * torch.randn(m.running_mean.shape, generator=gen))
-                m.running_var.copy_(0.5 + 2.5 * torch.rand(m.running_var.shape, generator=gen))
-            if m.weight is not None and m.bias is not None:
-                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=gen))
-                m.bias.copy_(0.5 * torch.randn(m.bias.shape, generator=gen))
-    return model.eval()
-
 
 # ------------------------------------------------------------------ 2. timm metadata asserts
 
@@ -289,3 +271,44 @@ class MixedBatchNorms(nn.Module):
         x = F.relu(self.relu_bn(x))
         x = F.relu(self.batchstat_bn(self.conv2(x)))
         return self.conv3_bn(self.conv3(x))
+
+
+# ------------------------------------------------------------------ 10. built through --model
+# The CLI tests write a --model module that imports one of these.
+
+
+class TupleHead(nn.Module):
+    """Returns a nested structure: (map, (pooled, {"doubled": map * 2}))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
+        y = self.bn(self.conv(x))
+        return y, (y.flatten(1).mean(1), {"doubled": y * 2})
+
+
+class Eigen(nn.Module):
+    """A Conv-BN whose head calls an op torch's ONNX exporter has no translation for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.bn(self.conv(x)).flatten(2)
+        return torch.linalg.eigh(y @ y.transpose(-1, -2)).eigenvalues
+
+
+class ReturnsNone(nn.Module):
+    """A forward that computes and returns nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x: Tensor) -> None:
+        self.bn(self.conv(x))

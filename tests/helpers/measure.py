@@ -1,0 +1,37 @@
+"""What the tests measure on models: conv, BatchNorm and linear counts, the aten ops a forward
+executes, and scale-relative error."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from repconv.measure.opcount import OpCounts, count_ops
+
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def count_convs(model: nn.Module) -> int:
+    return sum(isinstance(m, CONVS) for m in model.modules())
+
+
+def count_bns(model: nn.Module) -> int:
+    return sum(isinstance(m, _BatchNorm) for m in model.modules())
+
+
+def count_linears(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.Linear) for m in model.modules())
+
+
+def executed(model: nn.Module, *args: object, **kwargs: object) -> OpCounts:
+    """The aten ops one forward of ``model`` runs."""
+    return count_ops(lambda: model(*args, **kwargs))
+
+
+def rel_err(expected: Tensor, got: Tensor) -> float:
+    """max|expected - got| / max|expected|, in float64: error relative to the expected output's
+    scale (an all-zero ``expected`` gives the absolute error over the smallest float64)."""
+    assert expected.shape == got.shape, (expected.shape, got.shape)
+    expected, got = expected.detach().double(), got.detach().double()
+    scale = max(float(expected.abs().max()), 1e-300)
+    return float((expected - got).abs().max()) / scale
