@@ -125,6 +125,10 @@ QuantOpt = Annotated[bool, typer.Option(
 QuantTargetOpt = Annotated[float | None, typer.Option(
     "--quant-target", help=f"Error target of the --quant verdict (which layers to keep in fp16). "
     f"Default {DEFAULT_TARGET:g}.", show_default=False)]
+KeepSharedOpt = Annotated[bool, typer.Option(
+    "--keep-shared", help="Keep a layer called at several sites (a detection head's conv applied "
+    "to every pyramid level) shared: its BatchNorms stay. Default: each site gets a fused copy "
+    "of its own (the same ops, no BatchNorm, more parameters; the report says how many).")]
 TrustOpt = Annotated[bool, typer.Option(
     "--trust-pickle", help="Allow a pickled nn.Module as IN, and a .pt2 DEPLOY holding pickled "
     "entries or non-aten ops. Unpickling runs code from the file: only for files you trust.")]
@@ -231,6 +235,7 @@ def fuse(
         show_default=False)] = None,
     quant: QuantOpt = False,
     quant_target: QuantTargetOpt = None,
+    keep_shared: KeepSharedOpt = False,
 ) -> None:
     """Fuse IN into one conv per linear region, verify it, write OUT.
 
@@ -242,7 +247,8 @@ def fuse(
         as_json,
         lambda progress: fuse_checkpoint(in_path, out_path, _options(
             model, model_kwargs, input_shape, rtol=rtol, atol=atol, seed=seed,
-            trust_pickle=trust_pickle, inputs_file=inputs, rewrite_rtol=rewrite_rtol),
+            trust_pickle=trust_pickle, inputs_file=inputs, rewrite_rtol=rewrite_rtol,
+            unshare=not keep_shared),
             keep_extra=keep_extra,
                                          check=not skip_verify, progress=progress, opset=opset,
                                          quant_target=requested_target(quant, quant_target)),
@@ -299,6 +305,7 @@ def inspect(
     quant_target: QuantTargetOpt = None,
     inputs: InputsOpt = None,
     seed: SeedOpt = 0,
+    keep_shared: KeepSharedOpt = False,
 ) -> None:
     """List what would be fused and what would not, and why (with --quant: how each fused conv
     will take INT8 quantization). Writes nothing.
@@ -307,7 +314,8 @@ def inspect(
     """
     def action(progress: Progress) -> Any:
         options = _options(model, model_kwargs, input_shape, seed=seed,
-                           trust_pickle=trust_pickle, inputs_file=inputs)
+                           trust_pickle=trust_pickle, inputs_file=inputs,
+                           unshare=not keep_shared)
         outcome = fuse_checkpoint(in_path, None, options, check=False, progress=progress,
                                   quant_target=requested_target(quant, quant_target))
         outcome.report.show_rewrites = True

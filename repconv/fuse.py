@@ -8,19 +8,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from repconv.errors import TraceError
 from repconv.fold import local_check as region_check
 from repconv.fold import regions as region_analysis
 from repconv.fold.capture import Capture, capture
-from repconv.fold.graph import bind_call, eval_mode, record_calls
+from repconv.fold.graph import BoundCall, bind_call, eval_mode, record_calls
+from repconv.fold.region import Region
 from repconv.fold.rules.base import describe
 from repconv.report import FuseReport, ModelCounts, SkipRecord
 from repconv.rewrite import apply as rewrite
 from repconv.rewrite import plan as plan_record
-from repconv.rewrite.paths import join_path, module_path
+from repconv.rewrite.paths import frame_of, join_path, module_path
 from repconv.rewrite.record import RewriteRecord
 from repconv.verify.outputs import verify
 
@@ -61,8 +62,10 @@ def _poison(_module: nn.Module, _args: tuple, output: Any) -> Any:
 
 class _Fuser:
     def __init__(self, model: nn.Module, inputs: tuple[Tensor, ...], check_seed: int,
-                 progress: FuseProgress) -> None:
+                 progress: FuseProgress, unshare: bool = True) -> None:
         self.progress = progress
+        self.unshare = unshare
+        self.unshared: dict[str, int] = {}  # layers folded into a copy per call site
         self.report = FuseReport()
         self.steps: list[plan_record.Step] = []
         self.originals: dict[str, nn.Module] = {}
@@ -89,15 +92,25 @@ class _Fuser:
             return self._fuse_children(module, scope, str(exc))
         self._note_capture(captured, scope)
         gm = captured.module
-        analysis = region_analysis.analyse(gm, keep_own_forward=module is self.model)
+        analysis = region_analysis.analyse(gm, keep_own_forward=module is self.model,
+                                          unshare=self.unshare)
         where = f"{scope}: " if scope else ""
         self.report.skipped += [SkipRecord(where + s.where, s.reason) for s in analysis.skips]
         self.report.cuts += [SkipRecord(where + s.where, s.reason) for s in analysis.cuts]
+        return self._apply_regions(module, scope, gm, analysis.regions, bound)
+
+    def _apply_regions(self, module: nn.Module, scope: str, gm: fx.GraphModule,
+                       regions: list[Region], bound: BoundCall, *, retry: bool = True,
+                       ) -> nn.Module:
+        """Fold, check and apply ``regions`` of ``module``'s graph ``gm``; a chain refused only
+        because a member runs in a forward that cannot be rewritten is tried again as its
+        stretches around those members. Returns the module, or what replaces it."""
+        where = f"{scope}: " if scope else ""
         accepted = []
         fused_modules: dict[int, nn.Module] = {}
-        for done, region in enumerate(analysis.regions):
+        for done, region in enumerate(regions):
             self.progress(f"folding and checking regions of {scope or 'the model'}", done,
-                          len(analysis.regions))
+                          len(regions))
             # one region's float64 numbers at a time: folded, checked, cast, dropped
             affine = region_analysis.fold_region(region)
             error = region_check.local_error(gm, region, affine, self.check_seed)
@@ -115,33 +128,47 @@ class _Fuser:
                                 self.calls, bound.concrete)
         refused = {id(region): why for region, why in applied.refused}
         removed = {id(region) for region in applied.removed}
+        stretches: list[Region] = []
         for region, error in accepted:
             if id(region) in removed:
                 continue
             if id(region) in refused:
-                self.report.skipped.append(SkipRecord(where + describe(region.sink),
-                                                      refused[id(region)]))
+                cut = {m for m in region.members if m.op != "call_module"
+                       and frame_of(m) in applied.unrewritable}
+                pieces = [] if not (retry and region.chain and cut) else [
+                    p for p in region_analysis.split_chain(region, cut)
+                    if p.convs and len(p.members) > 1]
+                stretches += pieces
+                if not pieces:
+                    self.report.skipped.append(SkipRecord(where + describe(region.sink),
+                                                          refused[id(region)]))
                 continue
-            self.report.rewrites.append(RewriteRecord(
-                scope=scope,
-                module=describe(region.members[0]),
-                kind=region.kind,
-                ops=list(region.labels),
-                kernel_size=list(region.affine.kernel_size),
-                groups=region.affine.groups,
-                macs_before=region.macs_before,
-                macs_after=region.macs_after,
-                local_error=error,
-                replaced=describe(region.sink),
-                fused_module=applied.placed.get(id(region)),
-                sources=[join_path(scope, module_path(m)) for m in region.members],
-            ))
-            if id(region) in applied.placed:
-                self.originals[applied.placed[id(region)]] = region_check.region_module(
-                    gm, region)
+            self._record(region, error, scope, gm, applied)
         self.report.notes += applied.notes
         self.steps += applied.steps
+        self.unshared.update(applied.unshared)
+        if stretches:
+            return self._apply_regions(applied.module, scope, gm, stretches, bound, retry=False)
         return applied.module
+
+    def _record(self, region: Region, error: float, scope: str, gm: fx.GraphModule,
+                applied: rewrite.Applied) -> None:
+        self.report.rewrites.append(RewriteRecord(
+            scope=scope,
+            module=describe(region.members[0]),
+            kind=region.kind,
+            ops=list(region.labels),
+            kernel_size=list(region.affine.kernel_size),
+            groups=region.affine.groups,
+            macs_before=region.macs_before,
+            macs_after=region.macs_after,
+            local_error=error,
+            replaced=describe(region.sink),
+            fused_module=applied.placed.get(id(region)),
+            sources=[join_path(scope, module_path(m)) for m in region.members],
+        ))
+        if id(region) in applied.placed:
+            self.originals[applied.placed[id(region)]] = region_check.region_module(gm, region)
 
     def _note_capture(self, captured: Capture, scope: str) -> None:
         """What the report says of a capture beyond torch.fx; the model's own input-size
@@ -236,18 +263,23 @@ def fuse(
     atol: float = 0.0,
     seed: int = 0,
     progress: FuseProgress | None = None,
+    unshare: bool = True,
 ) -> FuseResult:
     """Fold every Conv-BN pair and linear multi-branch block of ``model`` into single convs.
 
     ``model`` itself is left as it was; the result holds a fused copy in eval mode and a report
     of what was rewritten, what was not and why, and (with ``check``) the verification.
     ``progress(stage, done, total)`` is called as tracing and each region's check advance.
+    ``unshare``: a layer called at several sites, each followed by its own BatchNorm (a
+    detection head applied to every pyramid level), folds into a fused copy per site: the same
+    ops, no BatchNorm, more parameters (the report says how many); False keeps it shared.
     """
     inputs = _as_inputs(example_inputs)
     # the working copy shares every tensor with ``model``: rewrites only ever add new modules
     tensors = [*model.parameters(), *model.buffers()]
     work = copy.deepcopy(model, memo={id(t): t for t in tensors}).eval()
-    fuser = _Fuser(work, inputs, seed, progress or (lambda _stage, _done, _total: None))
+    fuser = _Fuser(work, inputs, seed, progress or (lambda _stage, _done, _total: None),
+                   unshare)
     training = [name or "the model" for name, m in model.named_modules() if m.training]
     if training:
         fuser.report.notes.append(
@@ -257,6 +289,13 @@ def fuse(
     fuser.calls.clear()  # the recorded activations are no longer needed
     fuser.report.before = ModelCounts.of(model)
     fuser.report.after = ModelCounts.of(fused)
+    if fuser.unshared:
+        growth = fuser.report.after.parameters - fuser.report.before.parameters
+        layers = ", ".join(f"{path} ({sites} sites)" for path, sites in fuser.unshared.items())
+        fuser.report.notes.append(
+            f"unshared {len(fuser.unshared)} layer(s) called at several sites, each site with "
+            f"its own BatchNorm, into a fused copy per site: {layers}; parameters "
+            f"{'+' if growth >= 0 else ''}{growth:,} (keep them shared with --keep-shared)")
     if check:
         with eval_mode(model):
             fuser.report.verification = verify(model, fused, inputs, rtol=rtol, atol=atol,

@@ -304,7 +304,7 @@ def capture_values(module: nn.Module, bound: BoundCall, leaves: frozenset[str] =
     state = _module_state(module)
     try:
         # made before the state is put back: fx keeps tensor constants as root attributes
-        gm = graph_module(module, tracer.trace(module))
+        gm = graph_module(module, tracer.trace(module), tracer)
     except TraceError:
         raise
     except Exception as exc:  # tracing runs user code: any failure means "does not capture"

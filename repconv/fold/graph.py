@@ -53,6 +53,9 @@ class Tracer(fx.Tracer):
         self.leaves = leaves
         self.tensor_names: dict[int, str] = {}
         self.failed_in = ""
+        # each module's first call: its arguments as graph values (a list of tensors stays a
+        # list of nodes), so a module's own trace can be matched to this one by structure
+        self.module_calls: dict[str, tuple[Any, Any]] = {}
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         if isinstance(root, nn.Module):
@@ -96,6 +99,11 @@ class Tracer(fx.Tracer):
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...],
                     kwargs: dict[str, Any]) -> Any:
+        path = self.path_of_module(m)
+        if path not in self.module_calls and not _holds_tensor((args, kwargs)):
+            # an argument fx cannot hold: the frame's inputs are then matched by order
+            with contextlib.suppress(NotImplementedError):
+                self.module_calls[path] = (self.create_arg(args), self.create_arg(kwargs))
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
@@ -104,9 +112,11 @@ class Tracer(fx.Tracer):
             raise
 
 
-def graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+def graph_module(module: nn.Module, graph: fx.Graph, tracer: Tracer | None = None,
+                 ) -> fx.GraphModule:
     """``graph`` of ``module``'s forward as a GraphModule under the module's class name, in a
-    form that pickles with torch alone."""
+    form that pickles with torch alone (with ``tracer``'s record of module calls in its
+    ``meta["module_calls"]``)."""
     # a fused model unpickles with torch alone: fx re-traces it with its own tracer
     graph._tracer_cls = None
     for node in graph.nodes:
@@ -114,7 +124,10 @@ def graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
             # `from __future__ import annotations` leaves types as strings, which pickling
             # the GraphModule cannot handle; the type is only a code-generation hint.
             node.type = None
-    return fx.GraphModule(module, graph, class_name=type(module).__name__)
+    gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+    if tracer is not None:
+        gm.meta["module_calls"] = tracer.module_calls
+    return gm
 
 
 def trace(
@@ -131,7 +144,7 @@ def trace(
     except Exception as exc:  # tracing runs user code: any failure means "does not trace"
         raise TraceError(f"{type(exc).__name__}: {one_line(exc, 300)}"[:300],
                          failed_in=tracer.failed_in) from exc
-    return graph_module(module, graph)
+    return graph_module(module, graph, tracer)
 
 
 @contextlib.contextmanager
@@ -268,6 +281,7 @@ class GraphContext:
     """What rules may read about a traced graph. Reading never mutates the graph."""
 
     module: fx.GraphModule
+    unshare: bool = True  # a layer called at several sites may fold into a copy per site
     _constants: dict[fx.Node, Any] = field(default_factory=dict)
     call_sites: Counter[str] = field(default_factory=Counter)
 
@@ -341,6 +355,9 @@ class CallRecord:
     kwargs: dict[str, Any] = field(default_factory=dict)
     output: Any = None
     flags: list[str] = field(default_factory=list)
+    # every call passed exactly one argument, a tensor: what a conv or nn.Identity put in the
+    # module's place can take
+    single_tensor: bool = True
 
 
 def _clone(value: Any) -> Any:
@@ -379,6 +396,7 @@ def record_calls(
             flags = {k: v for k, v in kwargs.items() if not _holds_tensor(v)}
             positional = [v if not _holds_tensor(v) else "<tensor>" for v in args]
             record.flags.append(repr((positional, sorted(flags.items()))))
+            record.single_tensor &= not kwargs and len(args) == 1 and isinstance(args[0], Tensor)
             if record.count == 1 and keep_tensors:
                 # copies: a forward may change its input (a list of tensors, say) in place later
                 record.args, record.kwargs = tree_map(_clone, (args, dict(kwargs)))

@@ -233,12 +233,14 @@ def _cost_split(
     return None
 
 
-def analyse(gm: fx.GraphModule, keep_own_forward: bool = False) -> Analysis:
+def analyse(gm: fx.GraphModule, keep_own_forward: bool = False, unshare: bool = True
+            ) -> Analysis:
     """The regions of ``gm`` (shapes already propagated) that fold into one conv, and what
     stays unfused and why. Reads the graph; changes nothing. With ``keep_own_forward`` (``gm``
     is the user's whole model), a chain does not fold ops written in the model's own forward:
-    that would rewrite the root, its class and methods, to save an elementwise op."""
-    ctx = GraphContext(gm)
+    that would rewrite the root, its class and methods, to save an elementwise op. With
+    ``unshare``, a layer called at several sites folds at each into a copy of its own."""
+    ctx = GraphContext(gm, unshare)
     ops, refused = _lower_all(gm, ctx)
     cut_at: dict[fx.Node, str] = {}
     boundaries = {node for node in ops if any(user not in ops for user in data_users(node))}
@@ -317,23 +319,28 @@ def analyse(gm: fx.GraphModule, keep_own_forward: bool = False) -> Analysis:
 def _without_own_ops(region: Region, ops: dict[fx.Node, LinearOp]) -> list[Region] | None:
     """The chain's stretches between ops that run in the traced module's own forward (not
     inside a submodule), each as a chain of its own; None when it has no such op."""
-    own = [m.op != "call_module" and not m.meta.get("nn_module_stack") for m in region.members]
-    if not any(own):
-        return None
+    own = {m for m in region.members if m.op != "call_module" and not m.meta.get("nn_module_stack")}
+    return split_chain(region, own) if own else None
+
+
+def split_chain(region: Region, cut: set[fx.Node]) -> list[Region]:
+    """The chain's stretches between the members in ``cut``, each as a chain of its own (a
+    stretch of a chain that folded folds too)."""
     pieces: list[Region] = []
     stretch: list[int] = []
-    for i, is_own in enumerate([*own, True]):
-        if not is_own:
+    for i, member in enumerate([*region.members, None]):
+        if member is not None and member not in cut:
             stretch.append(i)
             continue
         if stretch:
             members = tuple(region.members[j] for j in stretch)
-            folded = _fold({m: ops[m] for m in members}, {members[-1]})
+            ops = {m: region.ops[j] for j, m in zip(stretch, members)}
+            folded = _fold(ops, {members[-1]})
             assert not isinstance(folded, _Split), "a stretch of a folded chain folds"
             expr = folded[members[-1]]
             pieces.append(replace(
                 region, root=region.sources[stretch[0]], sink=members[-1], members=members,
-                ops=tuple(ops[m] for m in members), affine=expr.affine, identity=expr.identity,
+                ops=tuple(ops.values()), affine=expr.affine, identity=expr.identity,
                 labels=tuple(region.labels[j] for j in stretch), macs_before=expr.macs,
                 macs_after=_fused_macs(members[-1], expr),
                 sources=tuple(region.sources[j] for j in stretch),

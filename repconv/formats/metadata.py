@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from repconv.errors import InputError
-from repconv.rewrite.plan import PLAN_VERSION
+from repconv.rewrite.plan import PLAN_VERSION, READABLE_PLAN_VERSIONS
 
 DEPLOY_MARKER = "repconv_deploy"
 DEPLOY_VERSION = PLAN_VERSION  # the deploy record is the plan: one version for both
@@ -112,9 +112,10 @@ def check_deploy_version(value: Any, source: str) -> None:
     if number > DEPLOY_VERSION:
         raise InputError(f"{source} is in deploy format {number}, newer than the format "
                          f"{DEPLOY_VERSION} this repconv reads; upgrade repconv")
-    if number != DEPLOY_VERSION:
-        raise InputError(f"{source} is in deploy format {number}; this repconv reads format "
-                         f"{DEPLOY_VERSION} only: write it again with repconv fuse")
+    if number not in READABLE_PLAN_VERSIONS:
+        raise InputError(f"{source} is in deploy format {number}; this repconv reads formats "
+                         f"{', '.join(map(str, READABLE_PLAN_VERSIONS))} only: write it again "
+                         "with repconv fuse")
 
 
 def check_seed(seed: Any) -> int:

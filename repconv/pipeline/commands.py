@@ -55,6 +55,7 @@ class Options:
     trust_pickle: bool = False
     inputs_file: Path | None = None  # --inputs: sample data compared first
     rewrite_rtol: float | None = None
+    unshare: bool = True  # a layer called at several sites folds into a copy per site
 
     def load(self, path: Path) -> LoadedCheckpoint:
         if self.model_kwargs is not None and self.model is None:
@@ -184,7 +185,8 @@ def fuse_checkpoint(
     else:
         progress("tracing and fusing")
         start = time.perf_counter()
-        result = fuse(loaded.model, inputs, check=False, seed=options.seed, progress=progress)
+        result = fuse(loaded.model, inputs, check=False, seed=options.seed, progress=progress,
+                      unshare=options.unshare)
         seconds["fuse"] = time.perf_counter() - start
         report, plan, fused_model = result.report, result.plan, result.model
         _note_norms(report, loaded.model)

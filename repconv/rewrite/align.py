@@ -66,9 +66,13 @@ def align(gm: fx.GraphModule, fgm: fx.GraphModule, frame: str) -> Alignment:
              if n.op not in ("placeholder", "output") and n not in inner_guards]
     alignment = Alignment()
     mapping = alignment.values
+    mapping.update(_frame_inputs(gm, fgm, frame))
+    unpacked = {n for n in mapping.values() if n is not None and n.op != "placeholder"}
     kept_calls: set[fx.Node] = set()
     i = 0
     for node in inner:
+        if node in unpacked:
+            continue  # an element of a list argument: the scope trace passed the element
         if node.target is operator.getitem and node.args[0] in kept_calls:
             continue  # unpacking a kept child's tuple: inlined, the tuple never existed
         if i >= len(outer):
@@ -103,6 +107,35 @@ def align(gm: fx.GraphModule, fgm: fx.GraphModule, frame: str) -> Alignment:
                 mapping.setdefault(a, b)
         i += 1
     return alignment
+
+
+def _frame_inputs(gm: fx.GraphModule, fgm: fx.GraphModule,
+                  frame: str) -> dict[fx.Node, fx.Node | None]:
+    """The values the scope trace passed to ``frame``'s call (recorded as the trace made the
+    call), each matched to the frame's placeholder or, for an element of a list or tuple
+    argument, to the frame's ``placeholder[i]``."""
+    placeholders = [n for n in fgm.graph.nodes if n.op == "placeholder"]
+    if not frame:
+        outer = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        return dict(zip(outer, placeholders))
+    recorded = gm.meta.get("module_calls", {}).get(frame)
+    if recorded is None:
+        return {}
+    args, kwargs = recorded
+    by_name = {str(p.target): p for p in placeholders}
+    pairs = [*zip(args, placeholders), *((v, by_name[k]) for k, v in kwargs.items()
+                                          if k in by_name)]
+    found: dict[fx.Node, fx.Node | None] = {}
+    for value, placeholder in pairs:
+        if isinstance(value, fx.Node):
+            found[value] = placeholder
+        elif isinstance(value, (list, tuple)):
+            for user in placeholder.users:
+                index = user.args[1] if user.target is operator.getitem else None
+                if (isinstance(index, int) and -len(value) <= index < len(value)
+                        and isinstance(value[index], fx.Node)):
+                    found.setdefault(value[index], user)
+    return found
 
 
 def _guard_nodes(fgm: fx.GraphModule) -> set[fx.Node]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from repconv.errors import TraceError
@@ -35,6 +36,7 @@ from repconv.fold.graph import (
     tensor_shape,
 )
 from repconv.fold.region import CONV_LABELS, Region
+from repconv.fold.rules.base import describe
 from repconv.rewrite.align import Alignment, AlignmentError, trace_and_align
 from repconv.rewrite.paths import (
     common_path,
@@ -45,7 +47,7 @@ from repconv.rewrite.paths import (
     relative,
     stack,
 )
-from repconv.rewrite.plan import FrameRewrite, ModuleSpec, ModuleSwap, NodeEdit, Step
+from repconv.rewrite.plan import FrameRewrite, ModuleSpec, ModuleSwap, NodeEdit, Step, WeightFold
 from repconv.rewrite.surgery import (
     carry_attributes,
     fused_conv_name,
@@ -81,6 +83,20 @@ class Applied:
     removed: list[Region] = field(default_factory=list)  # inside a child whose result is unused
     placed: dict[int, str] = field(default_factory=dict)  # id(region) -> fused conv's path
     notes: list[str] = field(default_factory=list)
+    unrewritable: set[str] = field(default_factory=set)  # frames whose forward did not trace
+    unshared: dict[str, int] = field(default_factory=dict)  # layer -> sites given a copy each
+
+
+def _called_once(frame: str, node: fx.Node, calls: Mapping[str, CallRecord], scope: str) -> str:
+    """``frame``, or the innermost module around it called once: an edit of one call of a
+    module called at several sites (a shared head conv's, unshared) is made in the forward that
+    makes those calls, each site on its own."""
+    outer = [p for p in stack(node) if inside(frame, p)]
+    for path in reversed([frame, *outer] if frame not in outer else outer):
+        record = calls.get(join_path(scope, path))
+        if path == "" or (record is not None and record.count == 1):
+            return path
+    return ""
 
 
 def _touched(edits: list[_Edit], frame: str, *, absolute: bool = False) -> set[str]:
@@ -135,11 +151,59 @@ def _whole_owner(gm: fx.GraphModule, member: fx.Node, members: set[fx.Node],
     implicit``) is then rewritten by swapping that module, with no need to trace its forward."""
     for path in reversed(stack(member)):
         record = calls.get(join_path(scope, path))
-        if record is None or record.count != 1:
+        if record is None or record.count != 1 or not record.single_tensor:
             continue
         owned = _owned(gm, path, dependent)
         if owned and owned <= members:
             return path
+    return None
+
+
+_FUNCTIONAL_CONVS = (F.conv1d, F.conv2d, F.conv3d)
+
+
+def _argument(node: fx.Node, index: int, name: str, default: Any) -> Any:
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def _weight_owner(gm: fx.GraphModule, scope_module: nn.Module, slot: fx.Node,
+                  fused: nn.Module) -> str | None:
+    """The conv module whose own forward runs ``slot`` as ``F.convNd(x, self.weight,
+    self.bias, ...)``, when the fused conv has that call's geometry: the fold then goes into the
+    module's weight and bias, and its forward (timm's ``Conv2dSame`` padding per input size)
+    runs as it was."""
+    if slot.op != "call_function" or slot.target not in _FUNCTIONAL_CONVS:
+        return None
+    owner = frame_of(slot)
+    weight, bias = _argument(slot, 1, "weight", None), _argument(slot, 2, "bias", None)
+    if not owner or not isinstance(weight, fx.Node) or weight.target != f"{owner}.weight":
+        return None
+    if bias is not None and (not isinstance(bias, fx.Node) or bias.target != f"{owner}.bias"):
+        return None
+    module = scope_module.get_submodule(owner)
+    if not isinstance(module, nn.modules.conv._ConvNd) or not isinstance(
+            fused, nn.modules.conv._ConvNd) or module.transposed or fused.transposed:
+        return None
+    nd = len(module.kernel_size)
+
+    def geometry(value: Any) -> tuple[int, ...]:
+        return tuple(value) if isinstance(value, (list, tuple)) else (value,) * nd
+
+    call = tuple(geometry(_argument(slot, i, name, default)) for i, name, default in (
+        (3, "stride", 1), (4, "padding", 0), (5, "dilation", 1)))
+    same = (fused.weight.shape == module.weight.shape and fused.padding_mode == "zeros"
+            and call == (fused.stride, fused.padding, fused.dilation)
+            and _argument(slot, 6, "groups", 1) == fused.groups)
+    return owner if same else None
+
+
+def _outside_reader(gm: fx.GraphModule, path: str, swapped: list[str]) -> fx.Node | None:
+    """A read of module ``path``'s tensors (``bn.weight``) by code that is not swapped with it:
+    after the swap it would read the replacement, or nothing."""
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and inside(str(node.target), path) and node.users and not any(
+                inside(p, unit) for p in stack(node) for unit in swapped):
+            return node
     return None
 
 
@@ -172,8 +236,8 @@ def _whole_module(gm: fx.GraphModule, scope_module: nn.Module, region: Region,
     nodes = [*region.members, *region.tail]
     path = common_path([frame_of(n) for n in nodes])
     record = calls.get(join_path(scope, path))
-    if not path or record is None or record.count != 1:
-        return None
+    if not path or record is None or record.count != 1 or not record.single_tensor:
+        return None  # the conv put in its place must take the call it took
     module = scope_module.get_submodule(path)
     if any(hasattr(fused, name) for name in own_attributes(module)):
         return None
@@ -195,11 +259,14 @@ def _plan_edits(
     gm: fx.GraphModule, scope_module: nn.Module, scope: str, regions: list[Region],
     fused_modules: Mapping[int, nn.Module], calls: Mapping[str, CallRecord],
     call_sites: Mapping[str, int],
-) -> tuple[dict[str, list[_Edit]], list[tuple[str, nn.Module | None, Region]]]:
-    """Split regions into forward edits by frame and module swaps."""
+) -> tuple[dict[str, list[_Edit]], list[tuple[str, nn.Module | None, Region]],
+           list[tuple[str, nn.Module, Region]], dict[int, str]]:
+    """Split regions into forward edits by frame, module swaps and weight folds."""
     dependent = input_dependent(gm)
     frames: dict[str, list[_Edit]] = defaultdict(list)
     swaps: list[tuple[str, nn.Module | None, Region]] = []
+    folds: list[tuple[str, nn.Module, Region]] = []
+    refusals: dict[int, str] = {}
     for region in regions:
         fused = fused_modules[id(region)]
         whole = _whole_module(gm, scope_module, region, fused, calls, scope)
@@ -207,11 +274,15 @@ def _plan_edits(
             swaps.append((whole, fused, region))
             continue
         if not region.chain:
-            frame = common_path([frame_of(m) for m in region.members])
+            frame = _called_once(common_path([frame_of(m) for m in region.members]),
+                                 region.members[0], calls, scope)
             frames[frame].append(_Edit(region.root, region.members[0], region.sink,
                                        region.members, fused, region))
             continue
         at = _chain_slot(gm, region)
+        folded_into = _weight_owner(gm, scope_module, region.members[at], fused)
+        if folded_into is not None:
+            folds.append((folded_into, fused, region))
         members = {*region.members, *region.tail}
         owners = {m: _whole_owner(gm, m, members, calls, scope, dependent)
                   for m in region.members if m.op != "call_module"}
@@ -224,14 +295,22 @@ def _plan_edits(
         for i, (member, source) in enumerate(zip(region.members, region.sources)):
             if any(inside(p, owner) for p in stack(member) for owner in swapped):
                 continue  # its module is swapped whole
+            if i == at and folded_into is not None:
+                continue  # its module holds the fused weights
             if i != at and region.passthrough[i]:
                 continue  # it already passes its input on: rewriting its module gains nothing
             module = fused if i == at else None
             if member.op == "call_module" and call_sites.get(str(member.target), 0) == 1:
                 swaps.append((str(member.target), module, region))
             else:
-                frames[frame_of(member)].append(_Edit(source, member, member, (member,), module,
-                                                    region))
+                frame = _called_once(frame_of(member), member, calls, scope)
+                sites = call_sites.get(str(member.target), 0) if member.op == "call_module" else 0
+                if sites > 1 and not scope and not frame:
+                    refusals[id(region)] = (
+                        f"{member.target} is shared by {sites} call sites in the model's own "
+                        "forward: a copy for each would rewrite that forward, its class and "
+                        "methods")
+                frames[frame].append(_Edit(source, member, member, (member,), module, region))
     # a frame whose edits reach into another frame's module traces it inline: one rewrite
     changed = True
     while changed:
@@ -244,7 +323,7 @@ def _plan_edits(
                     changed = True
             if changed:
                 break
-    return frames, swaps
+    return frames, swaps, folds, refusals
 
 
 def apply(
@@ -268,11 +347,11 @@ def apply(
     applied.removed = [r for r in regions
                        if any(inside(p, d) for m in r.members for p in stack(m) for d in dead)]
     live = [r for r in regions if r not in applied.removed]
-    frames, swaps = _plan_edits(gm, scope_module, scope, live, fused_modules, calls,
-                                call_sites)
+    frames, swaps, folds, refusals = _plan_edits(gm, scope_module, scope, live, fused_modules,
+                                                 calls, call_sites)
     # phase 1: trace and align every frame; a region any part of which cannot be placed is
     # applied nowhere (half a chain applied would fold its BN twice)
-    refused: dict[int, str] = {}
+    refused: dict[int, str] = dict(refusals)
     traced: dict[str, tuple[fx.GraphModule, Alignment, dict[str, Any]]] = {}
     dependent = input_dependent(gm)
     for frame in sorted(frames, key=lambda f: (f.count("."), f) if f else (-1, "")):
@@ -289,6 +368,7 @@ def apply(
                 for inner in [f for f in frames if f != frame and inside(f, frame)]:
                     edits += frames.pop(inner)
         except (TraceError, AlignmentError) as exc:
+            applied.unrewritable.add(frame)
             why = f"{frame_path or 'the model'}'s forward could not be rewritten alone ({exc})"
             refused.update((id(edit.region), why) for edit in edits)
             continue
@@ -297,7 +377,20 @@ def apply(
             if mapping.values.get(edit.root) is None or mapping.where(edit.first) is None:
                 refused[id(edit.region)] = ("its input is not visible in "
                                             f"{frame_path or 'the model'}'s own forward")
+    units = [(path, region, [p for p, _, r in swaps if r is region]) for path, _, region in swaps]
+    units += [(path, region, [path]) for path, _, region in folds]  # its own forward reads them
+    for path, region, unit in units:
+        reader = _outside_reader(gm, path, unit)
+        if reader is not None:
+            refused[id(region)] = (f"{join_path(scope, path)}'s tensors are read elsewhere "
+                                   f"({describe(reader)}): it cannot be swapped")
     applied.refused = [(r, refused[id(r)]) for r in live if id(r) in refused]
+    for region in live:
+        if id(region) not in refused:
+            for member in region.members:
+                sites = call_sites.get(str(member.target), 0) if member.op == "call_module" else 0
+                if sites > 1:
+                    applied.unshared[join_path(scope, str(member.target))] = sites
     # phase 2: rewrite
     built: list[tuple[str, fx.GraphModule]] = []
     for frame, (fgm, mapping, concrete) in traced.items():
@@ -349,6 +442,15 @@ def apply(
         applied.steps.append(ModuleSwap(join_path(scope, path), None))
         applied.notes.append(f"{join_path(scope, path)}: its result is computed and never used; "
                              "replaced by Identity")
+    for path, fused, region in folds:
+        if id(region) in refused:
+            continue
+        conv = applied.module.get_submodule(path)
+        added = conv.bias is None
+        with torch.no_grad():  # new parameters: the user's model shares the old ones
+            conv.weight = nn.Parameter(fused.weight.detach().clone(), conv.weight.requires_grad)
+            conv.bias = nn.Parameter(fused.bias.detach().clone(), conv.weight.requires_grad)
+        applied.steps.append(WeightFold(join_path(scope, path), added))
     for path, module, region in swaps:
         if id(region) in refused:
             continue
@@ -363,22 +465,34 @@ def apply(
     return applied
 
 
+def _live(gm: fx.GraphModule) -> set[fx.Node]:
+    """The nodes the graph's output needs, with everything impure or changing a tensor in place
+    (and what those read)."""
+    roots = [n for n in gm.graph.nodes if n.op == "output" or n.is_impure()
+             or mutated_input(n, gm) is not None]
+    live: set[fx.Node] = set()
+    while roots:
+        node = roots.pop()
+        if node not in live:
+            live.add(node)
+            roots.extend(node.all_input_nodes)
+    return live
+
+
 def dead_children(gm: fx.GraphModule, calls: Mapping[str, CallRecord], scope: str) -> list[str]:
-    """Submodules (paths relative to the traced scope) called once, whose every op in the trace
-    is pure and feeds nothing that is used: work the forward computes and throws away."""
+    """Submodules (paths relative to the traced scope) called once, none of whose ops the
+    outputs need, even through ops of their parent that are themselves unused: work the forward
+    computes and throws away (an end-to-end head's one-to-many branch)."""
     groups: dict[str, list[fx.Node]] = defaultdict(list)
     for node in gm.graph.nodes:
         for path in stack(node):
             groups[path].append(node)
+    live = _live(gm)
     dead: list[str] = []
     for path, nodes in sorted(groups.items()):
         record = calls.get(join_path(scope, path))
         if record is None or record.count != 1 or any(inside(path, d) for d in dead):
             continue
-        members = set(nodes)
-        if all(not n.is_impure() and n.op != "placeholder" and all(u in members for u in n.users)
-               and mutated_input(n, gm) in (None, *members) for n in nodes):
+        if not any(n in live or n.op == "placeholder" for n in nodes):
             dead.append(path)
     return dead
-
-

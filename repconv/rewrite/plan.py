@@ -7,9 +7,11 @@ arguments are checked for type and range, and (when the weights are at hand) aga
 weights' shapes, so the plan can neither reach outside the model nor allocate more than the file
 holds.
 
-Two kinds of step, applied in order:
+Three kinds of step, applied in order:
 - ``ModuleSwap``: the module at ``path`` becomes a fused conv (``spec``) or an ``nn.Identity``
   (``spec`` None). The parent's own forward is untouched.
+- ``WeightFold``: the module at ``path`` (a conv whose own forward repconv leaves as it is, like
+  timm's ``Conv2dSame``) holds fused weights; ``bias_added``: it had no bias and now has one.
 - ``FrameRewrite``: the module at ``scope`` is traced (``leaves`` kept as calls, ``concrete``
   arguments held at their values) and each ``NodeEdit`` makes the users of node ``sink`` read a
   fused conv of node ``root`` computed where node ``first`` ran (or ``root`` itself).
@@ -30,7 +32,9 @@ from torch.nn.utils import skip_init
 
 from repconv.errors import InputError
 
-PLAN_VERSION = 2
+PLAN_VERSION = 3
+# plans this repconv reads: 3 added WeightFold steps to 2's
+READABLE_PLAN_VERSIONS = (2, 3)
 _PART = re.compile(r"^(?!__)[A-Za-z_][A-Za-z0-9_]*$|^[0-9]+$")
 _NODE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MAX_CHANNELS = 1 << 20
@@ -194,13 +198,19 @@ class ModuleSwap:
     spec: ModuleSpec | None  # None: nn.Identity
 
 
-Step = FrameRewrite | ModuleSwap
+@dataclass(frozen=True)
+class WeightFold:
+    path: str
+    bias_added: bool
+
+
+Step = FrameRewrite | ModuleSwap | WeightFold
+_KINDS = {FrameRewrite: "frame", ModuleSwap: "swap", WeightFold: "weights"}
 
 
 def to_json(steps: list[Step]) -> list[dict[str, Any]]:
     """The plan as plain JSON data (lists, not tuples), as a deploy file stores it."""
-    data = [{"kind": "frame" if isinstance(s, FrameRewrite) else "swap", **asdict(s)}
-            for s in steps]
+    data = [{"kind": _KINDS[type(s)], **asdict(s)} for s in steps]
     return json.loads(json.dumps(data))
 
 
@@ -240,9 +250,18 @@ def parse(data: object, weights: Mapping[str, Tensor] | None = None) -> list[Ste
         raise _damaged("the plan is not a list of steps")
     steps: list[Step] = []
     for raw in data:
-        if not isinstance(raw, Mapping) or raw.get("kind") not in ("frame", "swap"):
-            raise _damaged(f"step {str(raw)[:80]!r} is not a frame rewrite or a module swap")
-        if raw["kind"] == "swap":
+        if not isinstance(raw, Mapping) or raw.get("kind") not in _KINDS.values():
+            raise _damaged(f"step {str(raw)[:80]!r} is not a frame rewrite, a module swap or a "
+                           "weight fold")
+        if raw["kind"] == "weights":
+            bias_added = raw.get("bias_added")
+            if not isinstance(bias_added, bool):
+                raise _damaged(f"weight fold {str(raw)[:80]!r} lacks bias_added")
+            step = WeightFold(check_path(raw.get("path")), bias_added)
+            if weights is not None and bias_added and not isinstance(
+                    weights.get(f"{step.path}.bias"), Tensor):
+                raise _damaged(f"{step.path} gains a bias, but the file holds no {step.path}.bias")
+        elif raw["kind"] == "swap":
             step: Step = ModuleSwap(check_path(raw.get("path")), _spec_or_none(raw.get("spec")))
             if weights is not None and step.spec is not None:
                 step.spec.check_weights(step.path, weights)

@@ -13,7 +13,7 @@ from torch import Tensor, fx, nn
 from repconv.errors import InputError, TraceError
 from repconv.fold.graph import erase_dead_code, metadata_read, trace
 from repconv.rewrite import plan as plan_record
-from repconv.rewrite.plan import ModuleSwap, Step
+from repconv.rewrite.plan import ModuleSwap, Step, WeightFold
 
 
 def own_attributes(module: nn.Module) -> dict[str, Any]:
@@ -126,6 +126,12 @@ def set_module(owner: nn.Module, path: str, module: nn.Module) -> None:
 def replay(model: nn.Module, steps: list[Step]) -> nn.Module:
     """Rebuild the structure `apply` wrote, with empty weights, on a freshly built model."""
     for step in steps:
+        if isinstance(step, WeightFold):
+            conv = _resolve(model, step.path)
+            if step.bias_added:  # filled by the file's weights, like every other tensor
+                conv.bias = nn.Parameter(torch.empty(conv.weight.shape[0],
+                                                     dtype=conv.weight.dtype))
+            continue
         if isinstance(step, ModuleSwap):
             replacement = nn.Identity() if step.spec is None else step.spec.build()
             replaced = _resolve(model, step.path)

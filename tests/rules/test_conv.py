@@ -12,6 +12,7 @@ from helpers.measure import rel_err
 from helpers.tensors import randn
 from torch import Tensor, nn
 
+from repconv.fold.graph import GraphContext
 from repconv.fold.rules import conv
 from repconv.fold.rules.base import Refusal, Unary
 
@@ -133,10 +134,18 @@ class TwoCalls(nn.Module):
 @pytest.mark.parametrize("layer", [nn.Conv2d(4, 4, 1), nn.Linear(4, 4),
                                    nn.ConvTranspose2d(4, 4, 1)], ids=["conv", "linear",
                                                                        "transposed"])
-def test_weight_shared_by_two_call_sites_is_refused(layer: nn.Module) -> None:
+def test_a_layer_called_twice_lowers_at_each_site_unless_unsharing_is_off(
+        layer: nn.Module) -> None:
+    """Each call site folds into a copy of its own (a detection head's conv on every pyramid
+    level); with unsharing off, folding into the one layer would change the other site."""
     x = randn(1, 4, 3, 4, seed=0) if not isinstance(layer, nn.Linear) else randn(2, 4, seed=0)
     graph = traced(TwoCalls(layer), x)
-    reason = "weight of layer is shared by 2 call sites; folding would change the others"
+    for name in ("layer", "layer_1"):
+        lowered = graph.lower(conv.lower, name)
+        assert isinstance(lowered, Unary) and lowered.source is graph.node(name).args[0]
+    graph.ctx = GraphContext(graph.gm, unshare=False)
+    reason = ("weight of layer is shared by 2 call sites; folding would change the others "
+              "(unsharing is off)")
     for name in ("layer", "layer_1"):
         assert graph.lower(conv.lower, name) == Refusal(reason)
 

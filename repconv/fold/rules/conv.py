@@ -3,8 +3,9 @@
 Pattern: ``nn.Conv{1,2,3}d`` / ``nn.ConvTranspose{1,2,3}d`` / ``nn.Linear`` (or subclasses
 keeping their forward) as call_module, or ``F.conv{1,2,3}d`` / ``F.linear`` with constant
 weights.
-Conditions: the weight has one call site (folding a BN into a weight that two call sites share
-would change the other one).
+Conditions: the weight is read at one place (folding a BN into a weight that two call sites
+share would change the other one), or the layer is called at several sites and each site gets a
+fused copy of its own (``GraphContext.unshare``).
 Formula: ``Affine(weight, bias, stride, padding, dilation, groups)``, holding the layer's own
 tensors (the fold converts each to float64 where it uses it); a linear layer is the 0-d map
 of its input's last dim, on (batch, features) and on (..., features) tokens alike: the token
@@ -28,10 +29,15 @@ _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "group
 
 
 def _shared(ctx: GraphContext, target: str) -> Refusal | None:
+    """Why a layer used at several places cannot fold here: its weights are also read as
+    tensors, or it is called again and unsharing is off. A layer called at several sites
+    (a detection head's conv applied to every pyramid level, each with its own BN) folds into
+    one fused copy per site (``ctx.unshare``): the same ops, none of the BNs, more weights."""
     uses = ctx.uses(target)
-    if uses > 1:
+    calls = ctx.call_sites[target]
+    if uses > calls or (calls > 1 and not ctx.unshare):
         return Refusal(f"weight of {target} is shared by {uses} call sites; folding would change "
-                       "the others")
+                       "the others" + ("" if uses > calls else " (unsharing is off)"))
     return None
 
 
