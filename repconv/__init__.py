@@ -5,6 +5,7 @@ from repconv.errors import (
     InputError,
     ModelBuildError,
     RepconvError,
+    StrictError,
     TraceError,
     VerificationError,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "InputError",
     "ModelBuildError",
     "RepconvError",
+    "StrictError",
     "TraceError",
     "VerificationError",
     "VerifyReport",

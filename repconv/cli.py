@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover - older typer uses click itself
     from click.exceptions import ClickException
 
 from repconv import __version__
-from repconv.errors import RepconvError, VerificationError
+from repconv.errors import OutcomeError, RepconvError
 from repconv.formats.metadata import parse_kwargs, parse_shape
 from repconv.measure.quant import DEFAULT_TARGET, requested_target
 from repconv.pipeline import Options, bench_checkpoint, fuse_checkpoint, verify_checkpoints
@@ -125,6 +125,10 @@ QuantOpt = Annotated[bool, typer.Option(
 QuantTargetOpt = Annotated[float | None, typer.Option(
     "--quant-target", help=f"Error target of the --quant verdict (which layers to keep in fp16). "
     f"Default {DEFAULT_TARGET:g}.", show_default=False)]
+StrictOpt = Annotated[bool, typer.Option(
+    "--strict", help="Fail with exit code 4, writing nothing, when a BatchNorm next to a conv is "
+    "left unfused (one a hand-written deploy form would fold): for CI steps that must not ship "
+    "a model fused only in part.")]
 KeepSharedOpt = Annotated[bool, typer.Option(
     "--keep-shared", help="Keep a layer called at several sites (a detection head's conv applied "
     "to every pyramid level) shared: its BatchNorms stay. Default: each site gets a fused copy "
@@ -187,7 +191,7 @@ def _run(as_json: bool, action: Callable[[Progress], Any], exit_code: Callable[[
                 progress_display(err) as progress:
             result = action(progress)
     except RepconvError as exc:
-        outcome = getattr(exc, "outcome", None) if isinstance(exc, VerificationError) else None
+        outcome = exc.outcome if isinstance(exc, OutcomeError) else None
         if outcome is not None:
             human.print(outcome)
         fail(exc.exit_code, str(exc), outcome.to_dict() if outcome is not None else None)
@@ -236,19 +240,21 @@ def fuse(
     quant: QuantOpt = False,
     quant_target: QuantTargetOpt = None,
     keep_shared: KeepSharedOpt = False,
+    strict: StrictOpt = False,
 ) -> None:
     """Fuse IN into one conv per linear region, verify it, write OUT.
 
     Exit 0: deploy checkpoint written (verified unless --skip-verify). 1: verification failed
     (nothing written). 2: bad usage or unreadable input (nothing written). 3: internal error.
-    130/143: interrupted by Ctrl-C/SIGTERM (nothing written).
+    4: --strict and a BatchNorm next to a conv was left unfused (nothing written). 130/143:
+    interrupted by Ctrl-C/SIGTERM (nothing written).
     """
     _run(
         as_json,
         lambda progress: fuse_checkpoint(in_path, out_path, _options(
             model, model_kwargs, input_shape, rtol=rtol, atol=atol, seed=seed,
             trust_pickle=trust_pickle, inputs_file=inputs, rewrite_rtol=rewrite_rtol,
-            unshare=not keep_shared),
+            unshare=not keep_shared, strict=strict),
             keep_extra=keep_extra,
                                          check=not skip_verify, progress=progress, opset=opset,
                                          quant_target=requested_target(quant, quant_target)),

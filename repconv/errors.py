@@ -33,15 +33,26 @@ class AlgebraError(RepconvError):
     """Two linear maps cannot be combined into one exact convolution; the message is the reason."""
 
 
-class VerificationError(RepconvError):
-    """The fused model's outputs do not match the original's (exit code 1). ``outcome`` is the
-    result that failed, for the caller to show."""
-
-    exit_code = 1
+class OutcomeError(RepconvError):
+    """A command that ran but must not pass; ``outcome`` is its result, for the caller to
+    show."""
 
     def __init__(self, message: str, outcome: object = None) -> None:
         super().__init__(message)
         self.outcome = outcome
+
+
+class VerificationError(OutcomeError):
+    """The fused model's outputs do not match the original's (exit code 1)."""
+
+    exit_code = 1
+
+
+class StrictError(OutcomeError):
+    """``--strict``: a BatchNorm a hand-written deploy form would fold was left unfused (exit
+    code 4)."""
+
+    exit_code = 4
 
 
 def one_line(exc: BaseException, limit: int = 200, *, last: bool = False) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -15,10 +15,11 @@ from repconv.errors import TraceError
 from repconv.fold import local_check as region_check
 from repconv.fold import regions as region_analysis
 from repconv.fold.capture import Capture, capture
-from repconv.fold.graph import BoundCall, bind_call, eval_mode, record_calls
+from repconv.fold.graph import UNDERSTOOD_MODULES, BoundCall, bind_call, eval_mode, record_calls
+from repconv.fold.reasons import Skip, is_norm, kind_of
 from repconv.fold.region import Region
 from repconv.fold.rules.base import describe
-from repconv.report import FuseReport, ModelCounts, SkipRecord
+from repconv.report import FuseReport, ModelCounts
 from repconv.rewrite import apply as rewrite
 from repconv.rewrite import plan as plan_record
 from repconv.rewrite.paths import frame_of, join_path, module_path
@@ -95,8 +96,8 @@ class _Fuser:
         analysis = region_analysis.analyse(gm, keep_own_forward=module is self.model,
                                           unshare=self.unshare)
         where = f"{scope}: " if scope else ""
-        self.report.skipped += [SkipRecord(where + s.where, s.reason) for s in analysis.skips]
-        self.report.cuts += [SkipRecord(where + s.where, s.reason) for s in analysis.cuts]
+        self.report.skipped += [replace(s, where=where + s.where) for s in analysis.skips]
+        self.report.cuts += [replace(s, where=where + s.where) for s in analysis.cuts]
         return self._apply_regions(module, scope, gm, analysis.regions, bound)
 
     def _apply_regions(self, module: nn.Module, scope: str, gm: fx.GraphModule,
@@ -115,10 +116,8 @@ class _Fuser:
             affine = region_analysis.fold_region(region)
             error = region_check.local_error(gm, region, affine, self.check_seed)
             if error > region_check.LOCAL_TOLERANCE:
-                self.report.skipped.append(SkipRecord(
-                    where + describe(region.sink),
-                    f"local check failed: fused conv differs by {error:.1e} (scale-relative)",
-                ))
+                self.report.skipped += _left(region, where, "local check failed: fused conv "
+                                             f"differs by {error:.1e} (scale-relative)")
                 continue
             fused_modules[id(region)] = rewrite.fused_module(gm, region, affine)
             accepted.append((region, error))
@@ -140,8 +139,7 @@ class _Fuser:
                     if p.convs and len(p.members) > 1]
                 stretches += pieces
                 if not pieces:
-                    self.report.skipped.append(SkipRecord(where + describe(region.sink),
-                                                          refused[id(region)]))
+                    self.report.skipped += _left(region, where, refused[id(region)])
                 continue
             self._record(region, error, scope, gm, applied)
         self.report.notes += applied.notes
@@ -187,7 +185,8 @@ class _Fuser:
 
     def _fuse_children(self, module: nn.Module, scope: str, why: str) -> nn.Module:
         if not list(module.children()):
-            self.report.skipped.append(SkipRecord(scope or "model", f"does not trace: {why}"))
+            self.report.skipped.append(Skip(scope or "model", f"does not trace: {why}",
+                                            _module_kind(module)))
             return module
         self.report.notes.append(
             f"{scope or 'the model'} does not trace as a whole ({why}); its eager forward "
@@ -202,7 +201,7 @@ class _Fuser:
                 f"{name}: computed by the eager forward of {scope or 'the model'} and then "
                 "discarded (the model's outputs do not depend on it on the example input); it "
                 "still runs, since that forward cannot be rewritten")
-        self._fuse_called(module, scope)
+        self._fuse_called(module, scope, why)
         return module
 
     def _discarded_children(self, module: nn.Module, scope: str) -> list[str]:
@@ -238,20 +237,40 @@ class _Fuser:
                 discarded.append(join_path(scope, name))
         return discarded
 
-    def _fuse_called(self, container: nn.Module, scope: str) -> None:
+    def _fuse_called(self, container: nn.Module, scope: str, why: str) -> None:
         """Fuse each child of ``container`` that was called; walk into children that were not
         (ModuleList, ModuleDict) to reach the blocks inside them."""
         for name, child in container.named_children():
             path = join_path(scope, name)
             record = self.calls.get(path)
-            if record is not None and record.count:
+            if record is not None and record.count and isinstance(child, UNDERSTOOD_MODULES):
+                # a lone conv or BatchNorm folds with nothing: what stopped its parent is why
+                self.report.skipped.append(Skip(path, f"{scope or 'the model'} does not trace "
+                                                f"({why}), and a lone {type(child).__name__} "
+                                                "folds with nothing", _module_kind(child)))
+            elif record is not None and record.count:
                 fused = self.fuse_scope(child, path, record.args, record.kwargs, record.output)
                 if fused is not child:
                     setattr(container, name, fused)
             elif list(child.children()):
-                self._fuse_called(child, path)
+                self._fuse_called(child, path, why)
             else:
-                self.report.skipped.append(SkipRecord(path, "never called on the example input"))
+                self.report.skipped.append(Skip(path, "never called on the example input",
+                                                _module_kind(child)))
+
+
+def _module_kind(module: nn.Module) -> str:
+    return "batchnorm" if isinstance(module, nn.modules.batchnorm._BatchNorm) else "op"
+
+
+def _left(region: Region, where: str, reason: str) -> list[Skip]:
+    """What a region not applied leaves, each with ``reason``: its BatchNorms, the merge of its
+    branches, or else its last op."""
+    left = [Skip(where + describe(m), reason, "batchnorm")
+            for m, label in zip(region.members, region.labels) if is_norm(label)]
+    if region.kind == "multi-branch":
+        left.append(Skip(where + describe(region.sink), reason, "merge"))
+    return left or [Skip(where + describe(region.sink), reason, kind_of(region.sink))]
 
 
 def fuse(

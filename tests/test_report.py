@@ -6,8 +6,9 @@ import json
 
 from rich.console import Console
 
+from repconv.fold.reasons import Skip
 from repconv.pipeline import FuseOutcome
-from repconv.report import FuseReport, ModelCounts, SkipRecord
+from repconv.report import FuseReport, ModelCounts
 from repconv.rewrite.record import RewriteRecord
 from repconv.verify.report import VerifyReport
 
@@ -23,7 +24,10 @@ rewrites
 where         kind          ops  kernel  groups  MACs before→after
 stage.0.conv  multi-branch  5    3x3     1       1,000→900
 head.conv     conv+bn       2    1x1     2       64→60
-left unfused (1):
+left unfused: 1 BatchNorm(s) (1 next to a conv)
+  1 x borders would differ: first pre_bn: a bias before a zero-padded conv (e.g.
+BN before a padded conv): borders differ
+every op left (1):
   pre_bn: a bias before a zero-padded conv (e.g. BN before a padded conv):
 borders differ
 verification passed: max scale-relative error 2.50e-08 (tolerance 1e-05), max
@@ -39,8 +43,8 @@ def _report(passed: bool = True) -> FuseReport:
             RewriteRecord("", "head.conv", "conv+bn", ["Conv2d", "BatchNorm2d"], [1, 1], 2, 64,
                           60, 0.0),
         ],
-        skipped=[SkipRecord("pre_bn", "a bias before a zero-padded conv (e.g. BN before a padded "
-                                      "conv): borders differ")],
+        skipped=[Skip("pre_bn", "a bias before a zero-padded conv (e.g. BN before a padded "
+                               "conv): borders differ", "batchnorm")],
         notes=["model was in train mode; fused its eval-mode behaviour"],
         before=ModelCounts(10, 3, 3, 1234),
         after=ModelCounts(5, 2, 1, 1200),

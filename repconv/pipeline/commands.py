@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from repconv.errors import InputError, VerificationError
+from repconv.errors import InputError, StrictError, VerificationError
 from repconv.formats.checkpoint import LoadedCheckpoint, load_checkpoint
 from repconv.formats.decode import check_readable
 from repconv.formats.deploy import load_deploy_with_shape
@@ -56,6 +56,7 @@ class Options:
     inputs_file: Path | None = None  # --inputs: sample data compared first
     rewrite_rtol: float | None = None
     unshare: bool = True  # a layer called at several sites folds into a copy per site
+    strict: bool = False  # fail (StrictError) when a BatchNorm next to a conv is left unfused
 
     def load(self, path: Path) -> LoadedCheckpoint:
         if self.model_kwargs is not None and self.model is None:
@@ -190,6 +191,13 @@ def fuse_checkpoint(
         seconds["fuse"] = time.perf_counter() - start
         report, plan, fused_model = result.report, result.plan, result.model
         _note_norms(report, loaded.model)
+        left = report.unfolded_batchnorms()
+        if options.strict and left:
+            raise StrictError(
+                f"--strict: {len(left)} BatchNorm(s) next to a conv left unfused (first "
+                f"{left[0].where}: {left[0].reason}); nothing written",
+                FuseOutcome(str(in_path), str(out_path) if out_path else None, loaded.found,
+                            report, seconds=seconds))
     onnx_data = None
     if opset is not None:
         progress("exporting to ONNX")

@@ -385,12 +385,14 @@ def apply(
             refused[id(region)] = (f"{join_path(scope, path)}'s tensors are read elsewhere "
                                    f"({describe(reader)}): it cannot be swapped")
     applied.refused = [(r, refused[id(r)]) for r in live if id(r) in refused]
+    # a layer called at several sites and folded in several regions: each got a copy
+    copies: dict[str, int] = defaultdict(int)
     for region in live:
         if id(region) not in refused:
-            for member in region.members:
-                sites = call_sites.get(str(member.target), 0) if member.op == "call_module" else 0
-                if sites > 1:
-                    applied.unshared[join_path(scope, str(member.target))] = sites
+            for target in {str(m.target) for m in region.members if m.op == "call_module"}:
+                copies[target] += call_sites.get(target, 0) > 1
+    applied.unshared = {join_path(scope, target): call_sites[target]
+                        for target, count in copies.items() if count > 1}
     # phase 2: rewrite
     built: list[tuple[str, fx.GraphModule]] = []
     for frame, (fgm, mapping, concrete) in traced.items():
