@@ -1,5 +1,6 @@
 """repconv: fold Conv-BN pairs and linear multi-branch blocks into single convolutions."""
 
+from repconv.driver.report import FuseReport
 from repconv.errors import (
     AlgebraError,
     InputError,
@@ -11,7 +12,6 @@ from repconv.errors import (
 )
 from repconv.formats.deploy import load_deploy
 from repconv.fuse import FuseResult, fuse
-from repconv.report import FuseReport
 from repconv.verify.outputs import verify
 from repconv.verify.report import VerifyReport
 

@@ -78,7 +78,7 @@ def test_a_size_threshold_gives_the_sizes_on_both_sides() -> None:
     model = Flagged()
     x = randn(1, 2, 32, 32, seed=0)
     captured = capture_values(model, _call(model, x))
-    assert [(g.depends, g.threshold) for g in captured.guards] == [(SIZE, (0, -1, 40))]
+    assert [(g.depends, g.threshold) for g in captured.guards] == [(SIZE, (0, -1, 40, 1.0))]
     assert [(1, 2, 41, 41)] in crossing_sizes(captured, [(1, 2, 32, 32)])
     assert DATA not in {g.depends for g in captured.guards}
 

@@ -6,9 +6,9 @@ import json
 
 from rich.console import Console
 
+from repconv.driver.report import FuseReport, ModelCounts
 from repconv.fold.reasons import Skip
 from repconv.pipeline import FuseOutcome
-from repconv.report import FuseReport, ModelCounts
 from repconv.rewrite.record import RewriteRecord
 from repconv.verify.report import VerifyReport
 

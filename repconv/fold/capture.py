@@ -60,9 +60,9 @@ class Guard:
     value: object
     depends: str
     where: str  # the module whose forward took the decision ("" for the traced module's own)
-    # for a size compared with a constant: the input dimension and the constant, so sizes on
-    # either side of the threshold can be tried
-    threshold: tuple[int, int, int] | None = None  # (input index, dim, constant)
+    # for a size compared with a constant: the input dimension, the constant and the ratio of
+    # the input's size to the compared one, so sizes on either side can be tried
+    threshold: tuple[int, int, int, float] | None = None  # (input index, dim, constant, scale)
 
 
 @dataclass
@@ -242,22 +242,35 @@ class ValueTracer(Tracer):
                 stack.append((parent, through_metadata or metadata))
         return found
 
-    def _threshold(self, node: fx.Node) -> tuple[int, int, int] | None:
-        """(input index, dim, constant) for ``x.shape[d] <op> c`` (either order)."""
+    def _threshold(self, node: fx.Node) -> tuple[int, int, int, float] | None:
+        """(input index, dim, constant, scale) for ``t.shape[d] <op> c`` (either order), ``t``
+        an input or a tensor computed from one: the input's size ``d`` is about ``c * scale``
+        where ``t``'s crosses ``c`` (scale: the input's size over ``t``'s on the example)."""
         comparisons = (operator.gt, operator.ge, operator.lt, operator.le, operator.eq,
                        operator.ne)
         if node.op != "call_function" or node.target not in comparisons or len(node.args) != 2:
             return None
         for dim_side, constant in (node.args, reversed(node.args)):
-            dim = _input_dim(dim_side)
-            if dim is not None and isinstance(constant, int) and not isinstance(constant, bool):
-                placeholders = [n for n in node.graph.nodes if n.op == "placeholder"]
-                return placeholders.index(dim[0]), dim[1], constant
+            found = _tensor_dim(dim_side)
+            if found is None or not isinstance(constant, int) or isinstance(constant, bool):
+                continue
+            tensor, dim = found
+            value = self.values.get(tensor)
+            placeholders = [n for n in node.graph.nodes if n.op == "placeholder"]
+            inputs = [(i, self.values.get(p)) for i, p in enumerate(placeholders)
+                      if isinstance(self.values.get(p), Tensor)]
+            same_rank = [(i, x) for i, x in inputs
+                         if isinstance(value, Tensor) and x.dim() == value.dim()]
+            if not same_rank or not -value.dim() <= dim < value.dim() or not value.shape[dim]:
+                continue
+            index, source = next(((i, x) for i, x in same_rank
+                                  if placeholders[i] is tensor), same_rank[0])
+            return index, dim, constant, source.shape[dim] / value.shape[dim]
         return None
 
 
-def _input_dim(node: Any) -> tuple[fx.Node, int] | None:
-    """(placeholder, dim) when ``node`` is ``x.shape[d]`` / ``x.size(d)`` of an input."""
+def _tensor_dim(node: Any) -> tuple[fx.Node, int] | None:
+    """(tensor node, dim) when ``node`` is ``t.shape[d]`` or ``t.size(d)``."""
     if not isinstance(node, fx.Node):
         return None
     if node.op == "call_method" and node.target == "size" and len(node.args) == 2:
@@ -268,7 +281,7 @@ def _input_dim(node: Any) -> tuple[fx.Node, int] | None:
         source, dim = node.args[0].args[0], node.args[1]
     else:
         return None
-    if not isinstance(source, fx.Node) or source.op != "placeholder" or not isinstance(dim, int):
+    if not isinstance(source, fx.Node) or not isinstance(dim, int):
         return None
     return source, dim
 
@@ -335,17 +348,24 @@ def _inputs_by_name(module: nn.Module, bound: BoundCall) -> dict[str, Any]:
 
 
 def crossing_sizes(capture: Capture, shapes: list[tuple[int, ...]]) -> list[list[tuple[int, ...]]]:
-    """Input shapes on the other side of each size threshold the capture decided on (a size
-    compared with a constant): the threshold and its neighbour, in the dims compared."""
+    """Input shapes on either side of each size threshold the capture decided on (a size
+    compared with a constant): around the threshold, scaled to the input, and at the
+    threshold's neighbours aligned like the example (a model that needs sizes divisible by its
+    stride runs there)."""
     found: list[list[tuple[int, ...]]] = []
     for guard in capture.size_guards:
         if guard.threshold is None:
             continue
-        index, dim, constant = guard.threshold
+        index, dim, constant, scale = guard.threshold
         if index >= len(shapes) or not -len(shapes[index]) <= dim < len(shapes[index]):
             continue
-        for size in (constant - 1, constant, constant + 1):
-            if size < 1 or size == shapes[index][dim]:
+        here = shapes[index][dim]
+        align = min(here & -here, 32)
+        centre = constant * scale
+        sizes = [round(centre) - 1, round(centre), round(centre) + 1,
+                 (math.floor(centre / align) + 1) * align, math.floor(centre / align) * align]
+        for size in dict.fromkeys(sizes):
+            if size < 1 or size == here:
                 continue
             changed = list(shapes[index])
             changed[dim] = size
@@ -353,9 +373,13 @@ def crossing_sizes(capture: Capture, shapes: list[tuple[int, ...]]) -> list[list
             if len(changed) == 4 and shapes[index][2] == shapes[index][3] and dim % 4 >= 2:
                 changed[2] = changed[3] = size
             candidate = [*shapes[:index], tuple(changed), *shapes[index + 1:]]
-            if candidate not in found and math.prod(changed) > 0:
+            if candidate not in found and math.prod(changed) <= MAX_CROSSING_ELEMENTS:
                 found.append(candidate)
     return found
+
+
+# a size across a threshold is tried only up to this many input elements (a forward there runs)
+MAX_CROSSING_ELEMENTS = 50_000_000
 
 
 # a child that stops both routes is kept as one opaque call, so that its siblings still fold; at

@@ -124,10 +124,29 @@ def graph_module(module: nn.Module, graph: fx.Graph, tracer: Tracer | None = Non
             # `from __future__ import annotations` leaves types as strings, which pickling
             # the GraphModule cannot handle; the type is only a code-generation hint.
             node.type = None
+    _keep_parameter_names(module, graph)
     gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
     if tracer is not None:
         gm.meta["module_calls"] = tracer.module_calls
     return gm
+
+
+def _keep_parameter_names(module: nn.Module, graph: fx.Graph) -> None:
+    """fx names the placeholder of an argument held fixed ``flag_1``: the forward it generates
+    would refuse ``flag=`` by keyword. Each placeholder takes its parameter's name back."""
+    try:
+        names = set(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):  # a forward without a signature: nothing to keep
+        return
+    taken = {str(n.target) for n in graph.nodes if n.op == "placeholder"}
+    for node in graph.nodes:
+        target = str(node.target)
+        base = target.rsplit("_", 1)[0]
+        if (node.op == "placeholder" and target not in names and base in names
+                and base not in taken and target.rsplit("_", 1)[-1].isdigit()):
+            node.target = base
+            node._rename(base)
+            taken.add(base)
 
 
 def trace(
@@ -358,6 +377,9 @@ class CallRecord:
     # every call passed exactly one argument, a tensor: what a conv or nn.Identity put in the
     # module's place can take
     single_tensor: bool = True
+    # the first call's non-tensor arguments by parameter name (None: forward takes *args), what
+    # a trace of the module's forward holds fixed
+    constants: dict[str, Any] | None = None
 
 
 def _clone(value: Any) -> Any:
@@ -397,6 +419,9 @@ def record_calls(
             positional = [v if not _holds_tensor(v) else "<tensor>" for v in args]
             record.flags.append(repr((positional, sorted(flags.items()))))
             record.single_tensor &= not kwargs and len(args) == 1 and isinstance(args[0], Tensor)
+            if record.count == 1:
+                bound = bind_call(_m, args, kwargs)
+                record.constants = None if bound is None else bound.concrete
             if record.count == 1 and keep_tensors:
                 # copies: a forward may change its input (a list of tensors, say) in place later
                 record.args, record.kwargs = tree_map(_clone, (args, dict(kwargs)))

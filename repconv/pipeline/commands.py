@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from repconv.driver.report import FuseReport, ModelCounts
 from repconv.errors import InputError, StrictError, VerificationError
 from repconv.formats.checkpoint import LoadedCheckpoint, load_checkpoint
 from repconv.formats.decode import check_readable
@@ -36,7 +37,6 @@ from repconv.measure.bench import BenchReport, Form, bench
 from repconv.measure.quant import calibration_batches, check_target, quant_report
 from repconv.pipeline.outcomes import FuseOutcome, VerifyOutcome
 from repconv.progress import Progress, no_progress
-from repconv.report import FuseReport, ModelCounts
 from repconv.verify.outputs import VARIATIONS, verify
 from repconv.verify.report import VerifyReport
 from repconv.verify.rewrites import RewriteCheck

@@ -9,8 +9,8 @@ from typing import Any
 from rich.console import Group, RenderableType
 from rich.text import Text
 
+from repconv.driver.report import FuseReport
 from repconv.measure.quant import QuantReport
-from repconv.report import FuseReport
 from repconv.verify.report import VerifyReport
 
 

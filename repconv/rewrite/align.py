@@ -14,7 +14,7 @@ from torch import fx, nn
 from torch.fx._symbolic_trace import _assert_is_none
 
 from repconv.errors import TraceError
-from repconv.fold.graph import CallRecord, bind_call, trace
+from repconv.fold.graph import CallRecord, trace
 from repconv.rewrite.paths import stack
 
 _JSON_SCALARS = (type(None), bool, int, float, str)
@@ -166,8 +166,7 @@ def frame_arguments(frame_path: str, calls: Mapping[str, CallRecord], module: nn
             return "never called on the example input"
         if len(set(record.flags)) > 1:
             return "called with different non-tensor arguments; one trace cannot hold them all"
-        bound = bind_call(module, record.args, record.kwargs) if record.args else None
-        concrete = bound.concrete if bound is not None else {}
+        concrete = record.constants or {}
     if not all(isinstance(v, _JSON_SCALARS) for v in concrete.values()):
         return "takes non-tensor arguments a deploy file cannot record"
     return concrete

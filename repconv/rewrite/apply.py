@@ -38,6 +38,7 @@ from repconv.fold.graph import (
 from repconv.fold.region import CONV_LABELS, Region
 from repconv.fold.rules.base import describe
 from repconv.rewrite.align import Alignment, AlignmentError, trace_and_align
+from repconv.rewrite.attributes import carry_attributes, own_attributes
 from repconv.rewrite.paths import (
     common_path,
     frame_of,
@@ -48,14 +49,7 @@ from repconv.rewrite.paths import (
     stack,
 )
 from repconv.rewrite.plan import FrameRewrite, ModuleSpec, ModuleSwap, NodeEdit, Step, WeightFold
-from repconv.rewrite.surgery import (
-    carry_attributes,
-    fused_conv_name,
-    insert_fused,
-    own_attributes,
-    set_module,
-    wrap,
-)
+from repconv.rewrite.surgery import fused_conv_name, insert_fused, set_module, wrap
 
 _JSON_SCALARS = (type(None), bool, int, float, str)
 

@@ -7,11 +7,14 @@ arguments are checked for type and range, and (when the weights are at hand) aga
 weights' shapes, so the plan can neither reach outside the model nor allocate more than the file
 holds.
 
-Three kinds of step, applied in order:
+Four kinds of step, applied in order:
 - ``ModuleSwap``: the module at ``path`` becomes a fused conv (``spec``) or an ``nn.Identity``
   (``spec`` None). The parent's own forward is untouched.
 - ``WeightFold``: the module at ``path`` (a conv whose own forward repconv leaves as it is, like
   timm's ``Conv2dSame``) holds fused weights; ``bias_added``: it had no bias and now has one.
+- ``FlagCases``: the module at ``scope``, called with non-tensor arguments ``flags`` that change
+  with the input size, becomes a dispatcher (rewrite/cases.py) running, for each call, the case
+  (a ``FrameRewrite``) made for its values, or (``fallback``) the module as it was.
 - ``FrameRewrite``: the module at ``scope`` is traced (``leaves`` kept as calls, ``concrete``
   arguments held at their values) and each ``NodeEdit`` makes the users of node ``sink`` read a
   fused conv of node ``root`` computed where node ``first`` ran (or ``root`` itself).
@@ -33,7 +36,7 @@ from torch.nn.utils import skip_init
 from repconv.errors import InputError
 
 PLAN_VERSION = 3
-# plans this repconv reads: 3 added WeightFold steps to 2's
+# plans this repconv reads: 3 added WeightFold and FlagCases steps to 2's
 READABLE_PLAN_VERSIONS = (2, 3)
 _PART = re.compile(r"^(?!__)[A-Za-z_][A-Za-z0-9_]*$|^[0-9]+$")
 _NODE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -204,8 +207,17 @@ class WeightFold:
     bias_added: bool
 
 
-Step = FrameRewrite | ModuleSwap | WeightFold
-_KINDS = {FrameRewrite: "frame", ModuleSwap: "swap", WeightFold: "weights"}
+@dataclass(frozen=True)
+class FlagCases:
+    scope: str
+    flags: tuple[str, ...]  # the arguments a case is chosen by
+    cases: tuple[FrameRewrite, ...]  # each with the flags' values in its ``concrete``
+    fallback: bool  # other values run the module as it was
+
+
+Step = FrameRewrite | ModuleSwap | WeightFold | FlagCases
+_KINDS = {FrameRewrite: "frame", ModuleSwap: "swap", WeightFold: "weights", FlagCases: "cases"}
+_MAX_CASES = 64
 
 
 def to_json(steps: list[Step]) -> list[dict[str, Any]]:
@@ -251,35 +263,87 @@ def parse(data: object, weights: Mapping[str, Tensor] | None = None) -> list[Ste
     steps: list[Step] = []
     for raw in data:
         if not isinstance(raw, Mapping) or raw.get("kind") not in _KINDS.values():
-            raise _damaged(f"step {str(raw)[:80]!r} is not a frame rewrite, a module swap or a "
-                           "weight fold")
+            raise _damaged(f"step {str(raw)[:80]!r} is not a frame rewrite, a module swap, a "
+                           "weight fold or flag cases")
         if raw["kind"] == "weights":
             bias_added = raw.get("bias_added")
             if not isinstance(bias_added, bool):
                 raise _damaged(f"weight fold {str(raw)[:80]!r} lacks bias_added")
-            step = WeightFold(check_path(raw.get("path")), bias_added)
-            if weights is not None and bias_added and not isinstance(
-                    weights.get(f"{step.path}.bias"), Tensor):
-                raise _damaged(f"{step.path} gains a bias, but the file holds no {step.path}.bias")
+            step: Step = WeightFold(check_path(raw.get("path")), bias_added)
         elif raw["kind"] == "swap":
-            step: Step = ModuleSwap(check_path(raw.get("path")), _spec_or_none(raw.get("spec")))
-            if weights is not None and step.spec is not None:
-                step.spec.check_weights(step.path, weights)
+            step = ModuleSwap(check_path(raw.get("path")), _spec_or_none(raw.get("spec")))
+        elif raw["kind"] == "cases":
+            step = _flag_cases(raw)
         else:
-            leaves, concrete, edits = raw.get("leaves"), raw.get("concrete"), raw.get("edits")
-            if not isinstance(leaves, list) or not isinstance(concrete, Mapping) or not (
-                    isinstance(edits, list)):
-                raise _damaged("a frame rewrite lacks its leaves, arguments or edits")
-            scope = check_path(raw.get("scope"), empty_ok=True)
-            step = FrameRewrite(
-                scope,
-                tuple(check_path(leaf) for leaf in leaves),
-                {check_path(k): _scalar(v, k) for k, v in concrete.items()},
-                tuple(_edit(e) for e in edits),
-            )
-            for edit in step.edits:
-                if weights is not None and edit.spec is not None and edit.module is not None:
-                    prefix = f"{scope}.{edit.module}" if scope else edit.module
-                    edit.spec.check_weights(prefix, weights)
+            step = _frame_rewrite(raw)
         steps.append(step)
+    if weights is not None:
+        _check_weights(steps, weights)
     return steps
+
+
+def _check_weights(steps: list[Step], weights: Mapping[str, Tensor]) -> None:
+    """Each module a step builds must have the shape of the file's weights for it (under the
+    case of a dispatched module that holds it), so a plan allocates no more than the file
+    holds."""
+    cases = {s.scope: len(s.cases) for s in steps if isinstance(s, FlagCases)}
+
+    def places(path: str) -> list[str]:
+        scope = next((c for c in cases if path.startswith(c + ".")), None)
+        if scope is None:
+            return [path]
+        return [f"{scope}.case_{i}{path[len(scope):]}" for i in range(cases[scope])]
+
+    def check(spec: ModuleSpec, path: str) -> None:
+        for place in places(path):
+            try:
+                spec.check_weights(place, weights)
+                return
+            except InputError as exc:
+                problem = exc
+        raise problem
+
+    for step in steps:
+        if isinstance(step, ModuleSwap) and step.spec is not None:
+            check(step.spec, step.path)
+        elif isinstance(step, WeightFold) and step.bias_added and not any(
+                isinstance(weights.get(f"{place}.bias"), Tensor) for place in places(step.path)):
+            raise _damaged(f"{step.path} gains a bias, but the file holds no {step.path}.bias")
+        elif isinstance(step, FrameRewrite):
+            for edit in step.edits:
+                if edit.spec is not None and edit.module is not None:
+                    check(edit.spec, f"{step.scope}.{edit.module}" if step.scope else edit.module)
+        elif isinstance(step, FlagCases):
+            for index, case in enumerate(step.cases):
+                for edit in case.edits:
+                    if edit.spec is not None and edit.module is not None:
+                        edit.spec.check_weights(f"{step.scope}.case_{index}.{edit.module}",
+                                                weights)
+
+
+def _flag_cases(raw: Mapping[str, Any]) -> FlagCases:
+    flags, cases, fallback = raw.get("flags"), raw.get("cases"), raw.get("fallback")
+    if (not isinstance(flags, list) or not flags or not isinstance(cases, list)
+            or not 0 < len(cases) <= _MAX_CASES or not isinstance(fallback, bool)):
+        raise _damaged("a flag-cases step lacks its flags, cases or fallback")
+    scope = check_path(raw.get("scope"))
+    parsed = tuple(_frame_rewrite(case) for case in cases)
+    names = tuple(check_path(flag) for flag in flags)
+    if any(case.scope != scope or not set(names) <= set(case.concrete) for case in parsed):
+        raise _damaged(f"a case of {scope} is not a rewrite of it holding {list(names)}")
+    return FlagCases(scope, names, parsed, fallback)
+
+
+def _frame_rewrite(raw: object) -> FrameRewrite:
+    if not isinstance(raw, Mapping):
+        raise _damaged(f"frame rewrite {str(raw)[:80]!r} is not a record")
+    leaves, concrete, edits = raw.get("leaves"), raw.get("concrete"), raw.get("edits")
+    if not isinstance(leaves, list) or not isinstance(concrete, Mapping) or not (
+            isinstance(edits, list)):
+        raise _damaged("a frame rewrite lacks its leaves, arguments or edits")
+    return FrameRewrite(
+        check_path(raw.get("scope"), empty_ok=True),
+        tuple(check_path(leaf) for leaf in leaves),
+        {check_path(k): _scalar(v, k) for k, v in concrete.items()},
+        tuple(_edit(e) for e in edits),
+    )

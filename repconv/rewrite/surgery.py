@@ -4,8 +4,8 @@ attributes), and a recorded plan replayed on a freshly built model."""
 
 from __future__ import annotations
 
+import copy
 import operator
-from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
@@ -13,22 +13,9 @@ from torch import Tensor, fx, nn
 from repconv.errors import InputError, TraceError
 from repconv.fold.graph import erase_dead_code, metadata_read, trace
 from repconv.rewrite import plan as plan_record
-from repconv.rewrite.plan import ModuleSwap, Step, WeightFold
-
-
-def own_attributes(module: nn.Module) -> dict[str, Any]:
-    """The plain attributes a module's class or its builder set (``legacy``, a detector's
-    ``f`` and ``i``), which a parent's forward may read."""
-    return {name: value for name, value in vars(module).items()
-            if not name.startswith("_") and name != "training"}
-
-
-def carry_attributes(old: nn.Module, new: nn.Module) -> None:
-    """A fused layer that replaces a whole module keeps that module's plain attributes (those
-    the layer does not have itself), so a parent routing through ``child.f`` still runs."""
-    for name, value in own_attributes(old).items():
-        if not hasattr(new, name):
-            setattr(new, name, value)
+from repconv.rewrite.attributes import carry_attributes, own_attributes
+from repconv.rewrite.cases import dispatcher
+from repconv.rewrite.plan import FlagCases, FrameRewrite, ModuleSwap, Step, WeightFold
 
 
 def insert_fused(
@@ -125,6 +112,9 @@ def set_module(owner: nn.Module, path: str, module: nn.Module) -> None:
 
 def replay(model: nn.Module, steps: list[Step]) -> nn.Module:
     """Rebuild the structure `apply` wrote, with empty weights, on a freshly built model."""
+    # a dispatcher's fallback is the module as it was, before any step changed its children
+    as_built = {step.scope: copy.deepcopy(_resolve(model, step.scope)) for step in steps
+                if isinstance(step, FlagCases) and step.fallback}
     for step in steps:
         if isinstance(step, WeightFold):
             conv = _resolve(model, step.path)
@@ -140,30 +130,40 @@ def replay(model: nn.Module, steps: list[Step]) -> nn.Module:
             set_module(model, step.path, replacement)
             continue
         frame_module = _resolve(model, step.scope)
-        try:
-            fgm = trace(frame_module, frozenset(step.leaves), dict(step.concrete))
-        except TraceError as exc:
-            raise InputError(f"deploy plan rewrites {step.scope or 'the model'}, which does not "
-                             f"trace in this model ({exc}); build the architecture the deploy "
-                             "file was made from") from exc
-        nodes = {node.name: node for node in fgm.graph.nodes}
-        for edit in step.edits:
-            found = [nodes.get(n) for n in (edit.root, edit.first, edit.sink)]
-            if any(n is None for n in found):
-                raise InputError(f"deploy plan refers to nodes {edit.root!r}/{edit.sink!r}, "
-                                 f"which {step.scope or 'the model'} does not have; build the "
-                                 "architecture the deploy file was made from")
-            root, first, sink = found
-            if edit.module is not None and edit.spec is not None:
-                fgm.add_module(edit.module, edit.spec.build())
-            members = tuple(nodes[m] for m in edit.members if m in nodes)
-            nodes[sink.name] = insert_fused(fgm, root, first, sink, members, edit.module)
-        wrapped = wrap(frame_module, fgm)
+        if isinstance(step, FlagCases):
+            cases = [(tuple(case.concrete[f] for f in step.flags),
+                      _replay_frame(frame_module, case)) for case in step.cases]
+            wrapped = dispatcher(frame_module, step.flags, cases, as_built.get(step.scope))
+        else:
+            wrapped = _replay_frame(frame_module, step)
         if step.scope:
             set_module(model, step.scope, wrapped)
         else:
             model = wrapped
     return model
+
+
+def _replay_frame(frame_module: nn.Module, step: FrameRewrite) -> fx.GraphModule:
+    """``frame_module``'s forward traced as recorded, with the recorded edits made in it."""
+    try:
+        fgm = trace(frame_module, frozenset(step.leaves), dict(step.concrete))
+    except TraceError as exc:
+        raise InputError(f"deploy plan rewrites {step.scope or 'the model'}, which does not "
+                         f"trace in this model ({exc}); build the architecture the deploy "
+                         "file was made from") from exc
+    nodes = {node.name: node for node in fgm.graph.nodes}
+    for edit in step.edits:
+        found = [nodes.get(n) for n in (edit.root, edit.first, edit.sink)]
+        if any(n is None for n in found):
+            raise InputError(f"deploy plan refers to nodes {edit.root!r}/{edit.sink!r}, "
+                             f"which {step.scope or 'the model'} does not have; build the "
+                             "architecture the deploy file was made from")
+        root, first, sink = found
+        if edit.module is not None and edit.spec is not None:
+            fgm.add_module(edit.module, edit.spec.build())
+        members = tuple(nodes[m] for m in edit.members if m in nodes)
+        nodes[sink.name] = insert_fused(fgm, root, first, sink, members, edit.module)
+    return wrap(frame_module, fgm)
 
 
 def _resolve(model: nn.Module, path: str) -> nn.Module:

@@ -1,0 +1,285 @@
+"""Fusing one scope of a model: capture its forward, find its linear regions, fold and check
+each, and apply them where their ops run; a scope that does not capture is fused child by
+child. `ScopeFuser` keeps what a fuse pass produces: the report, the plan steps and, for the
+per-rewrite table, the ops each fused conv replaced."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from repconv.driver.report import FuseReport
+from repconv.errors import TraceError
+from repconv.fold import local_check as region_check
+from repconv.fold import regions as region_analysis
+from repconv.fold.capture import Capture, capture
+from repconv.fold.graph import UNDERSTOOD_MODULES, BoundCall, bind_call, record_calls
+from repconv.fold.reasons import Skip, is_norm, kind_of
+from repconv.fold.region import Region
+from repconv.fold.rules.base import describe
+from repconv.rewrite import apply as rewrite
+from repconv.rewrite import plan as plan_record
+from repconv.rewrite.paths import frame_of, join_path, module_path
+from repconv.rewrite.record import RewriteRecord
+
+FuseProgress = Callable[[str, int, int], None]
+# an untraceable module is run once per child to find results it discards: only for few
+MAX_DISCARD_CHECKS = 32
+
+
+def as_inputs(example_inputs: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+
+
+def copies(values: Any) -> Any:
+    """Tensors cloned: a forward may change its input in place."""
+    return tree_map(lambda v: v.clone() if isinstance(v, Tensor) else v, values)
+
+
+def _nan_like(value: Any) -> Any:
+    if isinstance(value, Tensor) and value.is_floating_point():
+        return torch.full_like(value, float("nan"))
+    return value
+
+
+def _poison(_module: nn.Module, _args: tuple, output: Any) -> Any:
+    """A forward hook making a module's output NaN: what reads it shows it."""
+    return tree_map(_nan_like, output)
+
+
+class ScopeFuser:
+    def __init__(self, model: nn.Module, inputs: tuple[Tensor, ...], check_seed: int,
+                 progress: FuseProgress, unshare: bool = True) -> None:
+        self.progress = progress
+        self.unshare = unshare
+        self.unshared: dict[str, int] = {}  # layers folded into a copy per call site
+        self.report = FuseReport()
+        self.steps: list[plan_record.Step] = []
+        self.originals: dict[str, nn.Module] = {}
+        self.check_seed = check_seed
+        self.model, self.inputs = model, inputs
+        # every module's inputs are kept only when a part does not trace and its children are
+        # fused one by one: they are all the model's activations
+        self.calls, self.output = record_calls(model, copies(inputs), keep_tensors=False)
+        self.calls_have_tensors = False
+        self.root_capture: Capture | None = None  # the model's own, when captured with values
+
+    def fuse_scope(self, module: nn.Module, scope: str, args: tuple, kwargs: dict,
+                   output: object) -> nn.Module:
+        """Fuse ``module`` (at ``scope`` in the model, called as ``module(*args, **kwargs)``,
+        which returned ``output``); returns it, or what replaces it when its own forward was
+        rewritten."""
+        bound = bind_call(module, args, kwargs)
+        self.progress(f"tracing {scope or 'the model'}", 0, 1)
+        try:
+            if bound is None:
+                raise TraceError("its forward takes *args/**kwargs")
+            captured = capture(module, bound, output)
+        except TraceError as exc:
+            return self._fuse_children(module, scope, str(exc))
+        self._note_capture(captured, scope)
+        gm = captured.module
+        analysis = region_analysis.analyse(gm, keep_own_forward=module is self.model,
+                                          unshare=self.unshare)
+        where = f"{scope}: " if scope else ""
+        self.report.skipped += [replace(s, where=where + s.where) for s in analysis.skips]
+        self.report.cuts += [replace(s, where=where + s.where) for s in analysis.cuts]
+        return self._apply_regions(module, scope, gm, analysis.regions, bound)
+
+    def _apply_regions(self, module: nn.Module, scope: str, gm: fx.GraphModule,
+                       regions: list[Region], bound: BoundCall, *, retry: bool = True,
+                       ) -> nn.Module:
+        """Fold, check and apply ``regions`` of ``module``'s graph ``gm``; a chain refused only
+        because a member runs in a forward that cannot be rewritten is tried again as its
+        stretches around those members. Returns the module, or what replaces it."""
+        where = f"{scope}: " if scope else ""
+        accepted = []
+        fused_modules: dict[int, nn.Module] = {}
+        for done, region in enumerate(regions):
+            self.progress(f"folding and checking regions of {scope or 'the model'}", done,
+                          len(regions))
+            # one region's float64 numbers at a time: folded, checked, cast, dropped
+            affine = region_analysis.fold_region(region)
+            error = region_check.local_error(gm, region, affine, self.check_seed)
+            if error > region_check.LOCAL_TOLERANCE:
+                self.report.skipped += _left(region, where, "local check failed: fused conv "
+                                             f"differs by {error:.1e} (scale-relative)")
+                continue
+            fused_modules[id(region)] = rewrite.fused_module(gm, region, affine)
+            accepted.append((region, error))
+        if not accepted:
+            return module
+        applied = rewrite.apply(module, scope, gm, [r for r, _ in accepted], fused_modules,
+                                self.calls, bound.concrete)
+        refused = {id(region): why for region, why in applied.refused}
+        removed = {id(region) for region in applied.removed}
+        stretches: list[Region] = []
+        for region, error in accepted:
+            if id(region) in removed:
+                continue
+            if id(region) in refused:
+                cut = {m for m in region.members if m.op != "call_module"
+                       and frame_of(m) in applied.unrewritable}
+                pieces = [] if not (retry and region.chain and cut) else [
+                    p for p in region_analysis.split_chain(region, cut)
+                    if p.convs and len(p.members) > 1]
+                stretches += pieces
+                if not pieces:
+                    self.report.skipped += _left(region, where, refused[id(region)])
+                continue
+            self._record(region, error, scope, gm, applied)
+        self.report.notes += applied.notes
+        self.steps += applied.steps
+        self.unshared.update(applied.unshared)
+        if stretches:
+            return self._apply_regions(applied.module, scope, gm, stretches, bound, retry=False)
+        return applied.module
+
+    def _record(self, region: Region, error: float, scope: str, gm: fx.GraphModule,
+                applied: rewrite.Applied) -> None:
+        self.report.rewrites.append(RewriteRecord(
+            scope=scope,
+            module=describe(region.members[0]),
+            kind=region.kind,
+            ops=list(region.labels),
+            kernel_size=list(region.affine.kernel_size),
+            groups=region.affine.groups,
+            macs_before=region.macs_before,
+            macs_after=region.macs_after,
+            local_error=error,
+            replaced=describe(region.sink),
+            fused_module=applied.placed.get(id(region)),
+            sources=[join_path(scope, module_path(m)) for m in region.members],
+        ))
+        if id(region) in applied.placed:
+            self.originals[applied.placed[id(region)]] = region_check.region_module(gm, region)
+
+    def _note_capture(self, captured: Capture, scope: str) -> None:
+        """What the report says of a capture beyond torch.fx; the model's own input-size
+        guards are kept to capture and verify at other sizes."""
+        if captured.route == "symbolic":
+            return
+        sizes = len(captured.size_guards)
+        decided = f", deciding {sizes} time(s) on sizes" if sizes else ""
+        opaque = (f"; kept as opaque calls: {', '.join(captured.opaque)} (first: "
+                  f"{next(iter(captured.opaque.values()))})" if captured.opaque else "")
+        self.report.notes.append(
+            f"{scope or 'the model'} captured with values{decided} (torch.fx stopped: "
+            f"{captured.symbolic_failure}){opaque}")
+        if not scope:
+            self.root_capture = captured
+
+    def _fuse_children(self, module: nn.Module, scope: str, why: str) -> nn.Module:
+        if not list(module.children()):
+            self.report.skipped.append(Skip(scope or "model", f"does not trace: {why}",
+                                            _module_kind(module)))
+            return module
+        self.report.notes.append(
+            f"{scope or 'the model'} does not trace as a whole ({why}); its eager forward "
+            "is kept and each part that traces is fused in place, child by child (what it computes "
+            "and discards is still computed)"
+        )
+        if not self.calls_have_tensors:
+            self.calls, _ = record_calls(self.model, copies(self.inputs), keep_tensors=True)
+            self.calls_have_tensors = True
+        for name in self._discarded_children(module, scope):
+            self.report.notes.append(
+                f"{name}: computed by the eager forward of {scope or 'the model'} and then "
+                "discarded (the model's outputs do not depend on it on the example input); it "
+                "still runs, since that forward cannot be rewritten")
+        self._fuse_called(module, scope, why)
+        return module
+
+    def _discarded_children(self, module: nn.Module, scope: str) -> list[str]:
+        """Children whose result ``module``'s own outputs ignore: each is tried by making its
+        output NaN and running ``module`` once on its recorded call. Only where that is cheap:
+        a module with few children, called once."""
+        record = self.calls.get(scope)
+        if scope and (record is None or record.count != 1):
+            return []
+        args, kwargs = (record.args, record.kwargs) if scope else (self.inputs, {})
+        children = [(name, child) for name, child in module.named_children()
+                    if self.calls.get(join_path(scope, name)) is not None]
+        if len(children) > MAX_DISCARD_CHECKS:
+            return []
+
+        def outputs() -> list[Tensor]:
+            with torch.no_grad():
+                result = module(*copies(args), **copies(kwargs))
+            return [t for t in tree_flatten(result)[0] if isinstance(t, Tensor)]
+
+        baseline = outputs()
+        discarded = []
+        for name, child in children:
+            handle = child.register_forward_hook(_poison)
+            try:
+                poisoned = outputs()
+            except Exception:  # a NaN the forward chokes on: it reads the child
+                continue
+            finally:
+                handle.remove()
+            if len(poisoned) == len(baseline) and all(
+                    torch.equal(a, b) for a, b in zip(poisoned, baseline)):
+                discarded.append(join_path(scope, name))
+        return discarded
+
+    def _fuse_called(self, container: nn.Module, scope: str, why: str) -> None:
+        """Fuse each child of ``container`` that was called; walk into children that were not
+        (ModuleList, ModuleDict) to reach the blocks inside them."""
+        for name, child in container.named_children():
+            path = join_path(scope, name)
+            record = self.calls.get(path)
+            if record is not None and record.count and isinstance(child, UNDERSTOOD_MODULES):
+                # a lone conv or BatchNorm folds with nothing: what stopped its parent is why
+                self.report.skipped.append(Skip(path, f"{scope or 'the model'} does not trace "
+                                                f"({why}), and a lone {type(child).__name__} "
+                                                "folds with nothing", _module_kind(child)))
+            elif record is not None and record.count:
+                fused = self.fuse_scope(child, path, record.args, record.kwargs, record.output)
+                if fused is not child:
+                    setattr(container, name, fused)
+            elif list(child.children()):
+                self._fuse_called(child, path, why)
+            else:
+                self.report.skipped.append(Skip(path, "never called on the example input",
+                                                _module_kind(child)))
+
+
+def _module_kind(module: nn.Module) -> str:
+    return "batchnorm" if isinstance(module, nn.modules.batchnorm._BatchNorm) else "op"
+
+
+def _left(region: Region, where: str, reason: str) -> list[Skip]:
+    """What a region not applied leaves, each with ``reason``: its BatchNorms, the merge of its
+    branches, or else its last op."""
+    left = [Skip(where + describe(m), reason, "batchnorm")
+            for m, label in zip(region.members, region.labels) if is_norm(label)]
+    if region.kind == "multi-branch":
+        left.append(Skip(where + describe(region.sink), reason, "merge"))
+    return left or [Skip(where + describe(region.sink), reason, kind_of(region.sink))]
+
+
+
+
+def eval_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` sharing every tensor with it: rewrites only ever put new
+    modules and parameters in the copy."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return copy.deepcopy(model, memo={id(t): t for t in tensors}).eval()
+
+
+def fuse_pass(model: nn.Module, inputs: tuple[Tensor, ...], seed: int, progress: FuseProgress,
+              unshare: bool) -> ScopeFuser:
+    """One pass over ``model`` (left as it was) on ``inputs``: the fuser, its ``model`` the
+    fused copy."""
+    fuser = ScopeFuser(eval_copy(model), inputs, seed, progress, unshare)
+    fuser.model = fuser.fuse_scope(fuser.model, "", inputs, {}, fuser.output).eval()
+    for record in fuser.calls.values():  # the recorded activations are no longer needed
+        record.args, record.kwargs, record.output = (), {}, None
+    return fuser

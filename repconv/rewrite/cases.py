@@ -1,0 +1,68 @@
+"""Runtime branches on a held argument: a module rewritten with a non-tensor argument held
+fixed (a size flag: ``self.block(x, big=x.shape[-1] > 96)``) keeps the branch at run time.
+
+A rewritten forward holds the arguments it was traced with: fx asserts ``big == False`` in it.
+Where a module is called with other values at other input sizes, `dispatcher` puts in its place
+a module that runs, on each call, the rewrite made for the values it is called with (a case per
+value the fuse passes saw), and the module as it was for any other value (``fallback``). It is
+a GraphModule under the module's class name, whose forward takes the module's arguments; it
+pickles and runs with torch alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+from torch import fx, nn
+
+from repconv.rewrite.attributes import own_attributes
+
+FALLBACK = "fallback"
+
+
+def case_name(index: int) -> str:
+    return f"case_{index}"
+
+
+def dispatcher(original: nn.Module, flags: Sequence[str],
+               cases: Sequence[tuple[tuple[Any, ...], nn.Module]],
+               fallback: nn.Module | None) -> fx.GraphModule:
+    """``original``'s stand-in: for the values of arguments ``flags`` each case was made for,
+    that case; for others ``fallback`` (None: the cases cover every value)."""
+    holder = nn.Module()
+    for index, (_, case) in enumerate(cases):
+        holder.add_module(case_name(index), case)
+    if fallback is not None:
+        holder.add_module(FALLBACK, fallback)
+    graph = fx.Graph()
+    arguments = {}
+    for parameter in inspect.signature(original.forward).parameters.values():
+        default = (inspect.Signature.empty if parameter.default is inspect.Parameter.empty
+                   else parameter.default)
+        arguments[parameter.name] = graph.placeholder(parameter.name, default_value=default)
+    key: Any = (arguments[flags[0]] if len(flags) == 1
+                else tuple(arguments[flag] for flag in flags))
+    table = {values[0] if len(flags) == 1 else values: graph.get_attr(case_name(index))
+             for index, (values, _) in enumerate(cases)}
+    chosen = (graph.call_method("get", (table, key, graph.get_attr(FALLBACK)))
+              if fallback is not None else graph.call_function(operator.getitem, (table, key)))
+    graph.output(graph.call_method("__call__", (chosen, *arguments.values())))
+    module = fx.GraphModule(holder, graph, class_name=type(original).__name__)
+    # called like any module: fx's two extra Python frames per call are not worth paying
+    type(module).__call__ = nn.Module.__call__
+    for name, value in own_attributes(original).items():
+        if name not in vars(module):
+            setattr(module, name, value)
+    module.train(original.training)
+    return module
+
+
+def covers_every_value(values: Sequence[tuple[Any, ...]]) -> bool:
+    """True where the cases' values are all the values the arguments can take: both of a bool
+    (the one kind of flag whose values are all known)."""
+    distinct = set(values)
+    return bool(distinct) and all(isinstance(v, bool) for key in distinct for v in key) and (
+        len(distinct) == 2 ** len(next(iter(distinct))))
