@@ -104,6 +104,9 @@ class ScopeFuser:
         for done, region in enumerate(regions):
             self.progress(f"folding and checking regions of {scope or 'the model'}", done,
                           len(regions))
+            if region.absorbed:  # the group's other regions hold its map
+                accepted.append((region, 0.0))
+                continue
             # one region's float64 numbers at a time: folded, checked, cast, dropped
             affine = region_analysis.fold_region(region)
             error = region_check.local_error(gm, region, affine, self.check_seed)
@@ -113,6 +116,14 @@ class ScopeFuser:
                 continue
             fused_modules[id(region)] = rewrite.fused_module(gm, region, affine)
             accepted.append((region, error))
+        # a group is applied whole or not at all
+        checked = {id(r) for r, _ in accepted}
+        failed = {r.group for r in regions if r.group and id(r) not in checked}
+        for region, _ in accepted:
+            if region.group in failed:
+                self.report.skipped += _left(region, where, "another part of its concat did "
+                                             "not check out: the concat's map stays whole")
+        accepted = [(r, e) for r, e in accepted if r.group not in failed or not r.group]
         if not accepted:
             return module
         applied = rewrite.apply(module, scope, gm, [r for r, _ in accepted], fused_modules,
@@ -126,7 +137,7 @@ class ScopeFuser:
             if id(region) in refused:
                 cut = {m for m in region.members if m.op != "call_module"
                        and frame_of(m) in applied.unrewritable}
-                pieces = [] if not (retry and region.chain and cut) else [
+                pieces = [] if not (retry and region.chain and cut and not region.group) else [
                     p for p in region_analysis.split_chain(region, cut)
                     if p.convs and len(p.members) > 1]
                 stretches += pieces
@@ -143,6 +154,8 @@ class ScopeFuser:
 
     def _record(self, region: Region, error: float, scope: str, gm: fx.GraphModule,
                 applied: rewrite.Applied) -> None:
+        if region.absorbed:
+            return  # its map is in the records of its group's other regions
         self.report.rewrites.append(RewriteRecord(
             scope=scope,
             module=describe(region.members[0]),

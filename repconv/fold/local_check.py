@@ -13,7 +13,7 @@ from torch.func import functional_call
 
 from repconv.fold import algebra
 from repconv.fold.algebra import Affine
-from repconv.fold.graph import tensor_shape
+from repconv.fold.graph import tensor_dtype, tensor_shape
 from repconv.fold.region import Region
 
 T = TypeVar("T")
@@ -46,8 +46,18 @@ def region_module(gm: fx.GraphModule, region: Region) -> fx.GraphModule:
 
     for member in region.members:
         copy_node(member)
-    graph.output(env[region.sink])
-    return fx.GraphModule(gm, graph)
+    output = graph.output(env[region.sink])
+    module = fx.GraphModule(gm, graph)
+    # a slice of a map the region absorbs from after a concat (MixConv's BN) is part of it
+    value = env[region.sink]
+    dtype = tensor_dtype(region.sink) or torch.float32
+    for index, after in enumerate(region.then):
+        module.add_module(f"then_{index}", algebra.to_module(after, dtype))
+        with graph.inserting_before(output):
+            value = graph.call_module(f"then_{index}", (value,))
+    output.args = (value,)
+    module.recompile()
+    return module
 
 
 def local_error(gm: fx.GraphModule, region: Region, affine: Affine, seed: int = 0) -> float:

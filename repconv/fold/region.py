@@ -29,6 +29,12 @@ class Region:
     sources: tuple[fx.Node, ...]  # in a chain, what each member reads
     passthrough: tuple[bool, ...]  # which members pass their input on at no cost (views, ...)
     tail: tuple[fx.Node, ...] = ()  # free identities after the sink, left where they run
+    # maps applied after the members': the slice of a per-channel map after a concat of this
+    # region's value and others', which the concat's parts absorb (MixConv's BN)
+    then: tuple[Affine, ...] = ()
+    # regions applied all or none: the parts of such a concat, and the map they absorb
+    group: int = 0
+    absorbed: bool = False  # its members become the identity: other regions of its group hold it
 
     @property
     def convs(self) -> int:
@@ -36,6 +42,8 @@ class Region:
 
     @property
     def kind(self) -> str:
+        if self.absorbed:
+            return "absorbed by the parts of a concat"
         if self.identity:
             return "identity removed"
         if any(label in ("add", "sub", "cat") for label in self.labels):

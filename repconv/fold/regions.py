@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+import torch
 from torch import fx
 
 from repconv.errors import AlgebraError
@@ -269,7 +270,7 @@ def analyse(gm: fx.GraphModule, keep_own_forward: bool = False, unshare: bool = 
         # feeds it folds into it
         boundaries.update(n for n in shared if any(u not in shared for u in data_users(n)))
         _drop_multi_root(ops, boundaries)
-    regions, lone = [], []
+    regions, lone, singles = [], [], []
     for boundary in (n for n in ops if n in boundaries):
         expr, sink = folded[boundary], boundary
         members = tuple(n for n in ops if n in expr.members)
@@ -310,10 +311,52 @@ def analyse(gm: fx.GraphModule, keep_own_forward: bool = False, unshare: bool = 
         for piece in [region] if pieces is None else pieces:
             if piece.convs and len(piece.members) > 1:
                 regions.append(piece)
-            elif piece.convs == 0 and not piece.identity:
+            elif piece.convs:
+                singles.append(piece)
+            elif not piece.identity:
                 lone.append(piece)
+    for absorbed, parts in _distributions(regions + singles, lone):
+        owners = [owner for owner, _ in parts]
+        regions = [r for r in regions if all(r is not o for o in owners)]
+        regions += [absorbed, *(part for _, part in parts)]
+        lone = [piece for piece in lone if piece.sink is not absorbed.sink]
     skips, cuts = account(regions, lone, refused, cut_at)
     return Analysis(regions, skips, cuts)
+
+
+def _distributions(pieces: list[Region], lone: list[Region],
+                   ) -> list[tuple[Region, list[tuple[Region, Region]]]]:
+    """Per-channel maps after a concat of values that fold each on its own (MixConv's BN after
+    the convs of each channel split): the map distributes over the parts, each part's conv
+    absorbing its slice, ``bn(cat(a, b)) = cat(bn_a(a), bn_b(b))``. Each as (the map's region,
+    marked absorbed; each part's region and that region with its slice appended), one group:
+    applied all or none."""
+    by_sink = {piece.sink: piece for piece in pieces}
+    found = []
+    for group, piece in enumerate(lone, start=1):
+        cat = piece.root
+        parts = cat.args[0] if cat.args else None
+        if (cat.op != "call_function" or cat.target not in (torch.cat, torch.concat)
+                or not isinstance(parts, (list, tuple)) or not piece.chain
+                or data_users(cat) != [piece.members[0]]
+                or (cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)) not in (
+                    1, 1 - len(tensor_shape(cat) or ()))):
+            continue
+        owners = [by_sink.get(p) for p in parts]
+        if any(o is None or data_users(p) != [cat] for o, p in zip(owners, parts)):
+            continue
+        folded = fold_region(piece)
+        if not algebra.is_per_channel(folded):
+            continue
+        scale, shift = folded.weight.reshape(-1), folded.bias
+        slices, start = [], 0
+        for part, owner in zip(parts, owners):
+            end = start + channels(part)
+            after = algebra.diagonal(scale[start:end], shift[start:end], owner.affine.nd)
+            slices.append((owner, replace(owner, then=(after,), group=group)))
+            start = end
+        found.append((replace(piece, absorbed=True, group=group), slices))
+    return found
 
 
 def _without_own_ops(region: Region, ops: dict[fx.Node, LinearOp]) -> list[Region] | None:
@@ -402,4 +445,7 @@ def fold_region(region: Region) -> Affine:
     time."""
     folded = _fold(dict(zip(region.members, region.ops)), {region.sink}, keep_values=True)
     assert not isinstance(folded, _Split), "a region that folded in analysis folds again"
-    return folded[region.sink].affine
+    affine = folded[region.sink].affine
+    for after in region.then:
+        affine = algebra.then(affine, after)
+    return affine

@@ -262,7 +262,7 @@ def _plan_edits(
     folds: list[tuple[str, nn.Module, Region]] = []
     refusals: dict[int, str] = {}
     for region in regions:
-        fused = fused_modules[id(region)]
+        fused = fused_modules.get(id(region))
         whole = _whole_module(gm, scope_module, region, fused, calls, scope)
         if whole is not None:
             swaps.append((whole, fused, region))
@@ -378,6 +378,9 @@ def apply(
         if reader is not None:
             refused[id(region)] = (f"{join_path(scope, path)}'s tensors are read elsewhere "
                                    f"({describe(reader)}): it cannot be swapped")
+    for group in {r.group for r in live if r.group and id(r) in refused}:
+        why = next(refused[id(r)] for r in live if r.group == group and id(r) in refused)
+        refused.update((id(r), why) for r in live if r.group == group)
     applied.refused = [(r, refused[id(r)]) for r in live if id(r) in refused]
     # a layer called at several sites and folded in several regions: each got a copy
     copies: dict[str, int] = defaultdict(int)

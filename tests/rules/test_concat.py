@@ -1,6 +1,6 @@
 """repconv/fold/rules/concat.py alone: input-dependent values concatenated along channels
-(``dim=1`` or its negative spelling) become a Concat of the parts in order; other dims and
-constant parts are not this rule's."""
+(``dim=1`` or its negative spelling) become a Concat of the parts in order, one part the
+identity; other dims and constant parts are not this rule's."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from helpers.tensors import randn
 from torch import Tensor, nn
 
 from repconv.fold.rules import concat
-from repconv.fold.rules.base import Concat
+from repconv.fold.rules.base import Concat, Unary
 
 
 class Stacked(nn.Module):
@@ -31,7 +31,9 @@ def test_concatenation_along_channels() -> None:
     a, b, x = graph.node("a"), graph.node("b"), graph.node("x")
     assert graph.lower(concat.lower, "cat") == Concat((a, b, x))
     assert graph.lower(concat.lower, "concat") == Concat((b, a))
-    assert graph.lower(concat.lower, "cat_1") == Concat((a,))
+    single = graph.lower(concat.lower, "cat_1")  # cat([a]) copies a: a free identity
+    assert isinstance(single, Unary) and single.source is a and single.free
+    assert single.affine.is_identity() and single.affine.in_channels == 4
 
 
 def test_other_dims_and_constant_parts_are_not_this_rules() -> None:

@@ -3,7 +3,8 @@
 Pattern: ``torch.cat([a, b, ...], dim=1)`` (or the equivalent negative dim).
 Conditions: every part depends on the input.
 Formula: ``Concat(parts)``; the driver folds it with ``algebra.concat`` when every part is a
-linear map of the same input.
+linear map of the same input. ``cat([x])`` is the identity (a copy), which a fold may leave
+where it runs.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from repconv.fold import algebra
 from repconv.fold.graph import GraphContext, tensor_shape
-from repconv.fold.rules.base import Concat
+from repconv.fold.rules.base import Concat, Unary, channels, spatial_dims
 
 
 def lower(node: fx.Node, ctx: GraphContext) -> Concat | None:
@@ -27,4 +29,8 @@ def lower(node: fx.Node, ctx: GraphContext) -> Concat | None:
         return None
     if not all(ctx.is_tensor_input(p) for p in parts):
         return None
+    if len(parts) == 1:  # cat([x]) copies x: the identity, left where it runs (a copy is cheap)
+        source = parts[0]
+        return Unary(source, algebra.identity(channels(source), spatial_dims(source) or 0),
+                     "cat", free=True)
     return Concat(tuple(parts))
