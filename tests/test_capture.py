@@ -3,6 +3,8 @@ values route records, what it refuses, and how each fold lands in code torch.fx 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,7 @@ from repconv.errors import TraceError
 from repconv.fold.capture import DATA, SIZE, capture, capture_values, crossing_sizes
 from repconv.fold.graph import BoundCall, bind_call
 from repconv.fold.inplace import pad_value
+from repconv.pipeline import Options, fuse_checkpoint
 from repconv.rewrite.surgery import replay_plan
 
 TOL = 1e-5
@@ -288,3 +291,52 @@ def test_a_layer_called_at_every_level_unshares_into_a_copy_per_level(unshare: b
     y = randn(2, 3, 48, 40, seed=1)
     for a, b in zip(run(model, y), run(result.model, y)):
         assert rel_err(a, b) <= TOL
+
+
+class FlaggedBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(4, 4, 3, stride=2, padding=1, bias=False)
+        self.down_bn = nn.BatchNorm2d(4)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.side = nn.Conv2d(4, 4, 1, bias=False)
+        self.side_bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: Tensor, big: bool = False) -> Tensor:
+        if big:
+            x = self.down_bn(self.down(x)).relu()
+        return (self.bn(self.conv(x)) + self.side_bn(self.side(x))).relu()
+
+
+class SizeFlagged(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.block = FlaggedBlock()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block(self.stem(x), big=x.shape[-1] > 24)
+
+
+def test_a_size_flag_keeps_its_branch_and_each_side_is_fused(tmp_path: Path) -> None:
+    """The block is rewritten once per value of its flag, each side folded, and a dispatcher
+    picks the side at run time; the deploy file replays it on a fresh model."""
+    model = randomize_bn(SizeFlagged(), seed=7).eval()
+    result = repconv.fuse(model, randn(1, 3, 16, 16, seed=0))
+    assert result.report.verification.passed
+    assert any(shape[0][-1] > 24 for shape in result.sizes)  # verified across the flag
+    assert [step["kind"] for step in result.plan][-1] == "cases"
+    for size in (16, 25, 32, 40, 23):
+        x = randn(2, 3, size, size, seed=size)
+        assert executed(result.model, x).batchnorms == 0, size
+        assert rel_err(run(model, x), run(result.model, x)) <= TOL, size
+    torch.save({"state_dict": model.state_dict(), "input_shape": [1, 3, 16, 16]},
+               tmp_path / "train.pt")
+    fuse_checkpoint(tmp_path / "train.pt", tmp_path / "deploy.pt", Options(
+        model=f"{__name__}:SizeFlagged"))
+    fresh = repconv.load_deploy(SizeFlagged(), tmp_path / "deploy.pt")
+    for size in (16, 32):
+        x = randn(1, 3, size, size, seed=size)
+        assert rel_err(run(model, x), run(fresh, x)) <= TOL, size
+        assert executed(fresh, x).batchnorms == 0

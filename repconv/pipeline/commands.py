@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from repconv.driver.report import FuseReport, ModelCounts
+from repconv.driver.sizes import size_samples
 from repconv.errors import InputError, StrictError, VerificationError
 from repconv.formats.checkpoint import LoadedCheckpoint, load_checkpoint
 from repconv.formats.decode import check_readable
@@ -245,6 +246,8 @@ def _verify_fused(options: Options, original: nn.Module, fused: nn.Module,
                   onnx_data: bytes | None, inputs: tuple[Tensor, ...],
                   samples: dict[str, tuple[Tensor, ...]], result: FuseResult | None,
                   progress: Progress) -> VerifyReport:
+    if result is not None and result.sizes:  # where the model decides on sizes: both sides
+        samples = {**samples, **size_samples(inputs, result.sizes, options.seed)}
     if onnx_data is None:
         return options.verify(original, fused, inputs, samples, progress)
     return options.verify(original, OnnxModule(onnx_data), inputs, samples, progress,
