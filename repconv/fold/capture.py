@@ -143,6 +143,8 @@ class ValueTracer(Tracer):
         self.values: dict[fx.Node, Any] = {}
         self.guards: list[Guard] = []
         self.computing = False  # a leaf runs on real values: its own calls are not traced
+        self.on_data: set[fx.Node] = set()  # computed from an input's values
+        self.on_size: set[fx.Node] = set()  # computed from an input's sizes or flags
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return ValueProxy(node, self)
@@ -165,6 +167,8 @@ class ValueTracer(Tracer):
                     self.values[node] = self._run(kind, target, *values)
             finally:
                 self.computing = False
+        if kind != "output":
+            self._track(node)
         return proxy
 
     def attribute(self, target: str) -> Any:
@@ -219,28 +223,23 @@ class ValueTracer(Tracer):
 
     def _depends(self, node: fx.Node) -> str:
         """What a decided value depends on: DATA if the values of an input reach it other than
-        through a metadata read, SIZE if only the inputs' sizes do, CONSTANT otherwise."""
-        seen: set[fx.Node] = set()
-        stack, found = [(node, False)], CONSTANT
-        while stack:
-            current, through_metadata = stack.pop()
-            if (current, through_metadata) in seen:
-                continue
-            seen.add(current)
-            if current.op == "placeholder":
-                value = self.values.get(current)
-                if not isinstance(value, Tensor) and not through_metadata:
-                    # a non-tensor argument (a flag) decided on: like a size, it may differ
-                    found = SIZE
-                elif through_metadata:
-                    found = SIZE
-                else:
-                    return DATA
-                continue
-            metadata = metadata_read(current) is not None
-            for parent in current.all_input_nodes:
-                stack.append((parent, through_metadata or metadata))
-        return found
+        through a metadata read, SIZE if only the inputs' sizes (or non-tensor arguments) do,
+        CONSTANT otherwise (flags kept per node as it is made: `_track`)."""
+        return DATA if node in self.on_data else SIZE if node in self.on_size else CONSTANT
+
+    def _track(self, node: fx.Node) -> None:
+        """Record whether ``node`` is computed from an input's values or only its sizes."""
+        inputs = node.all_input_nodes
+        if node.op == "placeholder":
+            (self.on_data if isinstance(self.values[node], Tensor) else self.on_size).add(node)
+        elif metadata_read(node) is not None:
+            if any(a in self.on_data or a in self.on_size for a in inputs):
+                self.on_size.add(node)
+        else:
+            if any(a in self.on_data for a in inputs):
+                self.on_data.add(node)
+            if any(a in self.on_size for a in inputs):
+                self.on_size.add(node)
 
     def _threshold(self, node: fx.Node) -> tuple[int, int, int, float] | None:
         """(input index, dim, constant, scale) for ``t.shape[d] <op> c`` (either order), ``t``
