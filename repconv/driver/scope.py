@@ -48,6 +48,13 @@ def _nan_like(value: Any) -> Any:
     return value
 
 
+def _poisons(output: Any) -> bool:
+    """Whether `_poison` can reach anything in ``output``: a floating tensor that pytree
+    sees (an ImageList or other object hides its tensors from it)."""
+    return any(isinstance(t, Tensor) and t.is_floating_point() and t.numel()
+               for t in tree_flatten(output)[0])
+
+
 def _poison(_module: nn.Module, _args: tuple, output: Any) -> Any:
     """A forward hook making a module's output NaN: what reads it shows it."""
     return tree_map(_nan_like, output)
@@ -228,8 +235,13 @@ class ScopeFuser:
             return [t for t in tree_flatten(result)[0] if isinstance(t, Tensor)]
 
         baseline = outputs()
+        if not any(t.numel() for t in baseline):
+            return []  # empty outputs (no detection kept) stay empty whatever a child does
         discarded = []
         for name, child in children:
+            record = self.calls.get(join_path(scope, name))
+            if record is None or not _poisons(record.output):
+                continue  # NaN would not reach what it returns: nothing to prove
             handle = child.register_forward_hook(_poison)
             try:
                 poisoned = outputs()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import inspect
 import math
 import operator
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -316,7 +317,9 @@ def capture_values(module: nn.Module, bound: BoundCall, leaves: frozenset[str] =
     state = _module_state(module)
     try:
         # made before the state is put back: fx keeps tensor constants as root attributes
-        gm = graph_module(module, tracer.trace(module), tracer)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            gm = graph_module(module, tracer.trace(module), tracer)
     except TraceError:
         raise
     except Exception as exc:  # tracing runs user code: any failure means "does not capture"

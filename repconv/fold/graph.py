@@ -6,6 +6,7 @@ import contextlib
 import inspect
 import io
 import operator
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -159,7 +160,9 @@ def trace(
     it does not trace (and in which module)."""
     tracer = Tracer(leaves)
     try:
-        graph = tracer.trace(module, concrete_args=concrete_args or None)
+        with warnings.catch_warnings():  # fx's advice on held arguments: the report says it
+            warnings.simplefilter("ignore", UserWarning)
+            graph = tracer.trace(module, concrete_args=concrete_args or None)
     except Exception as exc:  # tracing runs user code: any failure means "does not trace"
         raise TraceError(f"{type(exc).__name__}: {one_line(exc, 300)}"[:300],
                          failed_in=tracer.failed_in) from exc
