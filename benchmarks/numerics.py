@@ -45,12 +45,12 @@ from helpers.reference_blocks import BLOCK_NAMES, randomize_bn, tiny_net  # noqa
 import repconv  # noqa: E402
 from repconv.formats.checkpoint import load_checkpoint  # noqa: E402
 from repconv.samples import RepVGGBlock, RepVGGTiny  # noqa: E402
+from repconv.verify.inputs import VARIATIONS  # noqa: E402
 from repconv.verify.outputs import (  # noqa: E402
     DEFAULT_RTOL,
     NOISE_FACTOR,
     REWRITE_RTOL,
     UPCAST_RTOL,
-    VARIATIONS,
     verify,
 )
 from repconv.verify.report import VerifyReport  # noqa: E402

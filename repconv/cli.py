@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import signal
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from inspect import cleandoc
 from pathlib import Path
@@ -25,7 +27,8 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 
 from repconv import __version__
 from repconv.errors import OutcomeError, RepconvError
-from repconv.formats.metadata import parse_kwargs, parse_shape
+from repconv.formats.limits import parse_size
+from repconv.formats.metadata import parse_kwargs, parse_shape, parse_shapes
 from repconv.measure.quant import DEFAULT_TARGET, requested_target
 from repconv.pipeline import Options, bench_checkpoint, fuse_checkpoint, verify_checkpoints
 from repconv.progress import Progress, progress_display
@@ -33,7 +36,15 @@ from repconv.progress import Progress, progress_display
 # The --json document's schema: bump when a field changes meaning or goes away.
 JSON_SCHEMA_VERSION = 1
 EXIT_INTERNAL = 3  # a bug in repconv, not the user's input
+MAX_MESSAGE = 400  # characters of the one error line
 EXIT_SIGTERM = 128 + signal.SIGTERM
+
+
+def one_line_message(message: str) -> str:
+    """What stderr and --json show of an error: one line of at most MAX_MESSAGE characters,
+    whatever the message grew to (10,000 input shapes, a model's multi-line complaint)."""
+    message = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    return message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE - 3] + "..."
 
 
 class Terminated(BaseException):
@@ -63,7 +74,7 @@ class _OneLineErrors(TyperGroup):
                 sys.exit(0)  # typer has printed the help already
             ctx = getattr(exc, "ctx", None)
             command = ctx.command_path if ctx else "repconv"
-            message = f"{exc.format_message()} (see {command} --help)"
+            message = one_line_message(f"{exc.format_message()} (see {command} --help)")
             if "--json" in (sys.argv[1:] if args is None else args):
                 _emit_json({"ok": False, "error": message}, exc.exit_code)
             Console(stderr=True, soft_wrap=True).print(Text.assemble(
@@ -138,12 +149,27 @@ TrustOpt = Annotated[bool, typer.Option(
     "entries or non-aten ops. Unpickling runs code from the file: only for files you trust.")]
 
 
+ShapesOpt = Annotated[str | None, typer.Option(
+    "--shapes", metavar="N,C,H,W;...", help="The sizes to verify at besides the example, "
+    "separated by ';' (one shape per input, joined by '+', for a model with several inputs). "
+    "Default: batch 2, and a smaller, an odd and a larger spatial size.", show_default=False)]
+MaxMemoryOpt = Annotated[str | None, typer.Option(
+    "--max-memory", metavar="SIZE", help="Refuse a forward pass estimated to need more memory "
+    "than this (8GB, 512MB). Default: the memory the system has available.",
+    show_default=False)]
+
+
 def _options(model: str | None, model_kwargs: str | None, input_shape: str | None,
+             shapes: str | None = None, max_memory: str | None = None,
              **typed: Any) -> Options:
     """The library's typed options from the CLI's text: --model-kwargs JSON parsed, --input-shape
-    "N,C,H,W" parsed (each refused as InputError, one line, exit 2)."""
+    "N,C,H,W", --shapes and --max-memory parsed (each refused as InputError, one line, exit
+    2)."""
     return Options(model, parse_kwargs(model_kwargs) if model_kwargs is not None else None,
-                   parse_shape(input_shape) if input_shape is not None else None, **typed)
+                   parse_shape(input_shape) if input_shape is not None else None,
+                   shapes=parse_shapes(shapes) if shapes is not None else None,
+                   max_memory=parse_size(max_memory) if max_memory is not None else None,
+                   **typed)
 
 
 def _jsonable(value: Any) -> Any:
@@ -173,6 +199,43 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+class _HeldLogs(logging.Handler):
+    """Python warnings and log records (torch's, the model's) raised while a command runs."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+        self.warnings: list[warnings.WarningMessage] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def show(self) -> None:
+        """As they would have been shown: warnings by ``warnings.showwarning``, log records
+        by logging's last-resort handler (where no handler of the user's took them)."""
+        for caught in self.warnings:
+            warnings.showwarning(caught.message, caught.category, caught.filename,
+                                 caught.lineno, caught.file, caught.line)
+        for record in self.records:
+            if logging.lastResort is not None:
+                logging.lastResort.handle(record)
+
+
+@contextlib.contextmanager
+def _held_logs() -> Iterator[_HeldLogs]:
+    """Hold warnings and library logs while a command runs: shown after it when it succeeds,
+    dropped when it fails, so that a refusal is its one error line."""
+    held = _HeldLogs()
+    root = logging.getLogger()
+    root.addHandler(held)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            yield held
+            held.warnings = list(caught)
+    finally:
+        root.removeHandler(held)
+
+
 def _run(as_json: bool, action: Callable[[Progress], Any], exit_code: Callable[[Any], int]) -> None:
     """Run ``action`` with a progress line on stderr; render its result; map errors to codes.
     Whatever happens, --json puts exactly one document on stdout: the model's own prints go to
@@ -181,6 +244,7 @@ def _run(as_json: bool, action: Callable[[Progress], Any], exit_code: Callable[[
     err = Console(stderr=True, highlight=False, soft_wrap=True)
 
     def fail(code: int, message: str, payload: dict[str, Any] | None = None) -> None:
+        message = one_line_message(message)
         if as_json:
             _emit_json({**(payload or {"ok": False}), "error": message}, code)
         err.print(Text.assemble(("error:", "bold red"), f" {message}"))
@@ -188,8 +252,9 @@ def _run(as_json: bool, action: Callable[[Progress], Any], exit_code: Callable[[
 
     try:
         with _sigterm_raises(), contextlib.redirect_stdout(sys.stderr), \
-                progress_display(err) as progress:
+                progress_display(err) as progress, _held_logs() as held:
             result = action(progress)
+        held.show()
     except RepconvError as exc:
         outcome = exc.outcome if isinstance(exc, OutcomeError) else None
         if outcome is not None:
@@ -241,6 +306,8 @@ def fuse(
     quant_target: QuantTargetOpt = None,
     keep_shared: KeepSharedOpt = False,
     strict: StrictOpt = False,
+    shapes: ShapesOpt = None,
+    max_memory: MaxMemoryOpt = None,
 ) -> None:
     """Fuse IN into one conv per linear region, verify it, write OUT.
 
@@ -252,8 +319,8 @@ def fuse(
     _run(
         as_json,
         lambda progress: fuse_checkpoint(in_path, out_path, _options(
-            model, model_kwargs, input_shape, rtol=rtol, atol=atol, seed=seed,
-            trust_pickle=trust_pickle, inputs_file=inputs, rewrite_rtol=rewrite_rtol,
+            model, model_kwargs, input_shape, shapes, max_memory, rtol=rtol, atol=atol,
+            seed=seed, trust_pickle=trust_pickle, inputs_file=inputs, rewrite_rtol=rewrite_rtol,
             unshare=not keep_shared, strict=strict),
             keep_extra=keep_extra,
                                          check=not skip_verify, progress=progress, opset=opset,
@@ -280,10 +347,12 @@ def verify(
     inputs: InputsOpt = None,
     rewrite_rtol: RewriteRtolOpt = None,
     trust_pickle: TrustOpt = False,
+    shapes: ShapesOpt = None,
+    max_memory: MaxMemoryOpt = None,
 ) -> None:
     """Check that DEPLOY computes what ORIGINAL does: every output on seeded random inputs at
-    the recorded shape, batch 2 and another spatial size (and on --inputs), and each fused conv
-    against the ops it replaced.
+    the recorded shape, batch 2 and a smaller, an odd and a larger spatial size, or --shapes
+    (and on --inputs), and each fused conv against the ops it replaced.
 
     Exit 0: outputs and rewrites agree within tolerance. 1: they do not, or nothing could be
     compared. 2: bad usage or unreadable input. 3: internal error.
@@ -291,8 +360,8 @@ def verify(
     _run(
         as_json,
         lambda progress: verify_checkpoints(original, deploy, _options(
-            model, model_kwargs, input_shape, rtol=rtol, atol=atol, seed=seed,
-            trust_pickle=trust_pickle, inputs_file=inputs, rewrite_rtol=rewrite_rtol),
+            model, model_kwargs, input_shape, shapes, max_memory, rtol=rtol, atol=atol,
+            seed=seed, trust_pickle=trust_pickle, inputs_file=inputs, rewrite_rtol=rewrite_rtol),
             progress=progress),
         lambda outcome: 0 if outcome.report.passed else 1,
     )
@@ -312,6 +381,7 @@ def inspect(
     inputs: InputsOpt = None,
     seed: SeedOpt = 0,
     keep_shared: KeepSharedOpt = False,
+    max_memory: MaxMemoryOpt = None,
 ) -> None:
     """List what would be fused and what would not, and why (with --quant: how each fused conv
     will take INT8 quantization). Writes nothing.
@@ -319,7 +389,7 @@ def inspect(
     Exit 0: listed. 2: bad usage or unreadable input. 3: internal error.
     """
     def action(progress: Progress) -> Any:
-        options = _options(model, model_kwargs, input_shape, seed=seed,
+        options = _options(model, model_kwargs, input_shape, max_memory=max_memory, seed=seed,
                            trust_pickle=trust_pickle, inputs_file=inputs,
                            unshare=not keep_shared)
         outcome = fuse_checkpoint(in_path, None, options, check=False, progress=progress,
@@ -347,6 +417,7 @@ def bench(
     threads: Annotated[int | None, typer.Option(
         "--threads", help="torch intra-op threads. Default: torch's (the cores it sees).")] = None,
     trust_pickle: TrustOpt = False,
+    max_memory: MaxMemoryOpt = None,
 ) -> None:
     """Time IN's model against its fused form on this machine: latency (warm-up, interleaved
     rounds, median and spread), aten ops executed, parameters, MACs, peak memory (for an .onnx
@@ -357,8 +428,8 @@ def bench(
     _run(
         as_json,
         lambda progress: bench_checkpoint(in_path, out_path, _options(
-            model, model_kwargs, input_shape, trust_pickle=trust_pickle), seconds=seconds,
-                                          threads=threads, progress=progress),
+            model, model_kwargs, input_shape, max_memory=max_memory, trust_pickle=trust_pickle),
+            seconds=seconds, threads=threads, progress=progress),
         lambda outcome: 0,
     )
 

@@ -5,6 +5,8 @@ Every message says what is wrong and what to do next, on one line.
 
 from __future__ import annotations
 
+import reprlib
+
 
 class RepconvError(Exception):
     """Base class of every error repconv raises on purpose."""
@@ -63,3 +65,14 @@ def one_line(exc: BaseException, limit: int = 200, *, last: bool = False) -> str
     if not lines:
         return type(exc).__name__
     return (lines[-1] if last else lines[0])[:limit]
+
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxstring, _BRIEF.maxother = 3, 80, 80
+
+
+def brief(value: object, limit: int = 80) -> str:
+    """A value read from a file, for a message: its repr bounded in depth, items and length,
+    whatever it holds (a list nested 10,000 deep, or one holding itself, would make ``repr``
+    recurse or run for ever)."""
+    return _BRIEF.repr(value)[:limit]

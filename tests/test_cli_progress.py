@@ -33,7 +33,7 @@ def test_plain_lines_when_stderr_is_not_a_terminal(repvgg_ckpt: Path, tmp_path: 
     assert stages[0] == f"loading {repvgg_ckpt}"
     assert "tracing and fusing" in stages
     assert [s for s in stages if s.startswith("comparing outputs")] == [
-        "comparing outputs 0/3", "comparing outputs 1/3", "comparing outputs 2/3"]
+        f"comparing outputs {i}/5" for i in range(5)]
     assert stages[-1] == "writing deploy.pt"
 
 

@@ -24,7 +24,7 @@ from repconv.measure.quant import (
     quant_report,
 )
 from repconv.rewrite.record import RewriteRecord
-from repconv.verify.outputs import random_inputs
+from repconv.verify.inputs import random_inputs
 
 DEAD_CHANNEL = 5
 TINY_VAR = 1e-6

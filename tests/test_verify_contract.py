@@ -59,8 +59,9 @@ def test_schema_shapes_outputs_and_rewrites(repvgg_ckpt: Path,
     assert data["dtype"] == data["compared_in"] == "float32"
     assert [(r["source"], r["input_shapes"]) for r in data["runs"]] == [
         ("example", [[1, 3, 32, 32]]), ("batch 2", [[2, 3, 32, 32]]),
-        ("spatial 64x64", [[1, 3, 64, 64]])]
-    assert data["trials"] == 3 and data["skipped_runs"] == []
+        ("spatial 64x64", [[1, 3, 64, 64]]), ("spatial 17x17", [[1, 3, 17, 17]]),
+        ("spatial 128x128", [[1, 3, 128, 128]])]
+    assert data["trials"] == 5 and data["skipped_runs"] == []
     for run in data["runs"]:
         assert run["outputs_compared"] == 1
         assert run["elements_compared"] == run["input_shapes"][0][0] * 10
@@ -117,10 +118,10 @@ def test_sizes_the_model_does_not_run_at_are_skipped(tmp_path: Path,
     sys.modules.pop(name, None)
     assert code == 0, stderr
     assert [r["source"] for r in data["runs"]] == ["example", "batch 2"]
-    (skipped,) = data["skipped_runs"]
-    assert skipped["source"] == "spatial 16x16" and skipped["input_shapes"] == [[1, 3, 16, 16]]
-    assert "does not run at this size" in skipped["reason"]
-    assert "not compared at spatial 16x16" in stderr
+    assert [(s["source"], s["input_shapes"]) for s in data["skipped_runs"]] == [
+        ("spatial 16x16", [[1, 3, 16, 16]]), ("spatial 5x5", [[1, 3, 5, 5]])]
+    assert all("does not run at this size" in s["reason"] for s in data["skipped_runs"])
+    assert "not compared at spatial 16x16" in stderr and "not compared at spatial 5x5" in stderr
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
@@ -138,7 +139,7 @@ def test_inputs_file_is_compared_first(repvgg_ckpt: Path, deploy: tuple[Path, di
     assert data["runs"][0]["seed"] is None
     assert data["runs"][0]["input_shapes"] == [[4, 3, 32, 32]]
     assert data["runs"][0]["elements_compared"] == 40
-    assert data["input_shape_from"] == "ORIGINAL" and data["trials"] == 4
+    assert data["input_shape_from"] == "ORIGINAL" and data["trials"] == 6
 
 
 def _bad_inputs(folder: Path) -> dict[str, tuple[Path, str]]:

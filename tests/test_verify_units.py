@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from repconv.verify.outputs import REWRITE_RTOL, _other_size, varied_shapes, verify
+from repconv.verify.inputs import _other_size, varied_shapes
+from repconv.verify.outputs import REWRITE_RTOL, verify
 from repconv.verify.reference import computed_in
 
 
@@ -18,8 +19,17 @@ def test_other_size_keeps_the_alignment(size: int, other: int) -> None:
 
 
 def test_varied_shapes() -> None:
+    """Batch 2; a smaller size with the example's alignment, an odd one and a larger one:
+    max(2n, 128) aligned, unless that is more than 16x the elements (then 2n)."""
     assert varied_shapes([[1, 3, 224, 224]], ("batch", "spatial")) == [
-        ("batch 2", [[2, 3, 224, 224]]), ("spatial 160x160", [[1, 3, 160, 160]])]
+        ("batch 2", [[2, 3, 224, 224]]), ("spatial 160x160", [[1, 3, 160, 160]]),
+        ("spatial 113x113", [[1, 3, 113, 113]]), ("spatial 448x448", [[1, 3, 448, 448]])]
+    assert varied_shapes([[1, 3, 32, 32]], ("spatial",)) == [
+        ("spatial 64x64", [[1, 3, 64, 64]]), ("spatial 17x17", [[1, 3, 17, 17]]),
+        ("spatial 128x128", [[1, 3, 128, 128]])]
+    assert varied_shapes([[1, 3, 17, 17]], ("spatial",)) == [
+        ("spatial 12x12", [[1, 3, 12, 12]]), ("spatial 9x9", [[1, 3, 9, 9]]),
+        ("spatial 34x34", [[1, 3, 34, 34]])]
     assert varied_shapes([[2, 3, 32]], ("batch",)) == [("batch 1", [[1, 3, 32]])]
     assert varied_shapes([[4, 10]], ("batch", "spatial")) == [("batch 2", [[2, 10]])]
     assert varied_shapes([[1, 3, 2, 2]], ("spatial",)) == []

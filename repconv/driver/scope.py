@@ -5,7 +5,6 @@ per-rewrite table, the ops each fused conv replaced."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -19,7 +18,14 @@ from repconv.errors import TraceError
 from repconv.fold import local_check as region_check
 from repconv.fold import regions as region_analysis
 from repconv.fold.capture import Capture, capture
-from repconv.fold.graph import UNDERSTOOD_MODULES, BoundCall, bind_call, record_calls
+from repconv.fold.graph import (
+    UNDERSTOOD_MODULES,
+    BoundCall,
+    bind_call,
+    copy_sharing_tensors,
+    eager_differs,
+    record_calls,
+)
 from repconv.fold.reasons import Skip, is_norm, kind_of
 from repconv.fold.region import Region
 from repconv.fold.rules.base import describe
@@ -85,6 +91,9 @@ class ScopeFuser:
         bound = bind_call(module, args, kwargs)
         self.progress(f"tracing {scope or 'the model'}", 0, 1)
         try:
+            differs = eager_differs(module)
+            if differs:
+                raise TraceError(differs)
             if bound is None:
                 raise TraceError("its forward takes *args/**kwargs")
             captured = capture(module, bound, output)
@@ -92,6 +101,7 @@ class ScopeFuser:
             return self._fuse_children(module, scope, str(exc))
         self._note_capture(captured, scope)
         gm = captured.module
+        self._fuse_inside_kept_calls(gm, scope)
         analysis = region_analysis.analyse(gm, keep_own_forward=module is self.model,
                                           unshare=self.unshare)
         where = f"{scope}: " if scope else ""
@@ -195,6 +205,18 @@ class ScopeFuser:
         if not scope:
             self.root_capture = captured
 
+    def _fuse_inside_kept_calls(self, gm: fx.GraphModule, scope: str) -> None:
+        """A module kept as a call because calling it runs more than its class's forward (a
+        hook) stays as it is; its children are fused in place, as for one that does not
+        trace."""
+        for node in gm.graph.nodes:
+            if node.op != "call_module":
+                continue
+            child = gm.get_submodule(node.target)
+            differs = eager_differs(child)
+            if differs and list(child.children()):
+                self._fuse_children(child, join_path(scope, str(node.target)), differs)
+
     def _fuse_children(self, module: nn.Module, scope: str, why: str) -> nn.Module:
         if not list(module.children()):
             self.report.skipped.append(Skip(scope or "model", f"does not trace: {why}",
@@ -295,8 +317,7 @@ def _left(region: Region, where: str, reason: str) -> list[Skip]:
 def eval_copy(model: nn.Module) -> nn.Module:
     """An eval-mode copy of ``model`` sharing every tensor with it: rewrites only ever put new
     modules and parameters in the copy."""
-    tensors = [*model.parameters(), *model.buffers()]
-    return copy.deepcopy(model, memo={id(t): t for t in tensors}).eval()
+    return copy_sharing_tensors(model).eval()
 
 
 def fuse_pass(model: nn.Module, inputs: tuple[Tensor, ...], seed: int, progress: FuseProgress,

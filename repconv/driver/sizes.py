@@ -28,7 +28,7 @@ from repconv.rewrite.cases import case_name, covers_every_value, dispatcher
 from repconv.rewrite.paths import inside
 from repconv.rewrite.plan import FlagCases, FrameRewrite, ModuleSwap, Step, WeightFold
 from repconv.rewrite.surgery import set_module
-from repconv.verify.outputs import random_inputs
+from repconv.verify.inputs import random_inputs
 
 # passes beyond the main one: each is a whole fuse of the model at another size
 MAX_SIZE_PASSES = 2
@@ -43,6 +43,8 @@ def size_passes(model: nn.Module, main: ScopeFuser, inputs: tuple[Tensor, ...], 
     Returns the input shapes across the thresholds at which the model runs (to verify at)."""
     if main.root_capture is None or not main.root_capture.size_guards:
         return []
+    if not all(isinstance(x, Tensor) for x in inputs):
+        return []  # guards index tensor inputs; a list of images is verified as it is given
     shapes = [tuple(x.shape) for x in inputs]
     seen = {_signature(main.calls)}
     checked: list[list[tuple[int, ...]]] = []

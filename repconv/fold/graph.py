@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import io
 import operator
@@ -15,9 +16,10 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
-from torch.utils._pytree import tree_map
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+from torch.utils._pytree import tree_flatten, tree_map
 
-from repconv.errors import TraceError, one_line
+from repconv.errors import TraceError, brief, one_line
 
 # Modules whose own forward repconv understands. A subclass that keeps the inherited forward is a
 # leaf like its base; one that overrides forward (a fused BatchNorm+activation, say) is traced
@@ -34,6 +36,47 @@ UNDERSTOOD_MODULES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm3d,
     nn.Linear,
 )
+
+
+def runs_identity(module: nn.Module) -> bool:
+    """Its instance-level ``forward`` is a plain ``nn.Identity``: calling it returns its input
+    exactly (a BatchNorm slot left in place of a folded one)."""
+    forward = vars(module).get("forward")
+    return (isinstance(forward, nn.Identity) and type(forward).forward is nn.Identity.forward
+            and eager_differs(forward) is None)
+
+
+def _callable_name(value: object) -> str:
+    return getattr(value, "__qualname__", None) or type(value).__qualname__
+
+
+def eager_differs(module: nn.Module) -> str | None:
+    """Why calling ``module`` runs more or other code than its class's ``forward`` (forward
+    hooks or pre-hooks, its own or global ones, a ``forward`` or ``__call__`` of its own), or
+    None. Tracing reads only the class's ``forward``: such a module is never folded through,
+    since its fused form would drop what else runs. An instance ``forward`` that is an
+    ``nn.Identity`` (`runs_identity`) does not differ: it is exactly the identity."""
+    pre = [*module._forward_pre_hooks.values(), *_global_hooks("pre")]
+    post = [*module._forward_hooks.values(), *_global_hooks("post")]
+    if pre or post:
+        kind = "forward pre-hook" if pre else "forward hook"
+        return (f"has a {kind} ({_callable_name((pre or post)[0])}), which its folded form "
+                "would not run")
+    forward = vars(module).get("forward")
+    if forward is not None and not runs_identity(module):
+        return (f"its forward is replaced on the instance ({_callable_name(forward)}); folding "
+                "reads its class's forward")
+    # a GraphModule's generated class calls its forward through fx's own __call__
+    if type(module).__call__ is not nn.Module.__call__ and not isinstance(module, fx.GraphModule):
+        return f"its class {type(module).__name__} defines its own __call__"
+    return None
+
+
+def _global_hooks(kind: str) -> list[object]:
+    """Hooks registered with ``torch.nn.modules.module.register_module_forward_(pre_)hook``:
+    they run around every module's call."""
+    hooks = _global_forward_pre_hooks if kind == "pre" else _global_forward_hooks
+    return list(hooks.values())
 
 
 def _keeps_inherited_forward(module: nn.Module) -> bool:
@@ -77,8 +120,8 @@ class Tracer(fx.Tracer):
         return parameter_proxy_cache[name]
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if module_qualified_name in self.leaves:
-            return True
+        if module_qualified_name in self.leaves or runs_identity(m) or eager_differs(m):
+            return True  # kept as a call: what runs is not the class's forward
         if isinstance(m, UNDERSTOOD_MODULES):
             return _keeps_inherited_forward(m)
         return super().is_leaf_module(m, module_qualified_name)
@@ -182,15 +225,26 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def run_model(module: nn.Module, example_inputs: tuple[Tensor, ...]) -> object:
+def copy_sharing_tensors(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model``'s modules that shares every tensor with it (parameters, buffers
+    and tensors kept as plain attributes: legacy weight_norm's computed ``weight`` cannot be
+    deep-copied, and its pre-hook computes the copy's own at each call). State a forward
+    caches on its modules then goes to the copy."""
+    tensors = [*model.parameters(), *model.buffers(),
+               *(v for m in model.modules() for v in vars(m).values() if isinstance(v, Tensor))]
+    return copy.deepcopy(model, memo={id(t): t for t in tensors})
+
+
+def run_model(module: nn.Module, example_inputs: tuple[Any, ...]) -> object:
     """Call ``module`` on the example input; a failure (wrong shape, say) is a TraceError that
     names the model's own complaint."""
     try:
         with torch.no_grad():
             return module(*example_inputs)
     except Exception as exc:  # the model's own code failed on the example input
-        shapes = [list(x.shape) for x in example_inputs]
-        raise TraceError(f"the model fails on an input of shape {shapes}: "
+        shapes = [list(x.shape) for x in tree_flatten(example_inputs)[0]
+                  if isinstance(x, Tensor)]
+        raise TraceError(f"the model fails on an input of shape {brief(shapes, 120)}: "
                          f"{one_line(exc, 300, last=True)}; check "
                          "--input-shape") from exc
 
@@ -217,26 +271,60 @@ def _positional_inplace(node: fx.Node) -> bool:
     return len(node.args) > index and node.args[index] is True
 
 
-def mutated_input(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
-    """The node whose tensor ``node`` changes in place (``x.add_(y)``, ``F.relu(x, inplace=True)``,
-    ``x[i] = v``, ``nn.ReLU(inplace=True)``), or None. fx records such ops as ordinary nodes,
-    so their effect on later readers is invisible to the graph's data flow."""
-    target = node.args[0] if node.args else None
-    if not isinstance(target, fx.Node):
-        return None
+# Ops whose result may share storage with their first argument (views, and reshapes that
+# may be views): a change made in place through the result changes that argument too.
+_ALIASING = frozenset({
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "narrow", "select",
+    "getitem", "__getitem__", "transpose", "permute", "t", "unsqueeze", "squeeze", "expand",
+    "expand_as", "as_strided", "movedim", "moveaxis", "swapaxes", "swapdims", "unfold",
+    "diagonal", "split", "split_with_sizes", "tensor_split", "chunk", "unbind", "detach",
+    "contiguous", "view_as_real", "view_as_complex", "real", "imag",
+})
+_ALIASING_ATTRIBUTES = frozenset({"T", "mT", "H", "mH", "data", "real", "imag"})
+
+
+def _changes_first_argument(node: fx.Node, gm: fx.GraphModule) -> bool:
     if node.op == "call_method":
         name = str(node.target)
-        mutates = name.endswith("_") and not name.endswith("__")
-    elif node.op == "call_function":
+        return name.endswith("_") and not name.endswith("__")
+    if node.op == "call_function":
         name = getattr(node.target, "__name__", "")
-        mutates = (node.kwargs.get("inplace") is True or _positional_inplace(node)
-                   or node.target is operator.setitem
-                   or (name.endswith("_") and not name.endswith("__")))
-    elif node.op == "call_module":
-        mutates = getattr(gm.get_submodule(node.target), "inplace", False) is True
-    else:
-        mutates = False
-    return target if mutates else None
+        return (node.kwargs.get("inplace") is True or _positional_inplace(node)
+                or node.target is operator.setitem
+                or (name.endswith("_") and not name.endswith("__")))
+    if node.op == "call_module":
+        return getattr(gm.get_submodule(node.target), "inplace", False) is True
+    return False
+
+
+def _is_view(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) == 2 and node.args[1] in _ALIASING_ATTRIBUTES
+    if node.op == "call_method":
+        return str(node.target) in _ALIASING
+    return node.op == "call_function" and getattr(node.target, "__name__", "") in _ALIASING
+
+
+def alias_base(node: fx.Node, gm: fx.GraphModule) -> fx.Node:
+    """The value whose storage ``node`` may share: back through views (``x[:, :2]``,
+    ``x.view(...)``, ``x.narrow(...)``) and in-place ops (which return their input) to the
+    first value that is none of those."""
+    while node.args and isinstance(node.args[0], fx.Node) and (
+            _is_view(node) or _changes_first_argument(node, gm)):
+        node = node.args[0]
+    return node
+
+
+def mutated_input(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
+    """The value whose tensor ``node`` changes in place (``x.add_(y)``, ``F.relu(x, inplace=True)``,
+    ``x[i] = v``, ``nn.ReLU(inplace=True)``), or None. A change through a view or alias
+    (``x[:, :2].clamp_()``) is a change of the value it views (`alias_base`). fx records such
+    ops as ordinary nodes, so their effect on later readers is invisible to the graph's data
+    flow."""
+    target = node.args[0] if node.args else None
+    if not isinstance(target, fx.Node) or not _changes_first_argument(node, gm):
+        return None
+    return alias_base(target, gm)
 
 
 def erase_dead_code(gm: fx.GraphModule) -> None:
@@ -320,7 +408,10 @@ class GraphContext:
                    if name == target or name.startswith(prefix))
 
     def submodule(self, node: fx.Node) -> nn.Module:
-        return self.module.get_submodule(node.target)
+        """The module a call_module node runs: an ``nn.Identity`` set as its instance forward
+        (`runs_identity`) stands for it."""
+        module = self.module.get_submodule(node.target)
+        return vars(module)["forward"] if runs_identity(module) else module
 
     def constant(self, value: Any) -> Any:
         """The value of ``value`` if it depends on no input (a get_attr, a literal, or ops on

@@ -25,7 +25,9 @@ from repconv.fold import algebra
 from repconv.fold.algebra import Affine
 from repconv.fold.graph import (
     GraphContext,
+    alias_base,
     data_users,
+    eager_differs,
     metadata_read,
     mutated_input,
     tensor_dtype,
@@ -95,6 +97,10 @@ def _lower_all(
             continue
         if tensor_shape(node) is None or mutated_input(node, gm) is not None:
             continue  # in-place ops stay as they are: their effect is not in the data flow
+        differs = eager_differs(ctx.submodule(node)) if node.op == "call_module" else None
+        if differs:  # every rule reads the module's class: none may fold what else runs
+            refused[node] = differs
+            continue
         for rule in RULES:
             answer = rule(node, ctx)
             if answer is None:
@@ -405,6 +411,11 @@ def _structural_split(
     shape of a value inside it that the fused output would not have. The pieces on either side
     still fold."""
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    changed_at: dict[fx.Node, list[int]] = {}  # each value's in-place changes, views included
+    for node in gm.graph.nodes:
+        base = mutated_input(node, gm)
+        if base is not None:
+            changed_at.setdefault(base, []).append(order[node])
     for sink in (n for n in ops if n in boundaries):
         root = exprs[sink].root
         members = [n for n in ops if n in exprs[sink].members]
@@ -416,7 +427,7 @@ def _structural_split(
             cut = changed
             reason = (f"dtype changes from {tensor_dtype(root)} to {tensor_dtype(changed)}: "
                       "one conv has one dtype").replace("torch.", "")
-        mutations = [order[u] for u in root.users if mutated_input(u, gm) is root]
+        mutations = changed_at.get(alias_base(root, gm), [])
         reads = [m for m in members if root in m.all_input_nodes]
         late = [m for m in reads if any(order[reads[0]] < p < order[m] for p in mutations)]
         if cut is None and late:

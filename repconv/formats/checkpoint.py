@@ -16,7 +16,7 @@ from torch import nn
 
 from repconv.errors import InputError
 from repconv.formats.build import Architecture, build_and_load
-from repconv.formats.decode import read_file
+from repconv.formats.decode import read_data
 from repconv.formats.metadata import recorded_kwargs, recorded_plan, recorded_shape
 from repconv.formats.state_dict import STATE_DICT_KEYS, is_state_dict
 from repconv.formats.tensors import check_module, check_statistics
@@ -76,7 +76,7 @@ def load_checkpoint(
 ) -> LoadedCheckpoint:
     """Load a training (or deploy) checkpoint in any layout repconv knows into an nn.Module."""
     path = Path(path)
-    obj = read_file(path, trust_pickle=trust_pickle)
+    obj = read_data(path, trust_pickle=trust_pickle)
     found: list[str] = []
     if isinstance(obj, nn.Module):
         found.append(f"a pickled {type(obj).__name__}")

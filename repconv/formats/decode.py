@@ -17,6 +17,8 @@ from torch import Tensor
 
 from repconv.errors import InputError, one_line
 from repconv.formats.kinds import FileKind, kind_of
+from repconv.formats.limits import check_archive, check_tensor_bytes
+from repconv.formats.metadata import check_nesting
 
 
 def check_readable(path: Path) -> None:
@@ -85,3 +87,13 @@ def _unpickler_reason(exc: BaseException) -> str:
         if line.endswith("WeightsUnpickler error:"):
             return lines[index + 1]
     return lines[-1] if lines else type(exc).__name__
+
+
+def read_data(path: Path, *, trust_pickle: bool) -> Any:
+    """`read_file`, bounded (`limits`): an archive inflating far beyond its size is refused
+    before it is read; what it holds may not nest too deep, nor its tensors repeat memory."""
+    check_archive(path)
+    value = read_file(path, trust_pickle=trust_pickle)
+    check_nesting(value, str(path))
+    check_tensor_bytes(value, path)
+    return value

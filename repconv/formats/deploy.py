@@ -9,7 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from repconv.errors import InputError
-from repconv.formats.decode import read_file
+from repconv.formats.decode import read_data
 from repconv.formats.metadata import DEPLOY_MARKER, recorded_kwargs, recorded_plan, recorded_shape
 from repconv.formats.state_dict import is_state_dict, load_weights
 from repconv.rewrite.surgery import replay_plan
@@ -26,7 +26,7 @@ def load_deploy_with_shape(
 ) -> tuple[nn.Module, tuple[int, ...] | None]:
     """`load_deploy`, plus the verification input shape the file records."""
     path = Path(path)
-    container = read_file(path, trust_pickle=False)
+    container = read_data(path, trust_pickle=False)
     if not isinstance(container, Mapping):
         raise InputError(f"{path} is not a repconv deploy file")
     container = dict(container)

@@ -22,7 +22,8 @@ from torch import Tensor
 from repconv.errors import InputError, one_line
 from repconv.formats.decode import check_readable
 from repconv.formats.kinds import FileKind, kind_of
-from repconv.formats.metadata import shape_problem
+from repconv.formats.limits import check_archive, check_tensor_bytes
+from repconv.formats.metadata import check_nesting, shape_problem
 
 KINDS = (FileKind.TORCH, FileKind.SAFETENSORS)
 
@@ -80,6 +81,10 @@ def load_inputs(path: Path) -> tuple[Tensor, ...]:
     if kind_of(path) not in KINDS:
         raise InputError(f"--inputs {path} must end in .pt, .pth or .safetensors")
     check_readable(path)
-    values = _as_tuple(_read(path), path)
+    check_archive(path, "--inputs ")
+    value = _read(path)
+    check_nesting(value, f"--inputs {path}")
+    check_tensor_bytes(value, path, "--inputs ")
+    values = _as_tuple(value, path)
     return tuple(_check(value, f"--inputs {path} entry {i}" if len(values) > 1 else
                         f"--inputs {path}") for i, value in enumerate(values))

@@ -193,7 +193,7 @@ def load_onnx_session(source: Path | str | bytes, *, threads: int | None = None,
         check_readable(Path(source))
         source = str(source)
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: the message below is what the user sees
+    options.log_severity_level = 4  # fatal only: the exception carries the message it shows
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

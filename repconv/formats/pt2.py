@@ -32,7 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from repconv.errors import InputError, one_line
+from repconv.errors import InputError, brief, one_line
+from repconv.formats import limits
 from repconv.formats.metadata import DEPLOY_MARKER, check_deploy_version, recorded_shape
 
 _TRUST_HINT = "load it only if you trust the file, with --trust-pickle"
@@ -153,6 +154,7 @@ class Pt2Record:
 
 def read_record(path: Path) -> Pt2Record:
     """extra/repconv.json of ``path``, read as JSON and validated (absent: nothing known)."""
+    limits.check_archive(path)
     try:
         with zipfile.ZipFile(path) as archive:
             name = next((n for n in archive.namelist() if n.partition("/")[2] == f"extra/{RECORD}"),
@@ -165,7 +167,7 @@ def read_record(path: Path) -> Pt2Record:
         return Pt2Record(None, None)
     try:
         record = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise InputError(f"{path}: extra/{RECORD} is not JSON; the file is damaged: write it "
                          "again with repconv fuse") from exc
     if not isinstance(record, dict):
@@ -174,7 +176,7 @@ def read_record(path: Path) -> Pt2Record:
     if dynamic is not None and not (isinstance(dynamic, list) and all(
             isinstance(dims, list) and all(type(d) is int and 0 <= d < 8 for d in dims)
             for dims in dynamic)):
-        raise InputError(f"{path} records dynamic_dims {str(dynamic)[:60]!r}, which is not a "
+        raise InputError(f"{path} records dynamic_dims {brief(dynamic, 60)}, which is not a "
                          "list of dimension lists; the file is damaged")
     if DEPLOY_MARKER in record:
         check_deploy_version(record[DEPLOY_MARKER], str(path))
@@ -184,6 +186,7 @@ def read_record(path: Path) -> Pt2Record:
 def load_program(path: Path, *, trust_pickle: bool) -> nn.Module:
     """The module of the exported program in ``path``; see the module docstring for what is
     refused without ``trust_pickle``."""
+    limits.check_archive(path)  # before any record is inflated
     if not trust_pickle:
         check_archive(path)
     logging.disable(logging.WARNING)  # torch logs a traceback of its own before raising

@@ -35,7 +35,7 @@ from torch.utils._pytree import tree_flatten
 from repconv.errors import InputError, one_line
 from repconv.fold.graph import eval_mode
 from repconv.rewrite.record import RewriteRecord
-from repconv.verify.outputs import random_inputs
+from repconv.verify.inputs import random_inputs
 
 DEFAULT_TARGET = 1e-2
 NEAR_ZERO_VAR = 1e-4  # a running_var below this makes |γ|/√(σ²+ε) approach |γ|/√ε

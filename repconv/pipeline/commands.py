@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from repconv.formats.decode import check_readable
 from repconv.formats.deploy import load_deploy_with_shape
 from repconv.formats.inputs import load_inputs
 from repconv.formats.kinds import FileKind, kind_of
+from repconv.formats.limits import available_memory
 from repconv.formats.metadata import check_seed
 from repconv.formats.onnx_deploy import (
     ONNX_VARIATIONS,
@@ -35,10 +37,12 @@ from repconv.formats.pt2 import load_program, read_record
 from repconv.formats.write import check_output, save_deploy, write_atomically
 from repconv.fuse import FuseResult, fuse
 from repconv.measure.bench import BenchReport, Form, bench
+from repconv.measure.footprint import MemoryBudget
 from repconv.measure.quant import calibration_batches, check_target, quant_report
 from repconv.pipeline.outcomes import FuseOutcome, VerifyOutcome
 from repconv.progress import Progress, no_progress
-from repconv.verify.outputs import VARIATIONS, verify
+from repconv.verify.inputs import VARIATIONS, leaf_shapes
+from repconv.verify.outputs import verify
 from repconv.verify.report import VerifyReport
 from repconv.verify.rewrites import RewriteCheck
 
@@ -58,6 +62,25 @@ class Options:
     rewrite_rtol: float | None = None
     unshare: bool = True  # a layer called at several sites folds into a copy per site
     strict: bool = False  # fail (StrictError) when a BatchNorm next to a conv is left unfused
+    # --shapes: the sizes verification runs at besides the example (default: varied sizes)
+    shapes: tuple[tuple[tuple[int, ...], ...], ...] | None = None
+    max_memory: int | None = None  # --max-memory, bytes (default: the memory available)
+
+    def memory(self) -> MemoryBudget | None:
+        """The limit a forward is held to: --max-memory, else what the system has available."""
+        if self.max_memory is not None:
+            return MemoryBudget(self.max_memory, "--max-memory")
+        available = available_memory()
+        return None if available is None else MemoryBudget(available, "the memory available")
+
+    def check_memory(self, model: nn.Module, inputs: tuple[Tensor, ...],
+                     samples: dict[str, tuple[Tensor, ...]], budget: MemoryBudget | None) -> None:
+        """Refuse, before its first forward, an input the model would run out of memory on."""
+        for label, given in (("example", inputs), *samples.items()):
+            problem = budget.problem(model, given) if budget is not None else None
+            if problem:
+                raise InputError(f"running the model on the {label} input of shape "
+                                 f"{leaf_shapes(given)} {problem}")
 
     def load(self, path: Path) -> LoadedCheckpoint:
         if self.model_kwargs is not None and self.model is None:
@@ -97,16 +120,22 @@ class Options:
     def verify(self, original: nn.Module, deployed: nn.Module, inputs: tuple[Tensor, ...],
                samples: dict[str, tuple[Tensor, ...]], progress: Progress, *,
                reference: FuseResult | None = None, vary: tuple[str, ...] = VARIATIONS,
-               lenient: tuple[str, ...] = (), weights: nn.Module | None = None) -> VerifyReport:
+               lenient: tuple[str, ...] = (), weights: nn.Module | None = None,
+               memory: MemoryBudget | None = None,
+               extra_shapes: Sequence[Sequence[Sequence[int]]] = ()) -> VerifyReport:
         """The global verification: every output on every input and, with ``reference`` (the
         original fused in memory), each of its rewrites against the deployed model's conv (its
-        weights from ``weights``' state_dict when given: an ONNX file's)."""
+        weights from ``weights``' state_dict when given: an ONNX file's). ``extra_shapes``:
+        sizes to cover too (across the guards a capture saw), skipped where the original does
+        not run; ``memory``: the limit each input is held to."""
         rewrites = None if reference is None else RewriteCheck(
             reference.model, reference.originals, reference.report.rewrites,
             deployed if weights is None else weights)
         return verify(original, deployed, inputs, rtol=self.rtol, atol=self.atol, seed=self.seed,
-                      trials=1, vary=vary, upcast=True, samples=samples, rewrites=rewrites,
-                      rewrite_rtol=self.rewrite_rtol, lenient=lenient, progress=progress)
+                      trials=1, vary=vary, shapes=self.shapes, upcast=True, samples=samples,
+                      extra_shapes=extra_shapes, rewrites=rewrites,
+                      rewrite_rtol=self.rewrite_rtol, lenient=lenient, memory=memory,
+                      progress=progress)
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -173,6 +202,8 @@ def fuse_checkpoint(
     samples = options.samples(loaded.model)
     inputs, _ = options.inputs(samples, checkpoint=loaded.input_shape)
     inputs = _cast_inputs(inputs, loaded.model)
+    budget = options.memory()
+    options.check_memory(loaded.model, inputs, samples, budget)
     seconds["load"] = time.perf_counter() - start
     result: FuseResult | None = None
     if loaded.deploy_plan is not None:
@@ -210,7 +241,7 @@ def fuse_checkpoint(
         # each rewrite was checked before it was applied: the table is verify's, for files; an
         # ONNX file is itself what is verified, with its weights in the per-rewrite table
         report.verification = _verify_fused(options, loaded.model, fused_model, onnx_data,
-                                            inputs, samples, result, progress)
+                                            inputs, samples, result, progress, budget)
         seconds["verify"] = time.perf_counter() - start
     outcome = FuseOutcome(str(in_path), str(out_path) if out_path else None, loaded.found,
                           report, seconds=seconds,
@@ -245,13 +276,14 @@ def fuse_checkpoint(
 def _verify_fused(options: Options, original: nn.Module, fused: nn.Module,
                   onnx_data: bytes | None, inputs: tuple[Tensor, ...],
                   samples: dict[str, tuple[Tensor, ...]], result: FuseResult | None,
-                  progress: Progress) -> VerifyReport:
+                  progress: Progress, budget: MemoryBudget | None) -> VerifyReport:
     if result is not None and result.sizes:  # where the model decides on sizes: both sides
         samples = {**samples, **size_samples(inputs, result.sizes, options.seed)}
     if onnx_data is None:
-        return options.verify(original, fused, inputs, samples, progress)
+        return options.verify(original, fused, inputs, samples, progress, memory=budget)
     return options.verify(original, OnnxModule(onnx_data), inputs, samples, progress,
-                          reference=result, vary=ONNX_VARIATIONS, weights=weights_of(onnx_data))
+                          reference=result, vary=ONNX_VARIATIONS, weights=weights_of(onnx_data),
+                          memory=budget)
 
 
 def _note_norms(report: FuseReport, model: nn.Module) -> None:
@@ -355,11 +387,13 @@ def verify_checkpoints(
     inputs, source = options.inputs(samples, ORIGINAL=original.input_shape,
                                     DEPLOY=deployed.input_shape)
     inputs = _cast_inputs(inputs, original.model)
+    budget = options.memory()
+    options.check_memory(original.model, inputs, samples, budget)
     progress(f"fusing {original_path} in memory, for the per-rewrite table")
     reference = fuse(original.model, inputs, check=False, seed=options.seed)
     report = options.verify(original.model, deployed.model, inputs, samples, progress,
                             reference=reference, vary=deployed.vary, lenient=deployed.lenient,
-                            weights=deployed.weights)
+                            weights=deployed.weights, memory=budget)
     return VerifyOutcome(str(original_path), str(deploy_path), report, source,
                          [deployed.note] if deployed.note else [])
 
@@ -384,18 +418,19 @@ def bench_checkpoint(
     if loaded.deploy_plan is not None:
         raise InputError(f"IN {in_path} is a repconv deploy file; give the training checkpoint "
                          "as IN and the deploy file as OUT")
+    deployed = None
     if out_path is not None:
         check_readable(out_path)
         progress(f"loading {out_path}")
         deployed = _load_deployed(out_path, loaded, options, timing=True)
-        inputs, _ = options.inputs({}, IN=loaded.input_shape, OUT=deployed.input_shape)
+    recorded = {"IN": loaded.input_shape, "OUT": deployed.input_shape if deployed else None}
+    inputs = _cast_inputs(options.inputs({}, **recorded)[0], loaded.model)
+    options.check_memory(loaded.model, inputs, {}, options.memory())
+    if deployed is not None and out_path is not None:
         fused, name = deployed.model, out_path.name
     else:
-        inputs, _ = options.inputs({}, IN=loaded.input_shape)
         progress("tracing and fusing")
-        fused = fuse(loaded.model, _cast_inputs(inputs, loaded.model), check=False).model
-        name = "fused"
-    inputs = _cast_inputs(inputs, loaded.model)
+        fused, name = fuse(loaded.model, inputs, check=False).model, "fused"
     # an ONNX Runtime session is timed like the others; its ops and memory are not torch's
     deployed_form = (Form(name, fused, None, runtime_name()) if isinstance(fused, OnnxModule)
                      else Form(name, fused, fused))

@@ -31,6 +31,7 @@ from repconv.fold import algebra
 from repconv.fold.algebra import Affine
 from repconv.fold.graph import (
     CallRecord,
+    alias_base,
     mutated_input,
     tensor_dtype,
     tensor_shape,
@@ -215,8 +216,9 @@ def _chain_slot(gm: fx.GraphModule, region: Region) -> int:
     first_conv = next((i for i, label in enumerate(region.labels) if label in CONV_LABELS), 0)
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     start, end = order[region.members[0]], order[region.members[first_conv]]
-    changed = any(start < order[u] < end and mutated_input(u, gm) is region.root
-                  for u in region.root.users)
+    base = alias_base(region.root, gm)
+    changed = any(start < order[u] < end and mutated_input(u, gm) is base
+                  for u in gm.graph.nodes)
     return 0 if changed else first_conv
 
 

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import skip_init
 
-from repconv.errors import InputError
+from repconv.errors import InputError, brief
 
 PLAN_VERSION = 3
 # plans this repconv reads: 3 added WeightFold and FlagCases steps to 2's
@@ -61,23 +61,23 @@ def _damaged(what: str) -> InputError:
 def check_path(path: object, *, empty_ok: bool = False) -> str:
     """A plain attribute path ("stages.0.conv"), never a dunder or private hop."""
     if not isinstance(path, str) or len(path) > 1000:
-        raise _damaged(f"module path {path!r} is not a string")
+        raise _damaged(f"module path {brief(path)} is not a string")
     if path == "" and empty_ok:
         return path
     if not all(_PART.match(part) for part in path.split(".")):
-        raise _damaged(f"module path {path!r} is not a plain attribute path")
+        raise _damaged(f"module path {brief(path)} is not a plain attribute path")
     return path
 
 
 def _int(value: object, what: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise _damaged(f"{what} {value!r} is not a whole number in [{low}, {high}]")
+        raise _damaged(f"{what} {brief(value)} is not a whole number in [{low}, {high}]")
     return value
 
 
 def _ints(value: object, what: str, nd: int, low: int, high: int) -> tuple[int, ...]:
     if not isinstance(value, (list, tuple)) or len(value) != nd:
-        raise _damaged(f"{what} {value!r} is not a list of {nd} numbers")
+        raise _damaged(f"{what} {brief(value)} is not a list of {nd} numbers")
     return tuple(_int(v, what, low, high) for v in value)
 
 
@@ -112,13 +112,13 @@ class ModuleSpec:
     @classmethod
     def parse(cls, data: object) -> ModuleSpec:
         if not isinstance(data, Mapping):
-            raise _damaged(f"module spec {data!r} is not a record")
+            raise _damaged(f"module spec {brief(data)} is not a record")
         kind, dtype = data.get("type"), data.get("dtype")
         if dtype not in _DTYPES:
-            raise _damaged(f"dtype {dtype!r} is not a floating dtype")
+            raise _damaged(f"dtype {brief(dtype)} is not a floating dtype")
         raw = data.get("args")
         if not isinstance(raw, Mapping):
-            raise _damaged(f"module spec {kind!r} has no argument record")
+            raise _damaged(f"module spec {brief(kind)} has no argument record")
         if kind == "Linear":
             expected = {"in_features", "out_features"}
             if set(raw) != expected:
@@ -126,7 +126,7 @@ class ModuleSpec:
             args = {k: _int(raw[k], k, 1, 1 << 24) for k in sorted(expected)}
             return cls("Linear", str(dtype), args)
         if kind not in _CONVS:
-            raise _damaged(f"module type {kind!r} is not one repconv writes")
+            raise _damaged(f"module type {brief(kind)} is not one repconv writes")
         nd = _CONVS[kind][1]
         expected = {"in_channels", "out_channels", "kernel_size", "stride", "padding",
                     "dilation", "groups", "padding_mode"}
@@ -145,7 +145,8 @@ class ModuleSpec:
             "padding_mode": raw["padding_mode"],
         }
         if args["padding_mode"] not in _PADDING_MODES:
-            raise _damaged(f"padding_mode {args['padding_mode']!r} is not a torch padding mode")
+            raise _damaged(f"padding_mode {brief(args['padding_mode'])} is not a torch padding "
+                           "mode")
         if args["in_channels"] % args["groups"] or args["out_channels"] % args["groups"]:
             raise _damaged(f"groups {args['groups']} does not divide the channels")
         if "output_padding" in expected:
@@ -231,7 +232,7 @@ def _scalar(value: object, what: str) -> JSONScalar:
         return value
     if isinstance(value, float) and math.isfinite(value):
         return value
-    raise _damaged(f"{what} {value!r} is not a plain value")
+    raise _damaged(f"{what} {brief(value)} is not a plain value")
 
 
 def _spec_or_none(data: object) -> ModuleSpec | None:
@@ -240,14 +241,14 @@ def _spec_or_none(data: object) -> ModuleSpec | None:
 
 def _edit(data: object) -> NodeEdit:
     if not isinstance(data, Mapping):
-        raise _damaged(f"edit {data!r} is not a record")
+        raise _damaged(f"edit {brief(data)} is not a record")
     names = [data.get(k) for k in ("root", "first", "sink")]
     if not all(isinstance(n, str) and _NODE.match(n) for n in names):
-        raise _damaged(f"edit names nodes {names!r}")
+        raise _damaged(f"edit names nodes {brief(names)}")
     members = data.get("members")
     if not isinstance(members, list) or not all(
             isinstance(n, str) and _NODE.match(n) for n in members):
-        raise _damaged(f"edit members {str(members)[:80]!r} are not node names")
+        raise _damaged(f"edit members {brief(members)} are not node names")
     module = data.get("module")
     spec = _spec_or_none(data.get("spec"))
     if (module is None) != (spec is None):
@@ -263,12 +264,12 @@ def parse(data: object, weights: Mapping[str, Tensor] | None = None) -> list[Ste
     steps: list[Step] = []
     for raw in data:
         if not isinstance(raw, Mapping) or raw.get("kind") not in _KINDS.values():
-            raise _damaged(f"step {str(raw)[:80]!r} is not a frame rewrite, a module swap, a "
+            raise _damaged(f"step {brief(raw)} is not a frame rewrite, a module swap, a "
                            "weight fold or flag cases")
         if raw["kind"] == "weights":
             bias_added = raw.get("bias_added")
             if not isinstance(bias_added, bool):
-                raise _damaged(f"weight fold {str(raw)[:80]!r} lacks bias_added")
+                raise _damaged(f"weight fold {brief(raw)} lacks bias_added")
             step: Step = WeightFold(check_path(raw.get("path")), bias_added)
         elif raw["kind"] == "swap":
             step = ModuleSwap(check_path(raw.get("path")), _spec_or_none(raw.get("spec")))
@@ -336,7 +337,7 @@ def _flag_cases(raw: Mapping[str, Any]) -> FlagCases:
 
 def _frame_rewrite(raw: object) -> FrameRewrite:
     if not isinstance(raw, Mapping):
-        raise _damaged(f"frame rewrite {str(raw)[:80]!r} is not a record")
+        raise _damaged(f"frame rewrite {brief(raw)} is not a record")
     leaves, concrete, edits = raw.get("leaves"), raw.get("concrete"), raw.get("edits")
     if not isinstance(leaves, list) or not isinstance(concrete, Mapping) or not (
             isinstance(edits, list)):

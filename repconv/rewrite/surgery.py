@@ -10,7 +10,7 @@ import operator
 import torch
 from torch import Tensor, fx, nn
 
-from repconv.errors import InputError, TraceError
+from repconv.errors import InputError, TraceError, one_line
 from repconv.fold.graph import erase_dead_code, metadata_read, trace
 from repconv.rewrite import plan as plan_record
 from repconv.rewrite.attributes import carry_attributes, own_attributes
@@ -159,11 +159,31 @@ def _replay_frame(frame_module: nn.Module, step: FrameRewrite) -> fx.GraphModule
                              f"which {step.scope or 'the model'} does not have; build the "
                              "architecture the deploy file was made from")
         root, first, sink = found
+        _check_region(fgm, root, first, sink, step.scope)
         if edit.module is not None and edit.spec is not None:
             fgm.add_module(edit.module, edit.spec.build())
         members = tuple(nodes[m] for m in edit.members if m in nodes)
         nodes[sink.name] = insert_fused(fgm, root, first, sink, members, edit.module)
-    return wrap(frame_module, fgm)
+    try:
+        return wrap(frame_module, fgm)
+    except RuntimeError as exc:  # graph.lint(): the edits do not make a graph
+        raise InputError(f"deploy plan's edits of {step.scope or 'the model'} do not make a "
+                         f"valid forward ({one_line(exc, 120)}); the deploy file is damaged: "
+                         "write it again with repconv fuse") from exc
+
+
+def _check_region(gm: fx.GraphModule, root: fx.Node, first: fx.Node, sink: fx.Node,
+                  scope: str) -> None:
+    """A recorded edit must name a region as `apply` writes one: its root a value, its first
+    op and sink ops, in that order in the graph (root before first, first not after sink)."""
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    ops = ("call_module", "call_function", "call_method")
+    if (root.op == "output" or first.op not in ops or sink.op not in ops
+            or not order[root] < order[first] <= order[sink]):
+        raise InputError(f"deploy plan edits {scope or 'the model'} from {root.name!r} "
+                         f"({root.op}) through {first.name!r} ({first.op}) to {sink.name!r} "
+                         f"({sink.op}), which is not a region of its forward; the deploy file "
+                         "is damaged: write it again with repconv fuse")
 
 
 def _resolve(model: nn.Module, path: str) -> nn.Module:

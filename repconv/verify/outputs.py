@@ -36,15 +36,25 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from repconv.errors import InputError, TraceError, one_line
+from repconv.errors import InputError, TraceError, brief, one_line
 from repconv.fold.graph import eval_mode
-from repconv.formats.metadata import MAX_INPUT_ELEMENTS, check_seed
+from repconv.formats.metadata import check_seed
+from repconv.measure.footprint import MemoryBudget
 from repconv.progress import Progress, no_progress
+from repconv.verify.inputs import (
+    Planned,
+    copies,
+    floating_to,
+    leaf_shapes,
+    plan,
+    tensor_leaves,
+)
 from repconv.verify.reference import (
     FLOAT64,
     ORIGINAL,
@@ -82,43 +92,6 @@ NOISE_FACTOR = 8.0
 # 2 leaves 7x above the deep models. Their outputs then move less under one conv x1.02 than
 # under correct rounding; the per-rewrite table is what catches that conv.
 LOW_PRECISION_NOISE_FACTOR = 2.0
-VARIATIONS = ("batch", "spatial")
-
-
-def random_inputs(example_inputs: tuple[Tensor, ...], seed: int,
-                  shapes: Sequence[Sequence[int]] | None = None) -> tuple[Tensor, ...]:
-    """Seeded normal inputs like ``example_inputs`` (or at ``shapes``); others as they are."""
-    generator = torch.Generator().manual_seed(seed)
-    shapes = shapes or [x.shape for x in example_inputs]
-    return tuple(
-        torch.randn(tuple(shape), generator=generator, dtype=torch.float64).to(x.dtype)
-        if x.is_floating_point() else x
-        for x, shape in zip(example_inputs, shapes)
-    )
-
-
-def _other_size(size: int) -> int:
-    """Another spatial size with the same power-of-two alignment (up to 32), so a model that
-    needs sizes divisible by its total stride still runs: 224 -> 160, 32 -> 64, 17 -> 12."""
-    if size <= 2:
-        return size
-    align = min(size & -size, 32)
-    other = size * 3 // 4 // align * align
-    return other if align <= other != size else size + align
-
-
-def varied_shapes(shapes: list[list[int]],
-                  vary: Sequence[str]) -> list[tuple[str, list[list[int]]]]:
-    """(label, shapes) of the batch and spatial variations of an (N, C, *spatial) input."""
-    variants = []
-    if "batch" in vary and all(len(s) >= 2 for s in shapes):
-        batch = 2 if shapes[0][0] != 2 else 1
-        variants.append((f"batch {batch}", [[batch, *s[1:]] for s in shapes]))
-    if "spatial" in vary and all(len(s) >= 3 for s in shapes):
-        other = [[*s[:2], *(_other_size(n) for n in s[2:])] for s in shapes]
-        if other != shapes:
-            variants.append(("spatial " + "x".join(map(str, other[0][2:])), other))
-    return variants
 
 
 def _structure_problem(expected: list[tuple[str, Tensor]], got: list[tuple[str, Tensor]],
@@ -137,37 +110,8 @@ def _structure_problem(expected: list[tuple[str, Tensor]], got: list[tuple[str, 
     return shape
 
 
-@dataclass
-class _Planned:
-    source: str
-    seed: int | None
-    shapes: list[list[int]]
-    given: tuple[Tensor, ...] | None = None  # the caller's tensors; else seeded at ``shapes``
-    optional: bool = False  # a varied size: skipped where the original does not run
-
-
-def _plan(inputs: tuple[Tensor, ...], samples: Mapping[str, tuple[Tensor, ...]], seed: int,
-          trials: int, vary: Sequence[str]) -> tuple[list[_Planned], list[SkippedRun]]:
-    example = [list(x.shape) for x in inputs]
-    planned = [_Planned(label, None, [list(x.shape) for x in given], given)
-               for label, given in samples.items()]
-    planned += [_Planned("example" if t == 0 else f"example, seed {seed + t}", seed + t, example)
-                for t in range(trials)]
-    skipped = []
-    for label, shapes in varied_shapes(example, vary):
-        if not all(x.is_floating_point() for x in inputs):
-            skipped.append(SkippedRun(label, shapes, "non-float inputs are used only as given"))
-        elif sum(math.prod(s) for s in shapes) > MAX_INPUT_ELEMENTS:
-            skipped.append(SkippedRun(label, shapes, f"more than {MAX_INPUT_ELEMENTS:,} "
-                                                     "input elements"))
-        else:
-            planned.append(_Planned(label, seed + len(planned) - len(samples), shapes,
-                                    optional=True))
-    return planned, skipped
-
-
-def _least_precise(inputs: tuple[Tensor, ...], model: nn.Module) -> torch.dtype:
-    tensors = [*inputs, *model.parameters(), *model.buffers()]
+def _least_precise(inputs: Any, model: nn.Module) -> torch.dtype:
+    tensors = [*tensor_leaves(inputs), *model.parameters(), *model.buffers()]
     dtypes = {t.dtype for t in tensors if t.is_floating_point()} & set(DEFAULT_RTOL)
     return max(dtypes, key=DEFAULT_RTOL.__getitem__, default=torch.float32)
 
@@ -181,19 +125,22 @@ def _check_tolerance(name: str, value: float | None) -> None:
 def verify(
     original: nn.Module,
     fused: nn.Module,
-    example_inputs: Tensor | tuple[Tensor, ...],
+    example_inputs: Any,
     *,
     rtol: float | None = None,
     atol: float = 0.0,
     seed: int = 0,
     trials: int = 3,
     vary: Sequence[str] = (),
+    shapes: Sequence[Sequence[Sequence[int]]] | None = None,
+    extra_shapes: Sequence[Sequence[Sequence[int]]] = (),
     upcast: bool = False,
-    samples: Mapping[str, tuple[Tensor, ...]] | None = None,
+    samples: Mapping[str, Any] | None = None,
     rewrites: RewriteCheck | None = None,
     rewrite_rtol: float | None = None,
     lenient: Sequence[str] = (),
     noise_factor: float | None = None,
+    memory: MemoryBudget | None = None,
     progress: Progress = no_progress,
 ) -> VerifyReport:
     """Compare ``original`` and ``fused`` on the inputs described in the module docstring.
@@ -205,7 +152,11 @@ def verify(
     the noise term (and the float64 runs) off; so does an explicit ``rtol`` unless
     ``noise_factor`` is given too (it is then the floor). A variation in ``lenient`` that the
     fused model refuses (a .pt2 whose spatial range torch.export fixed) is skipped with the
-    reason instead of failing."""
+    reason instead of failing. ``example_inputs`` is a tensor or a tuple of positional
+    arguments, each a tensor or a list/dict of tensors. ``shapes`` replaces the sizes ``vary``
+    makes by the caller's list (one shape per tensor input each); ``extra_shapes`` adds sizes
+    (skipped where the original does not run). With ``memory``, an input whose forward it
+    estimates above its limit is skipped (a varied size) or refused (InputError)."""
     # an explicit rtol is the bar asked for (--rtol 1e-12 must be able to fail): no noise term
     explicit = rtol is not None and noise_factor is None
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
@@ -221,51 +172,58 @@ def verify(
     rewrite_rtol = REWRITE_RTOL[dtype] if rewrite_rtol is None else rewrite_rtol
     compute = (torch.float64 if dtype == torch.float64 else torch.float32) if upcast else dtype
     reference = Float64Reference(original) if compute == torch.float32 and noise_factor else None
-    planned, skipped = _plan(inputs, samples or {}, seed, trials, vary)
+    planned, skipped = plan(inputs, samples or {}, seed, trials, vary, shapes, extra_shapes)
     runs: list[Run] = []
     problem, rewrite_errors = "", []
     extra = rewrites.modules() if rewrites is not None else []
     start, seconds = time.perf_counter(), {}
     with eval_mode(original, fused, *extra), torch.no_grad(), \
             computed_in(compute, original, fused, *extra):
-        for index, plan in enumerate(planned):
+        for index, planned_run in enumerate(planned):
             progress("comparing outputs", index, len(planned))
-            given = plan.given if plan.given is not None else random_inputs(
-                inputs, plan.seed or 0, plan.shapes)
-            given = tuple(x.to(compute) if x.is_floating_point() else x for x in given)
+            given = floating_to(planned_run.inputs(inputs), compute)
+            too_big = memory.problem(original, given) if memory is not None else None
+            if too_big and planned_run.optional:
+                skipped.append(SkippedRun(planned_run.source, planned_run.shapes, too_big))
+                continue
+            if too_big:
+                raise InputError(f"verifying on {planned_run.source} inputs of shape "
+                                 f"{brief(planned_run.shapes, 120)} {too_big}")
+            run_start = time.perf_counter()
             try:  # each model gets its own copy: a model may change its input in place
-                expected = leaves(original(*(x.clone() for x in given)))
+                expected = leaves(original(*copies(given)))
             except Exception as exc:  # model code failing on the input is a usage problem
-                if plan.optional:
-                    skipped.append(SkippedRun(plan.source, plan.shapes, "the original model "
-                                              f"does not run at this size ({one_line(exc)})"))
+                if planned_run.optional:
+                    skipped.append(SkippedRun(planned_run.source, planned_run.shapes,
+                                              "the original model does not run at this size "
+                                              f"({one_line(exc)})"))
                     continue
-                raise TraceError(f"the model fails on {plan.source} inputs of shape "
-                                 f"{plan.shapes}: {one_line(exc)}") from exc
+                raise TraceError(f"the model fails on {planned_run.source} inputs of shape "
+                                 f"{brief(planned_run.shapes, 120)}: {one_line(exc)}") from exc
             try:
-                got = leaves(fused(*(x.clone() for x in given)))
+                got = leaves(fused(*copies(given)))
             except Exception as exc:  # the deployed model refusing what the original runs
-                if plan.optional and plan.source.partition(" ")[0] in lenient:
-                    skipped.append(SkippedRun(plan.source, plan.shapes, "the fused model does "
-                                              f"not accept this size ({one_line(exc)})"))
+                if planned_run.optional and planned_run.source.partition(" ")[0] in lenient:
+                    skipped.append(SkippedRun(planned_run.source, planned_run.shapes,
+                                              "the fused model does not accept this size "
+                                              f"({one_line(exc)})"))
                     continue
-                problem = (f"the fused model fails on inputs of shape {plan.shapes} where the "
-                           f"original runs ({one_line(exc)})")
+                problem = ("the fused model fails on inputs of shape "
+                           f"{brief(planned_run.shapes, 120)} where the original runs "
+                           f"({one_line(exc)})")
                 break
             problem = _structure_problem(expected[0], got[0], expected[1], got[1])
             if problem:
                 break
             exact = reference.run(given, *expected) if reference is not None else None
-            runs.append(_compare(plan, expected[0], got[0], exact, rtol, atol, noise_factor))
+            runs.append(_compare(planned_run, expected[0], got[0], exact, rtol, atol,
+                                 noise_factor, time.perf_counter() - run_start))
         seconds["outputs"] = time.perf_counter() - start
         if rewrites is not None and planned and not problem:
             progress("comparing each rewrite", 0, None)
             start = time.perf_counter()
-            first = planned[0]
-            given = first.given if first.given is not None else random_inputs(
-                inputs, first.seed or 0, first.shapes)
             rewrite_errors = rewrites.errors(
-                tuple(x.to(compute) if x.is_floating_point() else x for x in given),
+                floating_to(planned[0].inputs(inputs), compute),
                 rewrite_rtol, atol, torch.finfo(dtype).tiny,
                 torch.finfo(dtype).eps if dtype in UNIT_RATIO and compute != dtype else None)
             seconds["rewrites"] = time.perf_counter() - start
@@ -276,6 +234,7 @@ def verify(
             else "rtol given: it applies as a fixed bar" if reference is None and explicit
             else "noise_factor 0: the fixed rtol applies" if reference is None
             else f"{reference.problem}: the fixed rtol applies" if reference.problem else "")
+    problem = problem or _nonfinite_problem(runs)
     report = _report(runs, skipped, problem, rewrite_errors, inputs, dtype, compute,
                      rtol=rtol, atol=atol, seed=seed, rewrite_rtol=rewrite_rtol)
     decisive = max(((run, o) for run in runs for o in run.outputs), key=lambda ro: ro[1].margin,
@@ -290,21 +249,33 @@ def verify(
         seconds={k: round(v, 4) for k, v in seconds.items()})
 
 
+def _nonfinite_problem(runs: list[Run]) -> str:
+    """Where an inf or NaN of one model is not the same in the other (first place)."""
+    for run in runs:
+        for output in run.outputs:
+            if output.nonfinite_mismatches:
+                return (f"{output.name} ({run.source}) has {output.nonfinite_mismatches:,} "
+                        "inf/NaN value(s) that differ between the models (non-finite values "
+                        "must match exactly: the same infinity, NaN where NaN)")
+    return ""
+
+
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _compare(plan: _Planned, expected: list[tuple[str, Tensor]], got: list[tuple[str, Tensor]],
-             exact: list[Tensor] | None, rtol: float, atol: float, noise_factor: float) -> Run:
+def _compare(planned_run: Planned, expected: list[tuple[str, Tensor]],
+             got: list[tuple[str, Tensor]], exact: list[Tensor] | None, rtol: float, atol: float,
+             noise_factor: float, seconds: float) -> Run:
     outputs = [compare_output(name, a, b, exact[i] if exact is not None else None, rtol=rtol,
                               atol=atol, noise_factor=noise_factor)
                for i, ((name, a), (_, b)) in enumerate(zip(expected, got))]
-    return Run(plan.source, plan.seed, plan.shapes, len(outputs),
-               sum(a.numel() for _, a in expected), outputs)
+    return Run(planned_run.source, planned_run.seed, planned_run.shapes, len(outputs),
+               sum(a.numel() for _, a in expected), outputs, round(seconds, 4))
 
 
 def _report(runs: list[Run], skipped: list[SkippedRun], problem: str,
-            rewrite_errors: list[RewriteError], inputs: tuple[Tensor, ...], dtype: torch.dtype,
+            rewrite_errors: list[RewriteError], inputs: Any, dtype: torch.dtype,
             compute: torch.dtype, *, rtol: float, atol: float, seed: int,
             rewrite_rtol: float) -> VerifyReport:
     outputs = [o for run in runs for o in run.outputs]
@@ -322,7 +293,7 @@ def _report(runs: list[Run], skipped: list[SkippedRun], problem: str,
         atol=atol,
         trials=len(runs),
         seed=seed,
-        input_shapes=[list(x.shape) for x in inputs],
+        input_shapes=leaf_shapes(inputs),
         outputs_compared=runs[0].outputs_compared if runs else 0,
         worst_output=worst.name if worst else "",
         elements_compared=runs[0].elements_compared if runs else 0,

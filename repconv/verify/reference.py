@@ -27,13 +27,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from repconv.errors import one_line
+from repconv.verify.inputs import floating_to
 from repconv.verify.report import OutputError
+from repconv.verify.scales import nonfinite_mismatches, sentinel_groups
 
 FLOAT64 = "float64"  # VerifyReport.reference when the bar is noise-relative
 ORIGINAL = "original"  # ... when outputs are compared with the original as run (fixed rtol)
@@ -114,9 +117,14 @@ def computed_in(dtype: torch.dtype | None, *models: nn.Module) -> Iterator[None]
 def error_of(expected: Tensor, got: Tensor) -> tuple[float, float, float]:
     """(max abs error, max abs error / max |expected|, max |expected|), in float64; NaN is
     infinitely wrong."""
-    a64, b64 = expected.detach().double(), got.detach().double()
-    scale = float(a64.abs().max()) if a64.numel() else 0.0
-    abs_error = float((a64 - b64).abs().max()) if a64.numel() else 0.0
+    if not expected.numel():
+        return 0.0, 0.0, 0.0
+    a64 = expected.detach().double()
+    scale = float(a64.abs().max())
+    # one float64 temporary at a time: outputs can be as large as a segmentation map (a64
+    # is a copy unless ``expected`` was float64 already)
+    difference = a64 - got.detach() if expected.dtype == torch.float64 else a64.sub_(got.detach())
+    abs_error = float(difference.abs_().max())
     if abs_error != abs_error:
         abs_error = float("inf")
     return abs_error, abs_error / scale if scale > 0 else abs_error, scale
@@ -141,15 +149,14 @@ class Float64Reference:
     seconds: float = 0.0  # spent on the float64 runs (upcast, forward, put back)
     whole_model: bool = False  # upcast all at once: a per-module upcast failed on this model
 
-    def _forward(self, given: tuple[Tensor, ...]) -> tuple[list[tuple[str, Tensor]], str]:
+    def _forward(self, given: tuple[Any, ...]) -> tuple[list[tuple[str, Tensor]], str]:
         upcast = (computed_in(torch.float64, self.original) if self.whole_model
                   else computed_in_per_module(torch.float64, self.original))
         with upcast:
-            output = self.original(*(x.to(torch.float64, copy=True)
-                                     if x.is_floating_point() else x.clone() for x in given))
+            output = self.original(*floating_to(given, torch.float64, copy=True))
             return leaves(output)
 
-    def run(self, given: tuple[Tensor, ...], expected: list[tuple[str, Tensor]],
+    def run(self, given: tuple[Any, ...], expected: list[tuple[str, Tensor]],
             structure: str) -> list[Tensor] | None:
         """The original's output leaves on ``given`` computed in float64, or None (and
         ``problem``) where it cannot run so or returns something else than in its dtype."""
@@ -181,9 +188,39 @@ class Float64Reference:
 def compare_output(name: str, expected: Tensor, got: Tensor, reference: Tensor | None, *,
                    rtol: float, atol: float, noise_factor: float) -> OutputError:
     """One output leaf: ``got`` (fused) against ``expected`` (the original as run) and, where
-    there is one, against ``reference`` (the original in float64), with the bar above."""
+    there is one, against ``reference`` (the original in float64), with the bar above. Each
+    sentinel group of `scales.sentinel_groups`, and the bulk, is held to the bar on its own
+    scale; non-finite values must match exactly (`scales.nonfinite_mismatches`)."""
+    exact = reference if reference is not None and expected.is_floating_point() else None
+    nonfinite, mismatches = nonfinite_mismatches(
+        expected.detach(), got.detach(), *(() if exact is None else (exact.detach(),)))
+    groups = sentinel_groups(exact if exact is not None else expected, nonfinite)
+    if nonfinite is None and not groups:  # an ordinary output: one scale, as it always was
+        return _group_error(name, expected, got, exact, rtol=rtol, atol=atol,
+                            noise_factor=noise_factor)
+    finite = torch.ones_like(expected, dtype=torch.bool) if nonfinite is None else ~nonfinite
+    bulk = finite.clone()
+    for group in groups:
+        bulk &= ~group
+    parts = [_group_error(name, expected[mask], got[mask],
+                          None if exact is None else exact[mask], rtol=rtol, atol=atol,
+                          noise_factor=noise_factor) for mask in (*groups, bulk)]
+    decisive = max(parts, key=lambda part: (not part.passed, part.margin))
+    return OutputError(
+        name, list(expected.shape),
+        max_abs_error=math.inf if mismatches else max(p.max_abs_error for p in parts),
+        max_rel_error=math.inf if mismatches else max(p.max_rel_error for p in parts),
+        passed=not mismatches and all(p.passed for p in parts),
+        reference_error=decisive.reference_error, noise=decisive.noise,
+        tolerance=decisive.tolerance, nonfinite_mismatches=mismatches,
+        sentinels=sum(int(group.sum()) for group in groups))
+
+
+def _group_error(name: str, expected: Tensor, got: Tensor, reference: Tensor | None, *,
+                 rtol: float, atol: float, noise_factor: float) -> OutputError:
+    """The bar on ``got`` against ``expected`` (and ``reference``), on their own scale."""
     abs_error, rel_error, scale = error_of(expected, got)
-    if reference is None or not expected.is_floating_point():
+    if reference is None:
         return OutputError(name, list(expected.shape), abs_error, rel_error,
                            abs_error <= atol + rtol * scale, rel_error, None, rtol)
     ref_abs, ref_rel, ref_scale = error_of(reference, got)

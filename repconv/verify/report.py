@@ -36,10 +36,16 @@ class OutputError:
     reference_error: float = 0.0
     noise: float | None = None  # max |original - original in float64| / scale
     tolerance: float = 0.0  # max(rtol, noise_factor * noise), or rtol without a noise
+    # positions where one model has inf/NaN and the other not the same one (fails when > 0)
+    nonfinite_mismatches: int = 0
+    # elements judged on their own scale (repconv.verify.scales): sentinels far above the rest
+    sentinels: int = 0
 
     @property
     def margin(self) -> float:
         """reference_error / tolerance: above 1 fails (atol aside)."""
+        if self.nonfinite_mismatches:
+            return float("inf")
         if self.tolerance > 0:
             return self.reference_error / self.tolerance
         return float("inf") if self.reference_error > 0 else 0.0
@@ -55,6 +61,7 @@ class Run:
     outputs_compared: int
     elements_compared: int
     outputs: list[OutputError]
+    seconds: float = 0.0  # both models and the float64 reference on this input
 
 
 @dataclass(frozen=True)
@@ -199,7 +206,8 @@ class VerifyReport:
         ratio = f"ratio to noise x{self.noise_unit_ratio:g}" if self.noise_unit_ratio != 1 else (
             "ratio")
         columns += ["vs float64", "own noise", ratio, "allowed"] if noisy else []
-        table = Table(box=None, pad_edge=False)
+        columns.append("s")
+        table = Table(box=None, pad_edge=False, padding=(0, 1, 0, 0))
         for column in columns:
             table.add_column(column, justify="left" if column in ("input", "shapes") else "right")
         for run in self.runs:
@@ -216,5 +224,6 @@ class VerifyReport:
                         f"{decisive.tolerance:.2e}"]
             elif noisy:
                 row += ["-", "-", "-", f"{self.rtol:.0e}"]
+            row.append(f"{run.seconds:.2f}")
             table.add_row(*(Text(cell, style=style) for cell in row))
         return table

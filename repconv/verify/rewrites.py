@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +45,7 @@ from torch.func import functional_call
 from repconv.errors import one_line
 from repconv.fold.local_check import as_token_shape
 from repconv.rewrite.record import RewriteRecord
+from repconv.verify.inputs import copies
 from repconv.verify.reference import FLOAT64, ORIGINAL, computed_in, error_of
 from repconv.verify.report import RewriteError
 
@@ -69,7 +71,7 @@ class RewriteCheck:
         """Every module whose tensors take part (to run them in one dtype)."""
         return [self.reference, *self.originals.values()]
 
-    def errors(self, inputs: tuple[Tensor, ...], rtol: float, atol: float,
+    def errors(self, inputs: tuple[Any, ...], rtol: float, atol: float,
                floor: float, unit: float | None = None) -> list[RewriteError]:
         """Run the reference model once on ``inputs``; at each fused conv, compare. ``floor``:
         the smallest normal number of the weights' dtype, below which rounding is absolute;
@@ -88,7 +90,7 @@ class RewriteCheck:
         self._state = {} if self.deployed is self.reference else dict(
             self.deployed.state_dict(keep_vars=True))
         try:
-            self.reference(*(x.clone() for x in inputs))
+            self.reference(*copies(inputs))
         finally:
             for handle in handles:
                 handle.remove()

@@ -46,6 +46,23 @@ def repconv_process(*args: object, cwd: Path, **kwargs: Any) -> subprocess.Compl
     return run_process([sys.executable, "-m", "repconv", *args], cwd, **kwargs)
 
 
+_PEAK = ("import resource, subprocess, sys; done = subprocess.run(sys.argv[2:]); "
+         "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN)"
+         ".ru_maxrss)); sys.exit(done.returncode)")
+
+
+def repconv_process_peak(*args: object, cwd: Path,
+                         **kwargs: Any) -> tuple[subprocess.CompletedProcess[str], int]:
+    """A real repconv process and its peak resident memory in bytes (measured by a parent of
+    its own, so no other child of the test process counts)."""
+    record = cwd / "peak_rss.txt"
+    done = run_process([sys.executable, "-c", _PEAK, record, sys.executable, "-m", "repconv",
+                        *args], cwd, **kwargs)
+    peak = int(record.read_text()) * 1024  # ru_maxrss is in KiB on Linux
+    record.unlink()
+    return done, peak
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
