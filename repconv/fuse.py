@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from repconv.driver.report import FuseReport, ModelCounts
 from repconv.driver.scope import FuseProgress, as_inputs, fuse_pass
-from repconv.driver.sizes import size_passes, size_samples
+from repconv.driver.sizes import size_passes
 from repconv.fold.graph import eval_mode
 from repconv.rewrite import plan as plan_record
 from repconv.verify.outputs import verify
@@ -71,6 +71,6 @@ def fuse(
     if check:
         with eval_mode(model):
             report.verification = verify(model, main.model, inputs, rtol=rtol, atol=atol,
-                                         seed=seed, samples=size_samples(inputs, sizes, seed))
+                                         seed=seed, extra_shapes=sizes)
     return FuseResult(main.model, report, plan_record.to_json(main.steps), main.originals,
                       sizes)

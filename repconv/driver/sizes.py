@@ -15,7 +15,6 @@ The sizes are also where the fused model is verified, so every case runs in the 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import replace
 
 from torch import Tensor, nn
@@ -63,13 +62,6 @@ def size_passes(model: nn.Module, main: ScopeFuser, inputs: tuple[Tensor, ...], 
         progress(f"fusing again at {'x'.join(map(str, candidate[0]))}", 0, 1)
         merge(main, fuse_pass(model, other_inputs, seed, progress, unshare), model)
     return checked
-
-
-def size_samples(inputs: tuple[Tensor, ...], sizes: Iterable[list[tuple[int, ...]]],
-                 seed: int) -> dict[str, tuple[Tensor, ...]]:
-    """Seeded inputs at each size, labelled for the verification report."""
-    return {f"across a size decision, {'x'.join(map(str, shapes[0]))}":
-            random_inputs(inputs, seed + 100 + i, shapes) for i, shapes in enumerate(sizes)}
 
 
 def _signature(calls: Calls) -> frozenset[tuple[str, str]]:

@@ -14,7 +14,6 @@ import torch
 from torch import Tensor, nn
 
 from repconv.driver.report import FuseReport, ModelCounts
-from repconv.driver.sizes import size_samples
 from repconv.errors import InputError, StrictError, VerificationError
 from repconv.formats.checkpoint import LoadedCheckpoint, load_checkpoint
 from repconv.formats.decode import check_readable
@@ -277,13 +276,14 @@ def _verify_fused(options: Options, original: nn.Module, fused: nn.Module,
                   onnx_data: bytes | None, inputs: tuple[Tensor, ...],
                   samples: dict[str, tuple[Tensor, ...]], result: FuseResult | None,
                   progress: Progress, budget: MemoryBudget | None) -> VerifyReport:
-    if result is not None and result.sizes:  # where the model decides on sizes: both sides
-        samples = {**samples, **size_samples(inputs, result.sizes, options.seed)}
+    # where the model decides on sizes, both sides of each decision
+    sizes = result.sizes if result is not None else []
     if onnx_data is None:
-        return options.verify(original, fused, inputs, samples, progress, memory=budget)
+        return options.verify(original, fused, inputs, samples, progress, memory=budget,
+                              extra_shapes=sizes)
     return options.verify(original, OnnxModule(onnx_data), inputs, samples, progress,
                           reference=result, vary=ONNX_VARIATIONS, weights=weights_of(onnx_data),
-                          memory=budget)
+                          memory=budget, extra_shapes=sizes)
 
 
 def _note_norms(report: FuseReport, model: nn.Module) -> None:
