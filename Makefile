@@ -28,13 +28,16 @@ bench:
 	$(BIN)/python benchmarks/make_bench.py
 
 # The timm model zoo (benchmarks/zoo.py, tests/zoo) runs in its own environment: PyPI's torch
-# build with torchvision and timm pinned by constraints-zoo.txt. Made once; skipped when ready.
+# build with torchvision, timm and ultralytics pinned by constraints-zoo.txt. Made once; skipped
+# when ready.
 zoo-env:
-	@if $(ZOO_BIN)/python -c 'import timm, repconv, onnxruntime, onnxscript' 2>/dev/null; then \
+	@if $(ZOO_BIN)/python -c 'import timm, repconv, onnxruntime, onnxscript, importlib.util as u; \
+			assert u.find_spec("ultralytics")' 2>/dev/null; then \
 		echo "$(ZOO_VENV) ready"; \
 	else \
 		$(PYTHON) -m venv $(ZOO_VENV) && \
-		$(ZOO_BIN)/pip install --quiet -c constraints-zoo.txt 'torch===2.13.0' torchvision timm && \
+		$(ZOO_BIN)/pip install --quiet -c constraints-zoo.txt 'torch===2.13.0' torchvision timm \
+			ultralytics && \
 		$(ZOO_BIN)/pip install --quiet -c constraints-zoo.txt -e '.[dev,onnx]'; \
 	fi
 

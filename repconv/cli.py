@@ -31,6 +31,7 @@ from repconv.formats.limits import parse_size
 from repconv.formats.metadata import parse_kwargs, parse_shape, parse_shapes
 from repconv.measure.quant import DEFAULT_TARGET, requested_target
 from repconv.pipeline import Options, bench_checkpoint, fuse_checkpoint, verify_checkpoints
+from repconv.pipeline.precision import DeployDtype
 from repconv.progress import Progress, progress_display
 
 # The --json document's schema: bump when a field changes meaning or goes away.
@@ -308,6 +309,11 @@ def fuse(
     strict: StrictOpt = False,
     shapes: ShapesOpt = None,
     max_memory: MaxMemoryOpt = None,
+    dtype: Annotated[DeployDtype | None, typer.Option(
+        "--dtype", help="Dtype of the deploy model (the model is converted before it is fused "
+        "and verified). Default: the model's. For an fp16 EMA that loaders upcast, float32 "
+        "keeps the fold's precision; an fp16/bf16 deploy's cost is reported.",
+        show_default=False)] = None,
 ) -> None:
     """Fuse IN into one conv per linear region, verify it, write OUT.
 
@@ -324,7 +330,8 @@ def fuse(
             unshare=not keep_shared, strict=strict),
             keep_extra=keep_extra,
                                          check=not skip_verify, progress=progress, opset=opset,
-                                         quant_target=requested_target(quant, quant_target)),
+                                         quant_target=requested_target(quant, quant_target),
+                                         dtype=dtype),
         lambda outcome: 0,
     )
 

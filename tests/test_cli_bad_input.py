@@ -114,13 +114,13 @@ FUSE_CASES: dict[str, Case] = {
         ["no model weights", "epoch"]),
     "in_namespace_untrusted": lambda e: (
         _fuse(e, e.inp / "ns.pt"), _save(argparse.Namespace(lr=0.1), e.inp / "ns.pt"),
-        ["--trust-pickle"]),
+        ["argparse.Namespace (read as inert data)", "not a model"]),
     "in_namespace_trusted": lambda e: (
         _fuse(e, e.inp / "ns.pt", "--trust-pickle"),
         _save(argparse.Namespace(lr=0.1), e.inp / "ns.pt"), ["Namespace"]),
     "in_pickled_module_untrusted": lambda e: (
         _fuse(e, e.inp / "module.pt"), _save(repvgg_tiny(width=8), e.inp / "module.pt"),
-        ["module.pt", "--trust-pickle"]),
+        ["module.pt", "RepVGGTiny", "--trust-pickle", "--model"]),
     "in_bare_state_dict_without_model": lambda e: (
         _fuse(e, e.inp / "bare.pt"), _save(width8_state_dict(), e.inp / "bare.pt"),
         ["--model", "--model-kwargs"]),

@@ -7,6 +7,7 @@ framework's own kind of loader.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from helpers.measure import count_bns, rel_err
 from helpers.reference_blocks import randomize_bn
 from torch import Tensor, nn
 
-from repconv.pipeline import Options, fuse_checkpoint
+from repconv.formats.checkpoint import load_checkpoint
+from repconv.pipeline import Options, fuse_checkpoint, verify_checkpoints
+from repconv.pipeline.precision import DeployDtype
 from repconv.samples import repvgg_tiny, resnet_tiny
 
 SHAPE = (1, 3, 16, 16)
@@ -124,3 +127,47 @@ def test_model_key_layout_keeps_its_layout(tmp_path: Path) -> None:
     x, expected = outputs(original)
     with torch.no_grad():
         assert rel_err(expected, model(x)) < 1e-5
+
+
+def test_pickled_deploy_files_record_the_input_shape(tmp_path: Path) -> None:
+    """Both pickled layouts (a bare module, the trainer's dict) record the verification input
+    shape beside the pickle: `repconv verify` needs no --input-shape, and IN's layout is what
+    the user's loader reads."""
+    original = trained(repvgg_tiny, seed=8)
+    for name, payload in (("bare", original), ("trainer", trainer_checkpoint(original))):
+        in_path, out = tmp_path / f"{name}.pt", tmp_path / f"{name}-deploy.pt"
+        torch.save(payload, in_path)
+        fuse_checkpoint(in_path, out, TRUSTED)
+        deployed = load_checkpoint(out, trust_pickle=True)
+        assert deployed.input_shape == SHAPE, name
+        outcome = verify_checkpoints(in_path, out, Options(trust_pickle=True))
+        assert outcome.report.passed and outcome.input_shape_from == "DEPLOY", name
+        loaded = torch.load(out, weights_only=False)
+        assert isinstance(loaded, nn.Module) if name == "bare" else list(loaded) == [
+            "model", "ema", "train_args", "epoch"]
+
+
+def test_deploy_dtype_and_what_fp16_storage_costs(tmp_path: Path) -> None:
+    """An fp16 EMA: the default deploy keeps fp16 and reports its error against the float32
+    original beside a float32 deploy's; --dtype float32 writes the float32 one."""
+    original = trained(repvgg_tiny, seed=9)
+    in_path = tmp_path / "last.pt"
+    torch.save(trainer_checkpoint(copy.deepcopy(original).half()), in_path)
+    x, _ = outputs(original)
+    expected = copy.deepcopy(original).half().float()(x)  # the float32 original: upcast fp16
+    errors = {}
+    for dtype in (None, DeployDtype.float32, DeployDtype.bfloat16):
+        out = tmp_path / f"{dtype}.pt"
+        outcome = fuse_checkpoint(in_path, out, TRUSTED, dtype=dtype)
+        model = detector_loader(out)  # loads and upcasts, as the trainer's loader does
+        stored = next(torch.load(out, weights_only=False)["ema"].parameters()).dtype
+        assert stored == (dtype.torch if dtype else torch.float16)
+        with torch.no_grad():
+            errors[dtype] = rel_err(expected, model(x))
+        notes = [n for n in outcome.report.notes if "deploy model is stored in" in n]
+        assert bool(notes) == (stored != torch.float32)
+        if notes:
+            low, full = (float(v) for v in re.findall(r"errs by ([0-9.e+-]+)", notes[0]))
+            # measured on the verification input, not on x: the same order
+            assert 0.25 < low / errors[dtype] < 4 and full < 1e-5 < low
+    assert errors[DeployDtype.float32] < 1e-5 < errors[None] < errors[DeployDtype.bfloat16]

@@ -11,6 +11,7 @@ from rich.text import Text
 from torch import nn
 
 from repconv.fold.reasons import Skip
+from repconv.fold.slot import real_batchnorms
 from repconv.rewrite.record import RewriteRecord
 from repconv.verify.report import VerifyReport
 
@@ -28,7 +29,7 @@ class ModelCounts:
         return cls(
             modules=len(leaves),
             convs=sum(isinstance(m, nn.modules.conv._ConvNd) for m in leaves),
-            batchnorms=sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()),
+            batchnorms=real_batchnorms(model),
             parameters=sum(p.numel() for p in model.parameters()),
         )
 

@@ -1,6 +1,9 @@
 """Reading training checkpoints in every layout repconv knows into an nn.Module.
 
-Nothing in an input file runs code (`decode`). A checkpoint may name its architecture
+Nothing in an input file runs code (`decode`): objects of classes outside torch's allow-list
+come back as inert placeholders (`unpickle`), and the weights beside them are found as in any
+state_dict. A pickled module is used as the architecture only with ``--trust-pickle``; with
+``--model`` its weights alone are taken. A checkpoint may name its architecture
 (``arch`` = "module:callable", ``arch_kwargs``), but repconv builds such a name by itself only
 for its own sample architectures; any other architecture comes from ``--model``.
 """
@@ -20,6 +23,13 @@ from repconv.formats.decode import read_data
 from repconv.formats.metadata import recorded_kwargs, recorded_plan, recorded_shape
 from repconv.formats.state_dict import STATE_DICT_KEYS, is_state_dict
 from repconv.formats.tensors import check_module, check_statistics
+from repconv.formats.unpickle import (
+    Placeholder,
+    is_pickled_module,
+    module_state_dict,
+    placeholders,
+)
+from repconv.formats.zip_record import RECORD_NAME, read_record
 from repconv.samples import SAMPLES
 
 MODULE_KEYS = ("ema", "model", "module", "net")
@@ -63,8 +73,49 @@ def _pickled_in_dict(
     model = container[slot]
     found.append(f"a pickled {type(model).__name__} under {slot!r}")
     check_module(model)
-    shape = recorded_shape(container.get("input_shape"), str(path))
+    shape = recorded_shape(container.get("input_shape"), str(path)) or _recorded_in_zip(path)
     return LoadedCheckpoint(model, None, shape, True, found, container, slot=slot)
+
+
+def _recorded_in_zip(path: Path) -> tuple[int, ...] | None:
+    """The input shape a pickled repconv deploy file records beside its pickle."""
+    return recorded_shape(read_record(path).get("input_shape"), f"{path} ({RECORD_NAME})")
+
+
+def _pickled_placeholder(
+    container: Mapping[str, Any], path: Path, model_reference: str | None,
+) -> tuple[str, dict[str, Any]] | None:
+    """A pickled module the file holds at its top or under one of MODULE_KEYS, read without
+    its classes: its weights (under the key it was found at) when --model builds the
+    architecture; else the one-line refusal naming the classes involved."""
+    key = next((k for k in (_TOP, *MODULE_KEYS) if is_pickled_module(container.get(k))), None)
+    if key is None:
+        return None
+    module = container[key]
+    where = "" if key == _TOP else f" under {key!r}"
+    if model_reference:
+        return key, module_state_dict(module)
+    inner = sorted({type(p).qualified_name for _, p in placeholders(module)} -
+                   {type(module).qualified_name})
+    classes = (f" (built from {', '.join(inner[:4])}{', ...' if len(inner) > 4 else ''}; "
+               f"{len(inner) + 1} classes in all)") if inner else ""
+    raise InputError(f"{path} holds a pickled {type(module).qualified_name}{where}{classes}; "
+                     "using it as the architecture imports those classes and runs code from the "
+                     "file: if you trust the file pass --trust-pickle, or pass --model to build "
+                     "the architecture and take only its weights")
+
+
+def _describe_placeholders(container: Mapping[str, Any], found: list[str]) -> None:
+    """Name the objects the file holds that were read as inert placeholders."""
+    named = [f"{type(p).qualified_name} at {path}" for path, p in placeholders(container)
+             if path.count("[") == 1 and "." not in path and not is_pickled_module(p)]
+    if named:
+        listed = ", ".join(named[:3]) + (", ..." if len(named) > 3 else "")
+        found.append(f"{len(named)} object(s) of classes repconv does not load, kept as inert "
+                     f"data: {listed}")
+
+
+_TOP = "<the file>"
 
 
 def load_checkpoint(
@@ -81,9 +132,13 @@ def load_checkpoint(
     if isinstance(obj, nn.Module):
         found.append(f"a pickled {type(obj).__name__}")
         check_module(obj)
-        return LoadedCheckpoint(obj, None, None, pickled=True, found=found)
+        return LoadedCheckpoint(obj, None, _recorded_in_zip(path), pickled=True, found=found)
+    if isinstance(obj, Placeholder) and is_pickled_module(obj):
+        obj = {_TOP: obj}
     if not isinstance(obj, Mapping):
-        raise InputError(f"{path} holds a {type(obj).__name__}, not a model or state_dict")
+        kind = (f"{type(obj).qualified_name} (read as inert data)"
+                if isinstance(obj, Placeholder) else type(obj).__name__)
+        raise InputError(f"{path} holds a {kind}, not a model or state_dict")
     container: dict[str, Any] = dict(obj)
     if "safetensors_metadata" in container:
         metadata = container.pop("safetensors_metadata")
@@ -92,17 +147,23 @@ def load_checkpoint(
     pickled = _pickled_in_dict(container, path, found)
     if pickled is not None:
         return pickled
+    _describe_placeholders(container, found)
     if is_state_dict(container):
         weights, key = container, None
         found.append("a bare state_dict")
     else:
         key = next((k for k in STATE_DICT_KEYS if is_state_dict(container.get(k))), None)
+        module_weights = None if key else _pickled_placeholder(container, path, model_reference)
+        if module_weights is not None:
+            key, container[key] = module_weights
+            where = "" if key == _TOP else f" under {key!r}"
+            found.append(f"the weights of the pickled module{where} (its classes not loaded)")
         if key is None:
             keys = ", ".join(map(str, list(container)[:6]))
             raise InputError(f"{path} holds a dict with no model weights (keys: {keys}); "
                              "expected a state_dict or one under 'state_dict'/'model'")
         weights = container[key]
-        if "safetensors_metadata" not in obj:
+        if "safetensors_metadata" not in obj and module_weights is None:
             found.append(f"state_dict under {key!r}")
     input_shape = recorded_shape(container.get("input_shape"), str(path))
     deploy_plan = recorded_plan(container, path)

@@ -1,5 +1,7 @@
 """Decoding a file into Python objects without running code from it: ``torch.load`` with
-``weights_only=True`` (a pickled module only with ``trust_pickle``), safetensors as tensors and
+``weights_only=True``; where the file holds other objects, the same with every object outside
+torch's allow-list as an inert placeholder (`unpickle`); the real objects only with
+``trust_pickle``, and only when a pickled module is there to use. Safetensors as tensors and
 metadata. Which decoder runs is the file's `FileKind`."""
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from repconv.errors import InputError, one_line
 from repconv.formats.kinds import FileKind, kind_of
 from repconv.formats.limits import check_archive, check_tensor_bytes
 from repconv.formats.metadata import check_nesting
+from repconv.formats.unpickle import is_pickled_module, placeholders, read_inert
 
 
 def check_readable(path: Path) -> None:
@@ -57,26 +60,47 @@ def read_file(path: Path, *, trust_pickle: bool) -> Any:
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        # The weights-only unpickler names the class it refused; anything else is not a pickle.
-        if "Unsupported global" not in str(exc) and "Unsupported class" not in str(exc):
+        # The weights-only unpickler names the class it refused (or the module it blocks);
+        # anything else is not a pickle.
+        if not any(s in str(exc) for s in ("Unsupported global", "Unsupported class",
+                                            "unsupported GLOBAL")):
             raise InputError(f"{path} is not a PyTorch checkpoint (unpickling failed: "
                              f"{_unpickler_reason(exc)[:120]}); give the file torch.save or "
                              "safetensors wrote") from exc
-        if not trust_pickle:
-            raise InputError(
-                f"{path} holds pickled Python objects (such as a whole nn.Module); loading it "
-                "runs code from the file. If you trust the file, pass --trust-pickle"
-            ) from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         # the first sentence: torch's zip reader goes on about miniz internals
         detail = one_line(exc, 120).split(". ")[0]
         raise InputError(f"{path} is not a PyTorch checkpoint ({type(exc).__name__}: "
                          f"{detail}); a truncated or damaged file must be written again") from exc
+    inert = _read_inert(path, trust_pickle)
+    if inert is not _UNREADABLE and (
+            not trust_pickle or not any(is_pickled_module(p) for _, p in placeholders(inert))):
+        return inert  # a pickled module in it is refused, by name, where it would be used
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # unpickling trusted user code can fail in any way
         raise InputError(f"{path} could not be unpickled: {type(exc).__name__}: {exc}; the "
                          "classes it names must be importable here") from exc
+
+
+_UNREADABLE = object()
+
+
+def _read_inert(path: Path, trust_pickle: bool) -> Any:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return read_inert(path)
+    except pickle.UnpicklingError as exc:
+        if trust_pickle:
+            return _UNREADABLE  # read as the user trusts it
+        raise InputError(f"{path} holds pickled Python objects that repconv cannot read "
+                         f"without running code from the file ({one_line(exc, 200)}); if you "
+                         "trust the file, pass --trust-pickle") from exc
+    except Exception as exc:  # a malformed pickle fails inside torch or pickle in many ways
+        raise InputError(f"{path} is not a PyTorch checkpoint (unpickling failed: "
+                         f"{type(exc).__name__}: {one_line(exc, 120)}); give the file "
+                         "torch.save or safetensors wrote") from exc
 
 
 def _unpickler_reason(exc: BaseException) -> str:

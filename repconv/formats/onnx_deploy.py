@@ -24,15 +24,21 @@ from repconv.formats.kinds import FileKind, kind_of
 from repconv.formats.metadata import recorded_shape
 from repconv.formats.onnx_io import (
     DEFAULT_OPSET,
+    OnnxExport,
     OnnxModule,
     check_opset,
+    export_program,
     initializers,
-    onnx_bytes,
     require_extra,
 )
 
 INPUT_SHAPE_KEY = "repconv.input_shape"
-ONNX_VARIATIONS = ("batch",)  # repconv's ONNX files have a dynamic batch, a fixed spatial size
+
+
+def onnx_variations(export: OnnxExport) -> tuple[str, ...]:
+    """The sizes an exported file is verified at besides the example's: other batch sizes
+    where its batch is dynamic (its spatial size is fixed)."""
+    return ("batch",) if export.dynamic_batch else ()
 
 
 def check_onnx_output(out: Path, opset: int | None) -> int | None:
@@ -50,18 +56,14 @@ def check_onnx_output(out: Path, opset: int | None) -> int | None:
     return opset
 
 
-def export_deploy(fused: nn.Module, inputs: tuple[Tensor, ...], opset: int) -> bytes:
-    """The ``.onnx`` bytes of the fused model, with the example input's shape recorded."""
+def export_deploy(fused: nn.Module, inputs: tuple[Tensor, ...], opset: int) -> OnnxExport:
+    """The ``.onnx`` file of the fused model, with the example input's shape recorded."""
     shape = json.dumps(list(inputs[0].shape))
-    return onnx_bytes(fused, inputs, opset=opset, metadata={INPUT_SHAPE_KEY: shape})
+    return export_program(fused, inputs, opset=opset, metadata={INPUT_SHAPE_KEY: shape})
 
 
 def runtime_name() -> str:
     return f"onnxruntime {require_extra('onnxruntime').__version__}"
-
-
-def describe(opset: int) -> str:
-    return f"ONNX opset {opset} with a dynamic batch dimension"
 
 
 class OnnxWeights(nn.Module):
@@ -96,8 +98,8 @@ def _variations(path: Path, module: OnnxModule) -> tuple[tuple[str, ...], str]:
     dims = set(dynamic[0]) if dynamic else set()
     vary = tuple(v for v, ok in (("batch", 0 in dims), ("spatial", bool(dims - {0}))) if ok)
     static = [v for v in ("batch", "spatial") if v not in vary]
-    note = (f"{path} has a fixed {' and '.join(static)} size (repconv exports a dynamic batch "
-            "only): not compared at other sizes there") if static else ""
+    note = (f"{path} has a fixed {' and '.join(static)} size: not compared at other sizes "
+            "there") if static else ""
     return vary, note
 
 

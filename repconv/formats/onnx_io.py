@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import re
+import sys
+import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -67,15 +71,53 @@ def require_extra(module_name: str) -> ModuleType:
 
 @contextmanager
 def _quiet_exporter() -> Iterator[None]:
-    """The exporter logs and warns about optional packages (torchvision) on every call."""
+    """The exporter logs, warns and prints (from Python and C++) on every call, up to 150 lines
+    for a model it fails on; none of it reaches stderr unless torch's own TORCH_LOGS asks for
+    logs. Failures are reported by the one error line, which carries their cause."""
+    if os.environ.get("TORCH_LOGS"):
+        yield
+        return
     previous = logging.root.manager.disable
-    logging.disable(max(previous, logging.WARNING))
+    logging.disable(logging.CRITICAL)
+    sys.stderr.flush()
+    saved = os.dup(2)
     try:
-        with warnings.catch_warnings():
+        with tempfile.TemporaryFile() as sink, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            yield
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
     finally:
+        os.close(saved)
         logging.disable(previous)
+
+
+def _onnx_exporting_flag(value: bool) -> bool:
+    """Set what ``torch.onnx.is_in_onnx_export()`` answers; returns what it answered."""
+    from torch.onnx._internal.exporter import _flags
+
+    previous = _flags._is_onnx_exporting
+    _flags._is_onnx_exporting = value
+    return previous
+
+
+class AsExported(nn.Module):
+    """``model`` run as it runs while torch exports it (``torch.onnx.is_in_onnx_export()`` is
+    True): a forward that returns another structure for export is compared as exported."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        previous = _onnx_exporting_flag(True)
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            _onnx_exporting_flag(previous)
 
 
 def _unsupported_op(message: str) -> str | None:
@@ -86,22 +128,43 @@ def _unsupported_op(message: str) -> str | None:
     return None
 
 
-def _export_failure(exc: Exception) -> InputError:
-    # the exporter's message spans many lines, its cause's message names the failing op
+def _messages(exc: BaseException) -> list[str]:
     messages = [str(exc)]
     cause = exc.__cause__
     while cause is not None:
         messages.append(str(cause))
         cause = cause.__cause__
+    return messages
+
+
+_CONSTRAINT = re.compile(r"Constraints violated \([^)]*\)!")
+_SUGGESTED = re.compile(r"Suggested fixes:\s*(.+)")
+
+
+def _export_cause(exc: Exception) -> str:
+    """The line that says why an export failed: torch.export's violated constraint and its
+    suggested fix where there is one, else the first line of the deepest message."""
+    text = "\n".join(_messages(exc))
+    violated, fix = _CONSTRAINT.search(text), _SUGGESTED.search(text)
+    if violated:
+        found = violated.group(0) + (f" ... Suggested fixes: {fix.group(1).strip()}" if fix
+                                     else "")
+        return found[:240]
+    lines = [line.strip() for m in reversed(_messages(exc)) for line in m.splitlines()
+             if line.strip()]
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+def _export_failure(exc: Exception) -> InputError:
+    # the exporter's message spans many lines, its cause's message names the failing op
+    messages = _messages(exc)
     op = next((found for m in messages if (found := _unsupported_op(m))), None)
     if op is not None:
         return InputError(f"the model does not export to ONNX: the exporter has no ONNX "
                           f"translation for op {op}; replace that op or write .pt, .safetensors "
                           "or .pt2 instead")
-    lines = [line.strip() for m in messages for line in m.splitlines() if line.strip()]
-    first = lines[0][:200] if lines else type(exc).__name__
-    return InputError(f"the model does not export to ONNX ({first}); write .pt, .safetensors or "
-                      ".pt2 instead")
+    return InputError(f"the model does not export to ONNX ({_export_cause(exc)}); write .pt, "
+                      ".safetensors or .pt2 instead")
 
 
 def _output_tree(model: nn.Module, inputs: tuple[Tensor, ...]) -> TreeSpec:
@@ -129,15 +192,43 @@ def check_opset(opset: int) -> None:
     _check_opset(opset, highest=require_extra("onnx").defs.onnx_opset_version())
 
 
-def onnx_bytes(
+@dataclass(frozen=True)
+class OnnxExport:
+    """An exported ``.onnx`` file's bytes, and how its batch dimension came out."""
+
+    data: bytes
+    dynamic_batch: bool
+    fallback: str | None = None  # why the strict dynamic batch was not what exported
+
+    def describe(self, opset: int) -> str:
+        batch = "a dynamic batch dimension" if self.dynamic_batch else "a static batch size"
+        how = f" ({self.fallback})" if self.fallback else ""
+        return f"ONNX opset {opset} with {batch}{how}"
+
+
+# The batch dimension asked of the exporter, in order: a strict dynamic one, one torch.export
+# may bound or specialize (Dim.AUTO), none. The first that exports is kept.
+_BATCH_DIMS = (("dynamic", lambda: torch.export.Dim("batch")),
+               ("Dim.AUTO", lambda: torch.export.Dim.AUTO),
+               ("static", lambda: None))
+
+
+def _batch_is_dynamic(proto: Any, inputs: tuple[Tensor, ...]) -> bool:
+    dims = [i.type.tensor_type.shape.dim for i in proto.graph.input]
+    return all(bool(d[0].dim_param) for d, x in zip(dims, inputs) if x.ndim and len(d))
+
+
+def export_program(
     model: nn.Module,
     example_inputs: Tensor | tuple[Tensor, ...],
     *,
     opset: int = DEFAULT_OPSET,
     metadata: Mapping[str, str] | None = None,
-) -> bytes:
-    """The ``.onnx`` bytes of ``model`` (run in eval mode), with a dynamic batch dimension, and
-    ``metadata`` in the file's metadata_props (beside the output structure).
+) -> OnnxExport:
+    """The ``.onnx`` bytes of ``model`` (run in eval mode) with a dynamic batch dimension where
+    it exports with one (else Dim.AUTO's, else a static batch: `OnnxExport` says which, and
+    why), and ``metadata`` in the file's metadata_props beside the output structure, as the
+    model returns it while being exported (``torch.onnx.is_in_onnx_export()``).
 
     Made in memory, so the caller can verify them (``OnnxModule(data)``) before writing; the
     same model gives the same bytes."""
@@ -145,16 +236,29 @@ def onnx_bytes(
     require_extra("onnxscript")  # the exporter's translation library
     _check_opset(opset, highest=onnx.defs.onnx_opset_version())
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    batch = torch.export.Dim("batch")
-    dynamic_shapes = tuple({0: batch} if x.ndim else None for x in inputs)
+    failures: list[Exception] = []
     with eval_mode(model), _quiet_exporter():
-        spec = _output_tree(model, inputs)
-        try:
-            program = torch.onnx.export(model, inputs, None, dynamo=True, verbose=False,
-                                        dynamic_shapes=dynamic_shapes, opset_version=opset)
-        except Exception as exc:  # export failures come from anywhere inside torch
-            raise _export_failure(exc) from exc
+        spec = _output_tree(AsExported(model), inputs)
+        for _mode, make_dim in _BATCH_DIMS:
+            dim = make_dim()
+            dynamic_shapes = (None if dim is None
+                              else tuple({0: dim} if x.ndim else None for x in inputs))
+            try:
+                program = torch.onnx.export(model, inputs, None, dynamo=True, verbose=False,
+                                            dynamic_shapes=dynamic_shapes, opset_version=opset)
+                break
+            except Exception as exc:  # export failures come from anywhere inside torch
+                failures.append(exc)
+        else:
+            raise _export_failure(failures[-1]) from failures[-1]
     proto = program.model_proto
+    dynamic = _batch_is_dynamic(proto, inputs)
+    fallback = None
+    if failures:
+        fallback = (f"exported with {_BATCH_DIMS[len(failures)][0]} after the dynamic batch "
+                    f"failed: {_export_cause(failures[0])}")
+    elif not dynamic:
+        fallback = "the exporter fixed it: the model's code specializes on the batch size"
     written = next(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx"))
     if written != opset:
         raise InputError(f"the exporter wrote opset {written}, not the requested {opset}; pass "
@@ -168,7 +272,18 @@ def onnx_bytes(
     if proto.ByteSize() > _MAX_PROTO_BYTES:
         raise InputError("the model's weights exceed the 2 GB limit of one .onnx file; write "
                          ".pt, .safetensors or .pt2 instead")
-    return proto.SerializeToString()
+    return OnnxExport(proto.SerializeToString(), dynamic, fallback)
+
+
+def onnx_bytes(
+    model: nn.Module,
+    example_inputs: Tensor | tuple[Tensor, ...],
+    *,
+    opset: int = DEFAULT_OPSET,
+    metadata: Mapping[str, str] | None = None,
+) -> bytes:
+    """`export_program`'s bytes."""
+    return export_program(model, example_inputs, opset=opset, metadata=metadata).data
 
 
 def export_onnx(

@@ -11,6 +11,7 @@ symbolic link or a read-only file is refused rather than silently replaced.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import stat
@@ -28,6 +29,8 @@ from repconv.formats.checkpoint import LoadedCheckpoint
 from repconv.formats.kinds import FileKind, kind_of
 from repconv.formats.metadata import DEPLOY_MARKER, DEPLOY_VERSION
 from repconv.formats.pt2 import export_bytes
+from repconv.formats.unpickle import placeholders
+from repconv.formats.zip_record import with_record
 
 # Entries of a training checkpoint that only resume training; a deploy file drops them unless
 # --keep-extra. Everything else keeps its key and place.
@@ -218,11 +221,16 @@ def save_deploy(
         write_atomically(out, _safetensors_writer(_plain_state_dict(fused), metadata))
         return "safetensors weights with the rewrite plan in metadata"
     if loaded.pickled:
-        write_atomically(out, _torch_save(_pickled_payload(fused, loaded, keep_extra)))
+        archive = io.BytesIO()
+        torch.save(_pickled_payload(fused, loaded, keep_extra), archive)
+        write_atomically(out, with_record(archive.getvalue(), {
+            DEPLOY_MARKER: DEPLOY_VERSION, "input_shape": list(input_shape)}))
         where = f" under {loaded.slot!r}, in IN's layout" if loaded.slot else ""
-        return f"pickled fused module{where}"
+        return f"pickled fused module{where}, with the input shape recorded"
     payload = {**meta, "state_dict": _plain_state_dict(fused)}
     if keep_extra:
-        payload = {**loaded.extra, **payload}
+        # objects read as inert placeholders are not the user's objects: they stay out
+        kept = {k: v for k, v in loaded.extra.items() if next(placeholders(v), None) is None}
+        payload = {**kept, **payload}
     write_atomically(out, _torch_save(payload))
     return "fused state_dict with the rewrite plan (loads with weights_only=True)"

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from repconv.driver.report import FuseReport, ModelCounts
 from repconv.errors import InputError, StrictError, VerificationError
+from repconv.fold.slot import real_batchnorms
 from repconv.formats.checkpoint import LoadedCheckpoint, load_checkpoint
 from repconv.formats.decode import check_readable
 from repconv.formats.deploy import load_deploy_with_shape
@@ -23,15 +24,14 @@ from repconv.formats.kinds import FileKind, kind_of
 from repconv.formats.limits import available_memory
 from repconv.formats.metadata import check_seed
 from repconv.formats.onnx_deploy import (
-    ONNX_VARIATIONS,
     check_onnx_output,
-    describe,
     export_deploy,
     load_onnx_deploy,
+    onnx_variations,
     runtime_name,
     weights_of,
 )
-from repconv.formats.onnx_io import OnnxModule
+from repconv.formats.onnx_io import AsExported, OnnxExport, OnnxModule
 from repconv.formats.pt2 import load_program, read_record
 from repconv.formats.write import check_output, save_deploy, write_atomically
 from repconv.fuse import FuseResult, fuse
@@ -39,6 +39,13 @@ from repconv.measure.bench import BenchReport, Form, bench
 from repconv.measure.footprint import MemoryBudget
 from repconv.measure.quant import calibration_batches, check_target, quant_report
 from repconv.pipeline.outcomes import FuseOutcome, VerifyOutcome
+from repconv.pipeline.precision import (
+    LOW_PRECISION,
+    DeployDtype,
+    model_dtype,
+    precision_cost,
+    to_dtype,
+)
 from repconv.progress import Progress, no_progress
 from repconv.verify.inputs import VARIATIONS, leaf_shapes
 from repconv.verify.outputs import verify
@@ -137,12 +144,8 @@ class Options:
                       progress=progress)
 
 
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-
-
 def _cast_inputs(inputs: tuple[Tensor, ...], model: nn.Module) -> tuple[Tensor, ...]:
-    dtype = _model_dtype(model)
+    dtype = model_dtype(model)
     return tuple(x.to(dtype) if x.is_floating_point() else x for x in inputs)
 
 
@@ -182,13 +185,16 @@ def fuse_checkpoint(
     progress: Progress = no_progress,
     opset: int | None = None,
     quant_target: float | None = None,
+    dtype: DeployDtype | None = None,
 ) -> FuseOutcome:
     """Load IN, fuse, verify (``check``; the local check of each rewrite always runs) and, when
     ``out_path`` is given and verification passes, write OUT. Raises VerificationError (nothing
     written) when the fused model does not match; ``out_path=None, check=False`` is `repconv
     inspect`: it only reports. An ``.onnx`` OUT is exported (at ``opset``) and that file's
     bytes, run in ONNX Runtime, are what is verified. ``quant_target``: add the INT8 readiness
-    report for that error target."""
+    report for that error target. ``dtype``: the deploy dtype (default: the model's); the model
+    is converted before it is fused and verified, and a float16/bfloat16 deploy's cost against
+    a float32 one is reported."""
     seconds: dict[str, float] = {}
     if out_path is not None:
         check_output(in_path, out_path)
@@ -198,6 +204,8 @@ def fuse_checkpoint(
     start = time.perf_counter()
     progress(f"loading {in_path}")
     loaded = options.load(in_path)
+    stored = loaded.model
+    loaded.model = to_dtype(stored, dtype)
     samples = options.samples(loaded.model)
     inputs, _ = options.inputs(samples, checkpoint=loaded.input_shape)
     inputs = _cast_inputs(inputs, loaded.model)
@@ -229,7 +237,14 @@ def fuse_checkpoint(
                 f"{left[0].where}: {left[0].reason}); nothing written",
                 FuseOutcome(str(in_path), str(out_path) if out_path else None, loaded.found,
                             report, seconds=seconds))
-    onnx_data = None
+        if check and model_dtype(fused_model) in LOW_PRECISION and report.rewrites:
+            progress("fusing in float32, to measure what the stored dtype costs")
+            start = time.perf_counter()
+            upcast = copy.deepcopy(stored).float()
+            float32 = fuse(upcast, tuple(x.float() for x in inputs), check=False).model
+            report.notes.append(precision_cost(stored, fused_model, float32, inputs))
+            seconds["precision"] = time.perf_counter() - start
+    onnx_data: OnnxExport | None = None
     if opset is not None:
         progress("exporting to ONNX")
         start = time.perf_counter()
@@ -261,8 +276,8 @@ def fuse_checkpoint(
         progress(f"writing {out_path}")
         start = time.perf_counter()
         if onnx_data is not None and opset is not None:
-            write_atomically(out_path, onnx_data)
-            outcome.written = describe(opset)
+            write_atomically(out_path, onnx_data.data)
+            outcome.written = onnx_data.describe(opset)
         else:
             outcome.written = save_deploy(
                 out_path, fused_model, plan, loaded, tuple(inputs[0].shape), inputs,
@@ -273,7 +288,7 @@ def fuse_checkpoint(
 
 
 def _verify_fused(options: Options, original: nn.Module, fused: nn.Module,
-                  onnx_data: bytes | None, inputs: tuple[Tensor, ...],
+                  onnx_data: OnnxExport | None, inputs: tuple[Tensor, ...],
                   samples: dict[str, tuple[Tensor, ...]], result: FuseResult | None,
                   progress: Progress, budget: MemoryBudget | None) -> VerifyReport:
     # where the model decides on sizes, both sides of each decision
@@ -281,9 +296,21 @@ def _verify_fused(options: Options, original: nn.Module, fused: nn.Module,
     if onnx_data is None:
         return options.verify(original, fused, inputs, samples, progress, memory=budget,
                               extra_shapes=sizes)
-    return options.verify(original, OnnxModule(onnx_data), inputs, samples, progress,
-                          reference=result, vary=ONNX_VARIATIONS, weights=weights_of(onnx_data),
-                          memory=budget, extra_shapes=sizes)
+    # an ONNX file runs at the sizes it was exported for; the original as it runs while
+    # exported (a forward may return another structure then)
+    sizes = [s for s in sizes if _fits_export(s, inputs, onnx_data.dynamic_batch)]
+    return options.verify(AsExported(original), OnnxModule(onnx_data.data), inputs, samples,
+                          progress, reference=result, vary=onnx_variations(onnx_data),
+                          weights=weights_of(onnx_data.data), memory=budget,
+                          extra_shapes=sizes)
+
+
+def _fits_export(shapes: list[tuple[int, ...]], inputs: tuple[Tensor, ...],
+                 dynamic_batch: bool) -> bool:
+    """Whether an exported file (a fixed size but for a dynamic batch) takes inputs of
+    ``shapes``."""
+    return all(tuple(s[1:]) == tuple(x.shape[1:]) and (dynamic_batch or s[0] == x.shape[0])
+               for s, x in zip(shapes, inputs))
 
 
 def _note_norms(report: FuseReport, model: nn.Module) -> None:
@@ -348,10 +375,6 @@ def _load_deployed(path: Path, original: LoadedCheckpoint, options: Options, *,
     return _Deployed(loaded.model, loaded.input_shape)
 
 
-def _batchnorms(model: nn.Module) -> int:
-    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
 def _check_original(original_path: Path, deploy_path: Path, original: LoadedCheckpoint) -> None:
     """Swapped or repeated CI arguments must not pass: a deploy file compared with itself or
     with another deploy file checks nothing about the training checkpoint."""
@@ -379,7 +402,7 @@ def verify_checkpoints(
     _check_original(original_path, deploy_path, original)
     progress(f"loading {deploy_path}")
     deployed = _load_deployed(deploy_path, original, options)
-    if _batchnorms(deployed.model) > _batchnorms(original.model):
+    if real_batchnorms(deployed.model) > real_batchnorms(original.model):
         raise InputError(f"DEPLOY {deploy_path} has more BatchNorms than ORIGINAL "
                          f"{original_path}, and fusing never adds one: are the arguments "
                          "swapped? Give the training checkpoint first")
@@ -391,7 +414,9 @@ def verify_checkpoints(
     options.check_memory(original.model, inputs, samples, budget)
     progress(f"fusing {original_path} in memory, for the per-rewrite table")
     reference = fuse(original.model, inputs, check=False, seed=options.seed)
-    report = options.verify(original.model, deployed.model, inputs, samples, progress,
+    compared = (AsExported(original.model) if kind_of(deploy_path) is FileKind.ONNX
+                else original.model)
+    report = options.verify(compared, deployed.model, inputs, samples, progress,
                             reference=reference, vary=deployed.vary, lenient=deployed.lenient,
                             weights=deployed.weights, memory=budget)
     return VerifyOutcome(str(original_path), str(deploy_path), report, source,

@@ -5,9 +5,10 @@ applied at the smallest scope that can hold it:
 - A module whose whole forward is the region (a RepVGG block, LeViT's ``LinearNorm``) is
   replaced by the fused conv, which carries the module's plain attributes.
 - A chain (each op reads the one before it) is rewritten op by op where each op runs. An op that
-  is a module call swaps that module: the first for the fused conv, the rest for
-  ``nn.Identity``, and no forward changes. An op inside some module's forward (timm's
-  ``BatchNormAct2d`` calling ``F.batch_norm``) is edited in that module's forward alone.
+  is a module call swaps that module: the first for the fused conv, the rest for an identity
+  (`surgery.vacate`: a BatchNorm stays a BatchNorm that runs nothing), and no forward
+  changes. An op inside some module's forward (timm's ``BatchNormAct2d`` calling
+  ``F.batch_norm``) is edited in that module's forward alone.
 - Branches that merge (sums, concats) are rewritten in the forward of the deepest module that
   runs all of them (a RepVGG block's forward, not the whole network's).
 A module whose forward is rewritten becomes a ``GraphModule`` under its own name and class name,
@@ -50,7 +51,7 @@ from repconv.rewrite.paths import (
     stack,
 )
 from repconv.rewrite.plan import FrameRewrite, ModuleSpec, ModuleSwap, NodeEdit, Step, WeightFold
-from repconv.rewrite.surgery import fused_conv_name, insert_fused, set_module, wrap
+from repconv.rewrite.surgery import fused_conv_name, insert_fused, set_module, vacate, wrap
 
 _JSON_SCALARS = (type(None), bool, int, float, str)
 
@@ -439,10 +440,10 @@ def apply(
             applied.module.get_submodule(parent)
         except AttributeError:
             continue  # a rewritten forward dropped it already
-        set_module(applied.module, path, nn.Identity())
+        vacate(applied.module, path)
         applied.steps.append(ModuleSwap(join_path(scope, path), None))
         applied.notes.append(f"{join_path(scope, path)}: its result is computed and never used; "
-                             "replaced by Identity")
+                             "replaced by an identity")
     for path, fused, region in folds:
         if id(region) in refused:
             continue
@@ -455,10 +456,11 @@ def apply(
     for path, module, region in swaps:
         if id(region) in refused:
             continue
-        replacement = module if module is not None else nn.Identity()
-        if module is not None:
+        if module is None:
+            vacate(applied.module, path)
+        else:
             carry_attributes(applied.module.get_submodule(path), module)
-        set_module(applied.module, path, replacement)
+            set_module(applied.module, path, module)
         spec = None if module is None else ModuleSpec.of(module)
         applied.steps.append(ModuleSwap(join_path(scope, path), spec))
         if module is not None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
+from torch import fx, nn
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 
 def own_attributes(module: nn.Module) -> dict[str, Any]:
@@ -21,3 +22,28 @@ def carry_attributes(old: nn.Module, new: nn.Module) -> None:
     for name, value in own_attributes(old).items():
         if not hasattr(new, name):
             setattr(new, name, value)
+
+
+def carry_into_graph_module(old: nn.Module, gm: fx.GraphModule) -> None:
+    """A GraphModule in ``old``'s place keeps its plain attributes (instance attributes
+    shadow class ones: a detector's ``m.type`` shadows Module.type), also through
+    ``copy.deepcopy``, which copies a fixed list of attributes and then those torch's own key in
+    ``meta`` names, and through pickling, whose rebuild starts from a fresh ``meta``."""
+    own = vars(gm)
+    carried = {key: value for key, value in own_attributes(old).items() if key not in own}
+    for key, value in carried.items():
+        setattr(gm, key, value)
+    if carried:
+        gm.meta[_USER_PRESERVED_ATTRIBUTES_KEY] = carried
+        type(gm).__reduce__ = _reduce_keeping_meta  # type: ignore[method-assign]
+
+
+def _reduce_keeping_meta(gm: fx.GraphModule) -> tuple[Any, ...]:
+    """torch's own pickling of a GraphModule, plus its ``meta`` and the attributes it names
+    (values current at pickling), set on load by nn.Module.__setstate__: torch's rebuild skips
+    names the class has. Torch alone unpickles it."""
+    rebuild, args = fx.GraphModule.__reduce__(gm)
+    preserved = {key: vars(gm)[key] for key in gm.meta.get(_USER_PRESERVED_ATTRIBUTES_KEY, {})
+                 if key in vars(gm)}
+    meta = {**gm.meta, _USER_PRESERVED_ATTRIBUTES_KEY: preserved}
+    return rebuild, args, {**preserved, "meta": meta}

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import fx, nn
 
-from repconv.rewrite.attributes import own_attributes
+from repconv.rewrite.attributes import carry_into_graph_module
 
 FALLBACK = "fallback"
 
@@ -53,9 +53,7 @@ def dispatcher(original: nn.Module, flags: Sequence[str],
     module = fx.GraphModule(holder, graph, class_name=type(original).__name__)
     # called like any module: fx's two extra Python frames per call are not worth paying
     type(module).__call__ = nn.Module.__call__
-    for name, value in own_attributes(original).items():
-        if name not in vars(module):
-            setattr(module, name, value)
+    carry_into_graph_module(original, module)
     module.train(original.training)
     return module
 

@@ -1,6 +1,7 @@
 """Changing modules in place: a fused conv inserted into a module's traced forward, the
 forward wrapped back under the module's own class, modules swapped (carrying their plain
-attributes), and a recorded plan replayed on a freshly built model."""
+attributes) or vacated (`repconv.fold.slot`), and a recorded plan replayed on a freshly built
+model."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from torch import Tensor, fx, nn
 
 from repconv.errors import InputError, TraceError, one_line
 from repconv.fold.graph import erase_dead_code, metadata_read, trace
+from repconv.fold.slot import vacated
 from repconv.rewrite import plan as plan_record
-from repconv.rewrite.attributes import carry_attributes, own_attributes
+from repconv.rewrite.attributes import carry_attributes, carry_into_graph_module
 from repconv.rewrite.cases import dispatcher
 from repconv.rewrite.plan import FlagCases, FrameRewrite, ModuleSwap, Step, WeightFold
 
@@ -87,7 +89,7 @@ def fused_conv_name(gm: fx.GraphModule) -> str:
 
 def wrap(original: nn.Module, fgm: fx.GraphModule) -> fx.GraphModule:
     """The rewritten forward under the original's class name, keeping its plain attributes
-    (a parent may route through ``child.f``)."""
+    (a parent may route through ``child.f``), also through ``copy.deepcopy`` and pickling."""
     erase_dead_code(fgm)
     fgm.delete_all_unused_submodules()
     fgm.graph.lint()
@@ -95,11 +97,7 @@ def wrap(original: nn.Module, fgm: fx.GraphModule) -> fx.GraphModule:
     # fx wraps each call in two more Python frames (for its error messages); a deploy model
     # pays that on every forward, so it is called like any module
     type(fgm).__call__ = nn.Module.__call__
-    own = vars(fgm)
-    for key, value in own_attributes(original).items():
-        # instance attributes shadow class ones (a detector's `m.type` shadows Module.type)
-        if key not in own:
-            setattr(fgm, key, value)
+    carry_into_graph_module(original, fgm)
     fgm.train(original.training)
     return fgm
 
@@ -108,6 +106,12 @@ def set_module(owner: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     target = owner.get_submodule(parent) if parent else owner
     setattr(target, name, module)
+
+
+def vacate(owner: nn.Module, path: str) -> None:
+    """Put `repconv.fold.slot.vacated` in place of the module at ``path``, which a fold made
+    redundant (`apply` and `replay` both, so a replayed plan builds the same slot)."""
+    set_module(owner, path, vacated(owner.get_submodule(path)))
 
 
 def replay(model: nn.Module, steps: list[Step]) -> nn.Module:
@@ -123,10 +127,12 @@ def replay(model: nn.Module, steps: list[Step]) -> nn.Module:
                                                      dtype=conv.weight.dtype))
             continue
         if isinstance(step, ModuleSwap):
-            replacement = nn.Identity() if step.spec is None else step.spec.build()
             replaced = _resolve(model, step.path)
-            if step.spec is not None:
-                carry_attributes(replaced, replacement)
+            if step.spec is None:
+                vacate(model, step.path)
+                continue
+            replacement = step.spec.build()
+            carry_attributes(replaced, replacement)
             set_module(model, step.path, replacement)
             continue
         frame_module = _resolve(model, step.scope)

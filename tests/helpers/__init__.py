@@ -7,6 +7,9 @@
 - ``user_models``, ``user_models_detector``, ``user_models_wrappers``, ``token_models``: models
   written the way third-party code is.
 - ``noisy_models``: deep conv-BN networks with large float32 rounding noise.
+- ``export_models``: forwards that depend on being exported (a batch guard, an export branch).
+- ``reference_framework``: a detector framework's loader, fuse() and EMA, written as they are.
+- ``pickle_payloads``: objects training scripts save beside the weights, and hostile pickles.
 - ``cli_support``: running the CLI in-process and as a process, and the checks every refused
   command must pass.
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from repconv.fold.slot import is_identity_slot
 from repconv.measure.opcount import OpCounts, count_ops
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -16,7 +17,8 @@ def count_convs(model: nn.Module) -> int:
 
 
 def count_bns(model: nn.Module) -> int:
-    return sum(isinstance(m, _BatchNorm) for m in model.modules())
+    """BatchNorm modules that normalise: the identity slots a fold leaves do not count."""
+    return sum(isinstance(m, _BatchNorm) and not is_identity_slot(m) for m in model.modules())
 
 
 def count_linears(model: nn.Module) -> int:

@@ -1,6 +1,7 @@
 """Rule: BatchNorm in eval form.
 
-Pattern: ``nn.BatchNorm{1,2,3}d`` and subclasses keeping its forward, as call_module; or
+Pattern: ``nn.BatchNorm{1,2,3}d`` and subclasses keeping its forward, as call_module (not the
+slot a fold leaves, `repconv.fold.slot`: that is an identity, `passthrough`); or
 ``F.batch_norm(x, running_mean, running_var, weight, bias, training=False, ..., eps)`` with
 constant statistics (what a BatchNorm subclass with its own forward traces to).
 Conditions: running statistics exist (without them BN normalises with batch statistics even in
@@ -17,6 +18,7 @@ from torch import fx, nn
 from repconv.fold import algebra
 from repconv.fold.graph import GraphContext
 from repconv.fold.rules.base import Refusal, Unary, describe, spatial_dims
+from repconv.fold.slot import is_identity_slot
 
 _BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 
@@ -24,7 +26,7 @@ _BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training"
 def lower(node: fx.Node, ctx: GraphContext) -> Unary | Refusal | None:
     if node.op == "call_module":
         module = ctx.submodule(node)
-        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm) or is_identity_slot(module):
             return None
         where = describe(node)
         if module.running_mean is None or module.running_var is None:

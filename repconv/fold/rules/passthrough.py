@@ -1,6 +1,7 @@
 """Rule: ops that are the identity in eval mode.
 
-Pattern: ``nn.Identity``, ``nn.Dropout*`` (eval), ``F.dropout(training=False)``, and the
+Pattern: ``nn.Identity``, the identity BatchNorm slot a fold leaves (`repconv.fold.slot`),
+``nn.Dropout*`` (eval), ``F.dropout(training=False)``, and the
 ``.contiguous()`` / ``.clone()`` / ``.detach()`` / ``+x`` methods.
 Conditions: dropout modules are in eval mode; ``.contiguous()`` only where its input already
 was contiguous on the example (otherwise it copies, and a later ``.view`` may rely on that).
@@ -18,6 +19,7 @@ from torch import fx, nn
 from repconv.fold import algebra
 from repconv.fold.graph import GraphContext
 from repconv.fold.rules.base import Refusal, Unary, channels, spatial_dims
+from repconv.fold.slot import is_identity_slot
 
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 _METHODS = ("contiguous", "clone", "detach")
@@ -34,9 +36,10 @@ def lower(node: fx.Node, ctx: GraphContext) -> Unary | Refusal | None:
         module = ctx.submodule(node)
         if isinstance(module, _DROPOUT) and module.training:
             return Refusal(f"dropout {node.target} is in train mode")
-        if not isinstance(module, (nn.Identity, *_DROPOUT)):
+        slot = is_identity_slot(module)
+        if not isinstance(module, (nn.Identity, *_DROPOUT)) and not slot:
             return None
-        label = type(module).__name__
+        label = "Identity" if slot else type(module).__name__
     elif node.op == "call_method" and node.target in _METHODS and len(node.args) == 1:
         if node.target == "contiguous" and not _was_contiguous(node.args[0]):
             return None

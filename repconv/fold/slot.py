@@ -1,0 +1,71 @@
+"""The slot a folded BatchNorm leaves: still a BatchNorm to whoever looks, the identity when run.
+
+A chain fold swaps its BatchNorm module out. Detector frameworks call their own ``fuse()`` on
+every model they load, and it folds ``m.bn`` into ``m.conv`` wherever ``hasattr(m, "bn")``,
+reading ``bn.weight``, ``bias``, ``running_mean``, ``running_var`` and ``eps``; an
+``nn.Identity`` there breaks them. The slot is a plain torch BatchNorm of the same width whose
+statistics make that fold exactly the identity (weight 1, bias 0, mean 0, var 1, eps 0:
+``w * 1 / sqrt(1 + 0) = w`` bit for bit), so a framework's fuse() is an exact no-op, and whose
+instance ``forward`` is an ``nn.Identity``'s bound method, so running it executes no op (and
+code that ignores the instance forward, TorchScript say, computes ``x * 1 + 0 = x`` exactly).
+
+Only torch classes: a pickled deploy model unpickles, deep-copies, converts (``.half()``,
+``.to()``) and exports with torch alone. The slot's tensors are non-persistent buffers, so the
+deploy state_dict is what it was with an ``nn.Identity`` there (no keys for the slot) and a
+recorded plan replays to the same slot.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+_IDENTITY_STATISTICS = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}
+
+
+def vacated(replaced: nn.Module) -> nn.Module:
+    """What takes the place of a module a fold made redundant: the identity BatchNorm slot for
+    a BatchNorm (of the same width, dtype and device), ``nn.Identity`` for anything else."""
+    if not isinstance(replaced, _BatchNorm):
+        return nn.Identity()
+    kind = next((k for k in (nn.BatchNorm1d, nn.BatchNorm3d) if isinstance(replaced, k)),
+                nn.BatchNorm2d)
+    like = next((t for t in (replaced.running_var, replaced.weight) if t is not None), None)
+    dtype = like.dtype if like is not None else torch.float32
+    device = like.device if like is not None else torch.device("cpu")
+    # no running-statistics tracking: loading a state_dict would add a num_batches_tracked key
+    slot = kind(replaced.num_features, eps=0.0, affine=False, track_running_stats=False,
+                device=device, dtype=dtype)
+    for name, value in _IDENTITY_STATISTICS.items():
+        slot._parameters.pop(name, None)
+        slot._buffers.pop(name, None)
+        slot.register_buffer(name, torch.full((replaced.num_features,), value, dtype=dtype,
+                                              device=device), persistent=False)
+    # instance attributes win over the class's methods
+    slot.forward = nn.Identity().forward
+    slot.extra_repr = functools.partial(str, f"{replaced.num_features}, folded: runs as the "
+                                             "identity")
+    return slot.eval()
+
+
+def is_identity_slot(module: nn.Module | None) -> bool:
+    """Whether ``module`` is a slot `vacated` made (or one that computes the same): a
+    BatchNorm whose instance forward is an ``nn.Identity``'s, with identity statistics."""
+    if module is None:
+        return False
+    forward = vars(module).get("forward")
+    if not (isinstance(module, _BatchNorm) and isinstance(forward, types.MethodType)
+            and isinstance(forward.__self__, nn.Identity)):
+        return False
+    return all(isinstance(getattr(module, name, None), torch.Tensor)
+               and bool((getattr(module, name) == value).all())
+               for name, value in _IDENTITY_STATISTICS.items()) and module.eps == 0.0
+
+
+def real_batchnorms(model: nn.Module) -> int:
+    """The BatchNorms of ``model`` that normalise (identity slots left out)."""
+    return sum(isinstance(m, _BatchNorm) and not is_identity_slot(m) for m in model.modules())
