@@ -252,6 +252,6 @@ def test_random_linear_block_folds_or_says_why(spec: Spec) -> None:
         # not one conv: several convs remain, or one conv and the identity branch beside it
         assert count_convs(result.model) + spec.identity > 1, spec
         assert reasons, spec
-        for reason in reasons:
+        for reason in set(reasons) - set(merged_costs_more):  # a cost refusal is checked above
             event(reason.split(":")[0])
             check_reason(reason, spec)
