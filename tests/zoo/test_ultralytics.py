@@ -38,9 +38,7 @@ os.environ["YOLO_OFFLINE"] = "1"
 os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="repconv-yolo-settings-"))
 ultralytics = pytest.importorskip("ultralytics")
 
-MODELS = ("yolov8n", pytest.param("yolov9t", marks=pytest.mark.skip(
-    reason="the values-route capture (fold/capture.py) of YOLOv9-t's whole model runs over 7 min "
-    "(passed here in 40 s on 7c11b40): re-enable when that capture is fast again")), "yolov10n")
+MODELS = ("yolov8n", "yolov9t", "yolov10n")
 SIZE = 32  # the stride-32 grid is 1x1: the smallest input every level accepts
 
 
