@@ -7,6 +7,7 @@ import copy
 import inspect
 import io
 import operator
+import types
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -39,9 +40,12 @@ UNDERSTOOD_MODULES: tuple[type[nn.Module], ...] = (
 
 
 def runs_identity(module: nn.Module) -> bool:
-    """Its instance-level ``forward`` is a plain ``nn.Identity``: calling it returns its input
-    exactly (a BatchNorm slot left in place of a folded one)."""
+    """Its instance-level ``forward`` is a plain ``nn.Identity`` or its bound forward (the
+    BatchNorm slot left in place of a folded one, `repconv.fold.slot`): calling it returns its
+    input exactly."""
     forward = vars(module).get("forward")
+    if isinstance(forward, types.MethodType) and forward.__func__ is nn.Identity.forward:
+        forward = forward.__self__
     return (isinstance(forward, nn.Identity) and type(forward).forward is nn.Identity.forward
             and eager_differs(forward) is None)
 

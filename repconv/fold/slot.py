@@ -6,8 +6,9 @@ reading ``bn.weight``, ``bias``, ``running_mean``, ``running_var`` and ``eps``; 
 ``nn.Identity`` there breaks them. The slot is a plain torch BatchNorm of the same width whose
 statistics make that fold exactly the identity (weight 1, bias 0, mean 0, var 1, eps 0:
 ``w * 1 / sqrt(1 + 0) = w`` bit for bit), so a framework's fuse() is an exact no-op, and whose
-instance ``forward`` is an ``nn.Identity``'s bound method, so running it executes no op (and
+instance ``forward`` is an ``nn.Identity``'s bound forward, so running it executes no op (and
 code that ignores the instance forward, TorchScript say, computes ``x * 1 + 0 = x`` exactly).
+Tracing reads it as the identity (`repconv.fold.graph.runs_identity`).
 
 Only torch classes: a pickled deploy model unpickles, deep-copies, converts (``.half()``,
 ``.to()``) and exports with torch alone. The slot's tensors are non-persistent buffers, so the
@@ -18,11 +19,12 @@ recorded plan replays to the same slot.
 from __future__ import annotations
 
 import functools
-import types
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from repconv.fold.graph import runs_identity
 
 _IDENTITY_STATISTICS = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}
 
@@ -45,7 +47,8 @@ def vacated(replaced: nn.Module) -> nn.Module:
         slot._buffers.pop(name, None)
         slot.register_buffer(name, torch.full((replaced.num_features,), value, dtype=dtype,
                                               device=device), persistent=False)
-    # instance attributes win over the class's methods
+    # instance attributes win over the class's methods (a bound method, not a module: a
+    # tracer that steps into the slot calls a plain function, and TorchScript scripts it)
     slot.forward = nn.Identity().forward
     slot.extra_repr = functools.partial(str, f"{replaced.num_features}, folded: runs as the "
                                              "identity")
@@ -54,12 +57,10 @@ def vacated(replaced: nn.Module) -> nn.Module:
 
 def is_identity_slot(module: nn.Module | None) -> bool:
     """Whether ``module`` is a slot `vacated` made (or one that computes the same): a
-    BatchNorm whose instance forward is an ``nn.Identity``'s, with identity statistics."""
+    BatchNorm whose instance forward is an ``nn.Identity``, with identity statistics."""
     if module is None:
         return False
-    forward = vars(module).get("forward")
-    if not (isinstance(module, _BatchNorm) and isinstance(forward, types.MethodType)
-            and isinstance(forward.__self__, nn.Identity)):
+    if not (isinstance(module, _BatchNorm) and runs_identity(module)):
         return False
     return all(isinstance(getattr(module, name, None), torch.Tensor)
                and bool((getattr(module, name) == value).all())
