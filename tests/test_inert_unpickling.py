@@ -92,7 +92,7 @@ def test_pickled_module_needs_trust_and_names_its_classes(tmp_path: Path) -> Non
     message = assert_process_refused(
         repconv_process("fuse", path, tmp_path / "out.pt", "--input-shape", SHAPE8,
                         cwd=tmp_path),
-        ["holds a pickled repconv.samples.models.RepVGGTiny under 'ema'",
+        ["holds a pickled repconv.samples.models.RepVGGTiny under 'ema': using it",
          "repconv.samples.models.RepVGGBlock", "torch.nn.modules.batchnorm.BatchNorm2d",
          "--trust-pickle", "--model"])
     assert "argparse" not in message
@@ -109,7 +109,7 @@ def test_a_bare_pickled_module_is_named(tmp_path: Path) -> None:
     path = tmp_path / "model.pt"
     torch.save(repvgg_tiny(width=8), path)
     with pytest.raises(InputError,
-                       match=r"holds a pickled repconv\.samples\.models\.RepVGGTiny \(built from"):
+                       match=r"a pickled repconv\.samples\.models\.RepVGGTiny: using it runs"):
         load_checkpoint(path)
 
 

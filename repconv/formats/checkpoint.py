@@ -97,12 +97,11 @@ def _pickled_placeholder(
         return key, module_state_dict(module)
     inner = sorted({type(p).qualified_name for _, p in placeholders(module)} -
                    {type(module).qualified_name})
-    classes = (f" (built from {', '.join(inner[:4])}{', ...' if len(inner) > 4 else ''}; "
-               f"{len(inner) + 1} classes in all)") if inner else ""
-    raise InputError(f"{path} holds a pickled {type(module).qualified_name}{where}{classes}; "
-                     "using it as the architecture imports those classes and runs code from the "
-                     "file: if you trust the file pass --trust-pickle, or pass --model to build "
-                     "the architecture and take only its weights")
+    classes = (f" (built from {', '.join(inner[:3])}{', ...' if len(inner) > 3 else ''}; "
+               f"{len(inner) + 1} classes)") if inner else ""
+    raise InputError(f"{path} holds a pickled {type(module).qualified_name}{where}: using it "
+                     "runs code from the file; pass --trust-pickle if you trust it, or --model "
+                     f"to take only its weights{classes}")
 
 
 def _describe_placeholders(container: Mapping[str, Any], found: list[str]) -> None:

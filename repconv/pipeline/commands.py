@@ -313,13 +313,6 @@ def _fits_export(shapes: list[tuple[int, ...]], inputs: tuple[Tensor, ...],
                for s, x in zip(shapes, inputs))
 
 
-def _fits_export(sample: tuple[Tensor, ...], inputs: tuple[Tensor, ...], dynamic_batch: bool
-                 ) -> bool:
-    """Whether an exported file (a fixed size but for a dynamic batch) takes ``sample``."""
-    return all(s.shape[1:] == x.shape[1:] and (dynamic_batch or s.shape[0] == x.shape[0])
-               for s, x in zip(sample, inputs))
-
-
 def _note_norms(report: FuseReport, model: nn.Module) -> None:
     norms = _unfoldable_norms(model)
     if not report.rewrites:
