@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from repconv.driver.report import FuseReport, ModelCounts
 from repconv.driver.scope import FuseProgress, as_inputs, fuse_pass
 from repconv.driver.sizes import size_passes
-from repconv.fold.graph import eval_mode
+from repconv.fold.calls import eval_mode
 from repconv.rewrite import plan as plan_record
 from repconv.verify.outputs import verify
 

@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from repconv.errors import InputError
-from repconv.measure.footprint import MemoryBudget
+from repconv.verify.footprint import MemoryBudget
 from repconv.verify.inputs import VARIATIONS
 from repconv.verify.outputs import verify
 

@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 import repconv
 from repconv.errors import TraceError
+from repconv.fold.calls import BoundCall, bind_call
 from repconv.fold.capture import DATA, SIZE, capture, capture_values, crossing_sizes
-from repconv.fold.graph import BoundCall, bind_call
 from repconv.fold.inplace import pad_value
 from repconv.pipeline import Options, fuse_checkpoint
 from repconv.rewrite.surgery import replay_plan

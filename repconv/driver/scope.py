@@ -17,15 +17,9 @@ from repconv.driver.report import FuseReport
 from repconv.errors import TraceError
 from repconv.fold import local_check as region_check
 from repconv.fold import regions as region_analysis
+from repconv.fold.calls import BoundCall, bind_call, copy_sharing_tensors, record_calls
 from repconv.fold.capture import Capture, capture
-from repconv.fold.graph import (
-    UNDERSTOOD_MODULES,
-    BoundCall,
-    bind_call,
-    copy_sharing_tensors,
-    eager_differs,
-    record_calls,
-)
+from repconv.fold.graph import UNDERSTOOD_MODULES, eager_differs
 from repconv.fold.reasons import Skip, is_norm, kind_of
 from repconv.fold.region import Region
 from repconv.fold.rules.base import describe

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from repconv.driver.scope import FuseProgress, ScopeFuser, eval_copy, fuse_pass
 from repconv.errors import TraceError
+from repconv.fold.calls import CallRecord, record_calls
 from repconv.fold.capture import crossing_sizes
-from repconv.fold.graph import CallRecord, record_calls
 from repconv.rewrite.cases import case_name, covers_every_value, dispatcher
 from repconv.rewrite.paths import inside
 from repconv.rewrite.plan import FlagCases, FrameRewrite, ModuleSwap, Step, WeightFold

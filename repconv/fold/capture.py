@@ -37,14 +37,8 @@ from torch.fx.node import map_aggregate
 from torch.utils._pytree import tree_flatten, tree_map
 
 from repconv.errors import TraceError, one_line
-from repconv.fold.graph import (
-    BoundCall,
-    Tracer,
-    graph_module,
-    metadata_read,
-    propagate_shapes,
-    trace,
-)
+from repconv.fold.calls import BoundCall
+from repconv.fold.graph import Tracer, graph_module, metadata_read, propagate_shapes, trace
 from repconv.fold.inplace import fold_border_writes
 
 # where a value came from, as far as a guard is concerned

@@ -5,7 +5,7 @@ the allocation.
 
 - Memory: the limit of one forward pass is ``--max-memory`` (``8GB``, ``512MiB``, bytes), else
   the memory the system reports available (``MemAvailable`` in /proc/meminfo, or psutil's);
-  `repconv.measure.footprint` estimates what a forward takes.
+  `repconv.verify.footprint` estimates what a forward takes.
 - Files: the data a file unpacks to may be at most ``MAX_EXPANSION`` times its size (plus
   ``EXPANSION_SLACK``): torch writes its zip archives uncompressed, and a tensor's bytes are in
   the file once, so only a deflated archive (a 1.9 MB file inflating to 2.2 GB) or views that

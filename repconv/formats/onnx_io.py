@@ -42,7 +42,7 @@ from torch.utils._pytree import (
 )
 
 from repconv.errors import InputError, TraceError, one_line
-from repconv.fold.graph import eval_mode
+from repconv.fold.calls import eval_mode
 from repconv.formats.decode import check_readable
 from repconv.formats.write import write_atomically
 

@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from repconv.errors import InputError
-from repconv.fold.graph import eval_mode
+from repconv.fold.calls import eval_mode
 from repconv.measure.opcount import count_ops
 from repconv.progress import Progress, no_progress
 

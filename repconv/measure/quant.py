@@ -33,7 +33,7 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.utils._pytree import tree_flatten
 
 from repconv.errors import InputError, one_line
-from repconv.fold.graph import eval_mode
+from repconv.fold.calls import eval_mode
 from repconv.rewrite.record import RewriteRecord
 from repconv.verify.inputs import random_inputs
 

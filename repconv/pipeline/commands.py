@@ -36,7 +36,6 @@ from repconv.formats.pt2 import load_program, read_record
 from repconv.formats.write import check_output, save_deploy, write_atomically
 from repconv.fuse import FuseResult, fuse
 from repconv.measure.bench import BenchReport, Form, bench
-from repconv.measure.footprint import MemoryBudget
 from repconv.measure.quant import calibration_batches, check_target, quant_report
 from repconv.pipeline.outcomes import FuseOutcome, VerifyOutcome
 from repconv.pipeline.precision import (
@@ -47,6 +46,7 @@ from repconv.pipeline.precision import (
     to_dtype,
 )
 from repconv.progress import Progress, no_progress
+from repconv.verify.footprint import MemoryBudget
 from repconv.verify.inputs import VARIATIONS, leaf_shapes
 from repconv.verify.outputs import verify
 from repconv.verify.report import VerifyReport

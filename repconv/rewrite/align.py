@@ -14,7 +14,8 @@ from torch import fx, nn
 from torch.fx._symbolic_trace import _assert_is_none
 
 from repconv.errors import TraceError
-from repconv.fold.graph import CallRecord, trace
+from repconv.fold.calls import CallRecord
+from repconv.fold.graph import trace
 from repconv.rewrite.paths import stack
 
 _JSON_SCALARS = (type(None), bool, int, float, str)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from repconv.fold.graph import copy_sharing_tensors, eval_mode
+from repconv.fold.calls import copy_sharing_tensors, eval_mode
 from repconv.formats.limits import human
 from repconv.verify.inputs import tensor_leaves
 
