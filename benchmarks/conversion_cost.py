@@ -3,6 +3,8 @@ step already pays, a plain ``torch.load`` + ``torch.save`` of the same checkpoin
 in a fresh process that first imports torch and repconv (identical for every job, not timed);
 the figures are the job's wall time and its peak RSS above that interpreter baseline (the
 kernel's high-water mark, reset after the imports, minus the RSS then), best of a few runs.
+The three jobs run interleaved, round by round, so a burst of load from elsewhere slows each
+alike. The tables are printed and saved to benchmarks/results_conversion.md.
 
 Checkpoints: a small one (a RepVGG of the sample family, width 96, 224px, 7 MB) and a large one
 generated into a temp folder (a RepVGG-style network of 21 blocks, widths 256 to 1024, 120M
@@ -14,7 +16,9 @@ Run: `make bench` or `python benchmarks/conversion_cost.py [--runs 3]`.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -25,6 +29,8 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results_conversion.md"
+JOBS = ("plain", "skip", "fuse")
 BIG = {"width": 256, "num_blocks": (1, 3, 7, 10), "width_multipliers": (1, 1, 2, 4)}
 
 # One job per process: imports first (the baseline), then the job; prints JSON.
@@ -96,11 +102,20 @@ def _run(job: str, source: Path, target: Path, model: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _best(job: str, source: Path, target: Path, model: str, runs: int) -> dict:
-    results = [_run(job, source, target, model) for _ in range(runs)]
-    best = min(results, key=lambda r: r["seconds"])
-    return {"seconds": best["seconds"], "rss_mb": min(r["rss_mb"] for r in results),
-            "verify": best["stages"].get("verify", 0.0), "stages": best["stages"]}
+def _best_interleaved(source: Path, folder: Path, model: str, runs: int) -> dict[str, dict]:
+    """Each job's best run, the jobs taking turns round by round."""
+    results: dict[str, list[dict]] = {job: [] for job in JOBS}
+    for _ in range(runs):
+        for job in JOBS:
+            results[job].append(_run(job, source, folder / f"{job}.pt", model))
+    best = {}
+    for job, runs_of_job in results.items():
+        fastest = min(runs_of_job, key=lambda r: r["seconds"])
+        best[job] = {"seconds": fastest["seconds"],
+                     "rss_mb": min(r["rss_mb"] for r in runs_of_job),
+                     "verify": fastest["stages"].get("verify", 0.0),
+                     "stages": fastest["stages"]}
+    return best
 
 
 def main() -> None:
@@ -109,37 +124,56 @@ def main() -> None:
                         help="fresh processes per figure for the small checkpoint (2 for the "
                         "large one: each of its runs takes 10 to 60 s)")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, best of {args.runs} "
-          "fresh processes (2 for the large checkpoint); RSS = peak above the interpreter after "
-          "imports\n")
-    print("| checkpoint | size | load+save s | fuse --skip-verify s (ratio) | fuse s (ratio) | "
-          "of which verification s | fuse − verification (ratio) | load+save RSS MB | "
-          "--skip-verify RSS MB (÷ size) | fuse RSS MB (÷ size) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines: list[str] = []
+
+    def say(line: str = "") -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    say(f"# Conversion cost, {datetime.date.today()}")
+    say()
+    say(f"`python benchmarks/conversion_cost.py`: torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {os.cpu_count()} CPU cores, load average at the "
+        f"start {_load()}; best of {args.runs} fresh processes (2 for the large checkpoint), the "
+        "jobs interleaved; RSS = peak above the interpreter after imports")
+    say()
+    say("| checkpoint | size | load+save s | fuse --skip-verify s (ratio) | fuse s (ratio) | "
+        "of which verification s | fuse − verification (ratio) | load+save RSS MB | "
+        "--skip-verify RSS MB (÷ size) | fuse RSS MB (÷ size) |")
+    say("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     stages = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for index, (source, model) in enumerate(_checkpoints(folder)):
             size = source.stat().st_size / 2**20
-            runs = args.runs if index == 0 else 2
-            plain = _best("plain", source, folder / "plain.pt", model, runs)
-            quick = _best("skip", source, folder / "fused.pt", model, runs)
-            full = _best("fuse", source, folder / "fused.pt", model, runs)
+            best = _best_interleaved(source, folder, model, args.runs if index == 0 else 2)
+            plain, quick, full = best["plain"], best["skip"], best["fuse"]
             rest = full["seconds"] - full["verify"]
-            print(f"| {source.name} | {size:.0f} MB | {plain['seconds']:.2f} | "
-                  f"{quick['seconds']:.2f} ({quick['seconds'] / plain['seconds']:.1f}x) | "
-                  f"{full['seconds']:.2f} ({full['seconds'] / plain['seconds']:.1f}x) | "
-                  f"{full['verify']:.2f} | {rest:.2f} ({rest / plain['seconds']:.1f}x) | "
-                  f"{plain['rss_mb']:.0f} | {quick['rss_mb']:.0f} ({quick['rss_mb'] / size:.1f}x)"
-                  f" | {full['rss_mb']:.0f} ({full['rss_mb'] / size:.1f}x) |", flush=True)
-            stages.append((source.name, full["stages"]))
-    print("\nWhere `repconv fuse` spends its time (s): load (read, build, check), fuse (trace, "
-          "fold, local checks, rewrite), verify, write\n")
-    print("| checkpoint | load | fuse | verify | write |")
-    print("|---|---:|---:|---:|---:|")
-    for name, seconds in stages:
-        print(f"| {name} | " + " | ".join(f"{seconds.get(k, 0.0):.2f}" for k in
-                                          ("load", "fuse", "verify", "write")) + " |")
+            say(f"| {source.name} | {size:.0f} MB | {plain['seconds']:.2f} | "
+                f"{quick['seconds']:.2f} ({quick['seconds'] / plain['seconds']:.1f}x) | "
+                f"{full['seconds']:.2f} ({full['seconds'] / plain['seconds']:.1f}x) | "
+                f"{full['verify']:.2f} | {rest:.2f} ({rest / plain['seconds']:.1f}x) | "
+                f"{plain['rss_mb']:.0f} | {quick['rss_mb']:.0f} ({quick['rss_mb'] / size:.1f}x)"
+                f" | {full['rss_mb']:.0f} ({full['rss_mb'] / size:.1f}x) |")
+            stages.append((source.name, quick["stages"], full["stages"]))
+    say()
+    say("Where `repconv fuse` spends its time (s), without and with the verification: load (read, "
+        "build, check), fuse (trace, fold, local checks, rewrite), verify, write")
+    say()
+    say("| checkpoint | job | load | fuse | verify | write |")
+    say("|---|---|---:|---:|---:|---:|")
+    for name, *jobs in stages:
+        for job, seconds in zip(("--skip-verify", "fuse"), jobs):
+            say(f"| {name} | {job} | " + " | ".join(
+                f"{seconds.get(k, 0.0):.2f}" for k in ("load", "fuse", "verify", "write")) + " |")
+    say()
+    say(f"Load average at the end {_load()}.")
+    RESULTS.write_text("\n".join(lines) + "\n")
+    print(f"saved to {RESULTS.relative_to(ROOT)}")
+
+
+def _load() -> str:
+    return "/".join(f"{value:.1f}" for value in os.getloadavg())
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from repconv.driver.report import FuseReport, ModelCounts
 from repconv.driver.scope import FuseProgress, as_inputs, fuse_pass
 from repconv.driver.sizes import size_passes
 from repconv.fold.calls import eval_mode
+from repconv.fold.convert import Release
 from repconv.rewrite import plan as plan_record
 from repconv.verify.outputs import verify
 
@@ -27,6 +28,16 @@ class FuseResult:
     sizes: list[list[tuple[int, ...]]] = field(default_factory=list)
 
 
+def _recorded(release: Release, released: set[int]) -> Release:
+    """``release``, noting what it was handed (by id) in ``released``."""
+
+    def hand_over(tensors: list[Tensor]) -> None:
+        released.update(map(id, tensors))
+        release(tensors)
+
+    return hand_over
+
+
 def fuse(
     model: nn.Module,
     example_inputs: Tensor | tuple[Tensor, ...],
@@ -37,6 +48,7 @@ def fuse(
     seed: int = 0,
     progress: FuseProgress | None = None,
     unshare: bool = True,
+    release: Release | None = None,
 ) -> FuseResult:
     """Fold every Conv-BN pair and linear multi-branch block of ``model`` into single convs.
 
@@ -48,18 +60,29 @@ def fuse(
     ops, no BatchNorm, more parameters (the report says how many); False keeps it shared.
     Where the forward decides on the input's size, the model is also fused at sizes across
     those decisions (``FuseResult.sizes``), and checked there.
+    ``release`` (only without ``check``) is called with the tensors of ``model`` that the fused
+    model no longer reads, as each region is applied: a caller that owns ``model`` and reads
+    nothing more from it may free them (the per-rewrite `originals` are then not kept; a model
+    fused again at other sizes releases nothing).
     """
+    if check and release is not None:
+        raise ValueError("release frees tensors the verification reads: pass check=False")
     inputs = as_inputs(example_inputs)
     progress = progress or (lambda _stage, _done, _total: None)
-    main = fuse_pass(model, inputs, seed, progress, unshare)
+    before = ModelCounts.of(model)  # before ``release`` empties any tensor
+    released: set[int] = set()
+    main = fuse_pass(model, inputs, seed, progress, unshare,
+                     None if release is None else _recorded(release, released))
     sizes = size_passes(model, main, inputs, seed, progress, unshare)
+    assert not any(id(t) in released for t in (*main.model.parameters(), *main.model.buffers())), (
+        "a tensor handed to release is still in the fused model")
     report = main.report
     training = [name or "the model" for name, m in model.named_modules() if m.training]
     if training:
         report.notes.append(
             f"{len(training)} module(s) were in train mode (first: {training[0]}); fused and "
             "verified the eval-mode model, which is what a deployed model runs")
-    report.before = ModelCounts.of(model)
+    report.before = before
     report.after = ModelCounts.of(main.model)
     if main.unshared:
         growth = report.after.parameters - report.before.parameters

@@ -130,9 +130,10 @@ def test_fuse_json(deploys: Deploys) -> None:
     assert "verification passed" not in deploys.repvgg_stdout
 
 
-def test_skip_verify_says_so(repvgg_ckpt: Path, tmp_path: Path) -> None:
+def test_skip_verify_says_so(repvgg_ckpt: Path, tmp_path: Path, deploys: Deploys) -> None:
     """--skip-verify: no global verification (the local checks still run), said in the human
-    output and the JSON; the deploy file is written and still verifies."""
+    output and the JSON; the deploy file is written and still verifies. It is the same file: the
+    original's tensors freed as their fold is applied change nothing written or counted."""
     human = invoke("fuse", repvgg_ckpt, tmp_path / "a.pt", "--skip-verify")
     assert_no_traceback(human)
     assert human.exit_code == 0, human.output
@@ -145,6 +146,12 @@ def test_skip_verify_says_so(repvgg_ckpt: Path, tmp_path: Path) -> None:
     assert data["verification"] is None and data["verification_skipped"] is True
     assert "verify" not in data["seconds"] and {"load", "fuse", "write"} <= set(data["seconds"])
     assert all(r["local_error"] < 1e-6 for r in data["rewrites"])  # checked one by one
+    assert data["before"] == deploys.repvgg_json["before"]
+    assert data["rewrites"] == deploys.repvgg_json["rewrites"]
+    quick, checked = (torch.load(p, weights_only=True) for p in (tmp_path / "b.pt", deploys.repvgg))
+    assert quick["plan"] == checked["plan"]
+    assert quick["state_dict"].keys() == checked["state_dict"].keys()
+    assert all(torch.equal(v, checked["state_dict"][k]) for k, v in quick["state_dict"].items())
     assert invoke("verify", repvgg_ckpt, tmp_path / "b.pt").exit_code == 0
     normal = json.loads(invoke("inspect", repvgg_ckpt, "--json").stdout)
     assert normal["verification_skipped"] is False

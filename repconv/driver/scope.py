@@ -19,6 +19,7 @@ from repconv.fold import local_check as region_check
 from repconv.fold import regions as region_analysis
 from repconv.fold.calls import BoundCall, bind_call, copy_sharing_tensors, record_calls
 from repconv.fold.capture import Capture, capture
+from repconv.fold.convert import Converted, Converter, Release
 from repconv.fold.graph import UNDERSTOOD_MODULES, eager_differs
 from repconv.fold.reasons import Skip, is_norm, kind_of
 from repconv.fold.region import Region
@@ -62,8 +63,10 @@ def _poison(_module: nn.Module, _args: tuple, output: Any) -> Any:
 
 class ScopeFuser:
     def __init__(self, model: nn.Module, inputs: tuple[Tensor, ...], check_seed: int,
-                 progress: FuseProgress, unshare: bool = True) -> None:
+                 progress: FuseProgress, unshare: bool = True,
+                 release: Release | None = None) -> None:
         self.progress = progress
+        self.release = release  # given the original's tensors no fused op reads any more
         self.unshare = unshare
         self.unshared: dict[str, int] = {}  # layers folded into a copy per call site
         self.report = FuseReport()
@@ -94,6 +97,8 @@ class ScopeFuser:
         except TraceError as exc:
             return self._fuse_children(module, scope, str(exc))
         self._note_capture(captured, scope)
+        if self.root_capture is not None and self.root_capture.size_guards:
+            self.release = None  # the model is fused again at other sizes: it must stay whole
         gm = captured.module
         self._fuse_inside_kept_calls(gm, scope)
         analysis = region_analysis.analyse(gm, keep_own_forward=module is self.model,
@@ -110,39 +115,18 @@ class ScopeFuser:
         because a member runs in a forward that cannot be rewritten is tried again as its
         stretches around those members. Returns the module, or what replaces it."""
         where = f"{scope}: " if scope else ""
-        accepted = []
-        fused_modules: dict[int, nn.Module] = {}
-        for done, region in enumerate(regions):
-            self.progress(f"folding and checking regions of {scope or 'the model'}", done,
-                          len(regions))
-            if region.absorbed:  # the group's other regions hold its map
-                accepted.append((region, 0.0))
-                continue
-            # one region's float64 numbers at a time: folded, checked, cast, dropped
-            affine = region_analysis.fold_region(region)
-            error = region_check.local_error(gm, region, affine, self.check_seed)
-            if error > region_check.LOCAL_TOLERANCE:
-                self.report.skipped += _left(region, where, "local check failed: fused conv "
-                                             f"differs by {error:.1e} (scale-relative)")
-                continue
-            fused_modules[id(region)] = rewrite.fused_module(gm, region, affine)
-            accepted.append((region, error))
-        # a group is applied whole or not at all
-        checked = {id(r) for r, _ in accepted}
-        failed = {r.group for r in regions if r.group and id(r) not in checked}
-        for region, _ in accepted:
-            if region.group in failed:
-                self.report.skipped += _left(region, where, "another part of its concat did "
-                                             "not check out: the concat's map stays whole")
-        accepted = [(r, e) for r, e in accepted if r.group not in failed or not r.group]
-        if not accepted:
+        if not regions:
             return module
-        applied = rewrite.apply(module, scope, gm, [r for r, _ in accepted], fused_modules,
-                                self.calls, bound.concrete)
+        # each region is folded once, checked and cast as it is applied (`Converter.settle`)
+        converter = Converter(gm, regions, self.check_seed, lambda done, total: self.progress(
+            f"folding and checking regions of {scope or 'the model'}", done, total),
+            release=self.release, model=self.model, scope=scope)
+        applied = rewrite.apply(module, scope, gm, regions, converter.convs, self.calls,
+                                bound.concrete, settle=converter.settle)
         refused = {id(region): why for region, why in applied.refused}
         removed = {id(region) for region in applied.removed}
         stretches: list[Region] = []
-        for region, error in accepted:
+        for region in regions:
             if id(region) in removed:
                 continue
             if id(region) in refused:
@@ -155,7 +139,7 @@ class ScopeFuser:
                 if not pieces:
                     self.report.skipped += _left(region, where, refused[id(region)])
                 continue
-            self._record(region, error, scope, gm, applied)
+            self._record(region, converter.converted[id(region)], scope, gm, applied)
         self.report.notes += applied.notes
         self.steps += applied.steps
         self.unshared.update(applied.unshared)
@@ -163,25 +147,25 @@ class ScopeFuser:
             return self._apply_regions(applied.module, scope, gm, stretches, bound, retry=False)
         return applied.module
 
-    def _record(self, region: Region, error: float, scope: str, gm: fx.GraphModule,
+    def _record(self, region: Region, converted: Converted, scope: str, gm: fx.GraphModule,
                 applied: rewrite.Applied) -> None:
         if region.absorbed:
             return  # its map is in the records of its group's other regions
         self.report.rewrites.append(RewriteRecord(
             scope=scope,
             module=describe(region.members[0]),
-            kind=region.kind,
+            kind=replace(region, identity=converted.identity).kind,
             ops=list(region.labels),
             kernel_size=list(region.affine.kernel_size),
             groups=region.affine.groups,
             macs_before=region.macs_before,
             macs_after=region.macs_after,
-            local_error=error,
+            local_error=converted.error,
             replaced=describe(region.sink),
             fused_module=applied.placed.get(id(region)),
             sources=[join_path(scope, module_path(m)) for m in region.members],
         ))
-        if id(region) in applied.placed:
+        if id(region) in applied.placed and self.release is None:
             self.originals[applied.placed[id(region)]] = region_check.region_module(gm, region)
 
     def _note_capture(self, captured: Capture, scope: str) -> None:
@@ -315,10 +299,10 @@ def eval_copy(model: nn.Module) -> nn.Module:
 
 
 def fuse_pass(model: nn.Module, inputs: tuple[Tensor, ...], seed: int, progress: FuseProgress,
-              unshare: bool) -> ScopeFuser:
-    """One pass over ``model`` (left as it was) on ``inputs``: the fuser, its ``model`` the
-    fused copy."""
-    fuser = ScopeFuser(eval_copy(model), inputs, seed, progress, unshare)
+              unshare: bool, release: Release | None = None) -> ScopeFuser:
+    """One pass over ``model`` (left as it was, unless ``release`` frees what the fused copy
+    no longer reads) on ``inputs``: the fuser, its ``model`` the fused copy."""
+    fuser = ScopeFuser(eval_copy(model), inputs, seed, progress, unshare, release)
     fuser.model = fuser.fuse_scope(fuser.model, "", inputs, {}, fuser.output).eval()
     for record in fuser.calls.values():  # the recorded activations are no longer needed
         record.args, record.kwargs, record.output = (), {}, None

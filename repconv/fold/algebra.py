@@ -8,6 +8,13 @@ constant multiply, sum and concat of branches, composition) is an operation on t
 All math runs in float64; `to_module` casts once at the end, so fp16/bf16 checkpoints lose less
 precision than fusing in their own dtype. Functions are pure: they never touch a module or graph.
 An operation that would not be exact raises `AlgebraError` whose message is the reason.
+
+The same functions fold geometry alone: an `Affine` whose tensors are on the meta device has
+shapes, groups and strides but no numbers (`geometry_only`). Its result's shape is worked out,
+not computed (torch's meta kernels are Python code: slow, and the first use imports the whole
+compiler stack). The few decisions that read numbers (a bias before a zero-padded conv, groups a
+product keeps, an exact identity) raise `ValuesNeeded` on such a map, and the caller folds the
+numbers of just that part.
 """
 
 from __future__ import annotations
@@ -26,6 +33,25 @@ from repconv.errors import AlgebraError
 # map sends zero to zero. It covers float32 rounding of constants that cancel a bias (DBB's
 # pad(t - c) + c); local verification of every rewrite backs it with a measurement.
 ZERO_BIAS_TOLERANCE = 1e-5
+
+
+class ValuesNeeded(Exception):
+    """A decision that reads a map's numbers was asked of its geometry alone."""
+
+
+def _read_values(*tensors: Tensor) -> None:
+    if any(t.is_meta for t in tensors):
+        raise ValuesNeeded
+
+
+def _geometry(*maps: Affine) -> bool:
+    """The maps are geometry alone (`geometry_only`): a result's shape is worked out."""
+    return any(m.weight.is_meta for m in maps)
+
+
+def _shaped(*shape: int) -> Tensor:
+    return torch.empty(shape, dtype=torch.float64, device="meta")
+
 
 _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 _CONV_MODULE: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -89,6 +115,7 @@ class Affine:
             return False
         if any(s != 1 for s in self.stride) or any(p != 0 for p in self.padding):
             return False
+        _read_values(self.weight, self.bias)
         if self.bias.any():
             return False
         # each group's square block must be the identity; no need to expand the groups
@@ -121,7 +148,7 @@ def from_conv(
     """A convolution (or, for a 2-d weight, a linear layer) with torch's argument conventions.
 
     ``as_float64=False`` keeps the layer's own tensors (no copy): for lowering a whole
-    checkpoint, whose convs `in_float64` converts one at a time where they are folded."""
+    checkpoint, whose convs `Float64Copies` converts one at a time where they are folded."""
     weight = weight.detach().double() if as_float64 else weight.detach()
     nd = weight.dim() - 2
     dilation_t = _tuple(dilation, nd)
@@ -147,11 +174,56 @@ def from_conv(
     )
 
 
-def in_float64(a: Affine) -> Affine:
-    """``a`` with float64 tensors (itself when they already are)."""
-    if a.weight.dtype == torch.float64 and a.bias.dtype == torch.float64:
-        return a
-    return replace(a, weight=a.weight.double(), bias=a.bias.double())
+class Float64Copies:
+    """Each layer tensor's float64 copy, made once: a region's local check and then its fold
+    read the same copies (a large kernel is converted once, and only while its region is worked
+    on). After `spend` (the check has read them) each copy is handed out once more, to a fold
+    that may overwrite it. Copies are cut from ``workspace`` while it has room: memory the
+    previous region's copies used, which the system need not hand out (and zero) again."""
+
+    def __init__(self, workspace: Tensor | None = None) -> None:
+        # each copy beside its source, which stays alive: its memory is not reused meanwhile
+        self._copies: dict[tuple[object, ...], tuple[Tensor, Tensor]] = {}
+        self._spent = False
+        self._handed: set[int] = set()
+        self._room = workspace.view(-1) if workspace is not None else None
+        self.wanted = 0  # float64 elements copied: the workspace the next region may want
+
+    def _double(self, tensor: Tensor) -> Tensor:
+        self.wanted += tensor.numel()
+        room = self._room
+        if (room is None or not tensor.is_contiguous() or tensor.device != room.device
+                or tensor.numel() > room.numel()):
+            return tensor.double()
+        self._room = room[tensor.numel():]
+        return room[:tensor.numel()].view(tensor.shape).copy_(tensor)
+
+    def of(self, tensor: Tensor) -> Tensor:
+        if tensor.dtype == torch.float64 or not tensor.is_floating_point():
+            return tensor
+        # the same memory seen as the same view: a layer's tensor, however it was reached
+        key = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape),
+               tensor.stride())
+        if not self._spent:
+            if key not in self._copies:
+                self._copies[key] = (tensor, self._double(tensor))
+            return self._copies[key][1]
+        _, copy = self._copies.pop(key, (tensor, None))
+        copy = self._double(tensor) if copy is None else copy
+        self._handed.add(id(copy))
+        return copy
+
+    def spend(self) -> None:
+        self._spent = True
+
+    def disposable(self, tensor: Tensor) -> bool:
+        """``tensor`` is a copy handed out after `spend`: nothing else reads it."""
+        return id(tensor) in self._handed
+
+    def affine(self, a: Affine) -> Affine:
+        """``a`` with float64 tensors (itself when they already are)."""
+        weight, bias = self.of(a.weight), self.of(a.bias)
+        return a if weight is a.weight and bias is a.bias else replace(a, weight=weight, bias=bias)
 
 
 def from_conv_transpose(
@@ -171,27 +243,21 @@ def from_conv_transpose(
                   transposed=True, output_padding=tuple(output_padding))
 
 
-def _channel_diagonal(a: Affine) -> tuple[Tensor, Tensor] | None:
-    """(scale, shift) if ``a`` is a per-channel ``x * scale + shift``, else None."""
-    if a.transposed or not a.is_pointwise or any(a.padding) or any(s != 1 for s in a.stride):
-        return None
-    if a.groups != a.out_channels or a.in_channels != a.out_channels:
-        return None
-    return a.weight.reshape(-1), a.bias
-
-
 def is_per_channel(a: Affine) -> bool:
     """``a`` is a per-channel ``x * scale + shift`` (BatchNorm, layer scale, identity)."""
-    return _channel_diagonal(a) is not None
+    if a.transposed or not a.is_pointwise or any(a.padding) or any(s != 1 for s in a.stride):
+        return False
+    return a.groups == a.out_channels and a.in_channels == a.out_channels
 
 
 def _transposed_then(a: Affine, b: Affine) -> Affine:
     """A per-channel map after a transposed conv scales its output axis: weight dim 1 within
     each group (torch's own fusion helper gets this wrong for groups > 1)."""
-    diagonal_b = _channel_diagonal(b)
-    if not a.transposed or diagonal_b is None:
+    if not a.transposed or not is_per_channel(b):
         raise AlgebraError("a transposed conv folds only with a BN or channel scale after it")
-    scale, shift = diagonal_b
+    if _geometry(a, b):
+        return a  # the output axis scaled: the same shapes
+    scale, shift = b.weight.reshape(-1), b.bias
     g = a.groups
     grouped = a.weight.reshape(g, a.in_channels // g, a.out_channels // g, *a.kernel_size)
     factor = scale.reshape(g, 1, a.out_channels // g, *([1] * a.nd))
@@ -269,14 +335,23 @@ def zero_pad(channels: int, padding: tuple[int, ...]) -> Affine:
 
 
 def scaled(a: Affine, factor: float) -> Affine:
-    if factor == 1:
+    if factor == 1 or _geometry(a):
         return a
     return replace(a, weight=a.weight * factor, bias=a.bias * factor)
 
 
 def geometry_only(a: Affine) -> Affine:
-    """``a`` with its tensors on the meta device: its shape, groups and strides, no storage."""
-    return replace(a, weight=a.weight.to("meta"), bias=a.bias.to("meta"))
+    """``a`` with float64 tensors on the meta device: its shape, groups and strides, no
+    numbers and no storage."""
+    return replace(a, weight=_shaped(*a.weight.shape), bias=_shaped(*a.bias.shape))
+
+
+def same_geometry(a: Affine, b: Affine) -> bool:
+    """The two maps have the same kernel shape, groups, strides, padding and dilation."""
+    return a.weight.shape == b.weight.shape and a.bias.shape == b.bias.shape and all(
+        getattr(a, name) == getattr(b, name) for name in (
+            "stride", "padding", "dilation", "groups", "padding_mode", "transposed",
+            "output_padding"))
 
 
 def regroup(a: Affine, groups: int) -> Affine:
@@ -294,6 +369,9 @@ def regroup(a: Affine, groups: int) -> Affine:
     ratio = a.groups // groups
     out_per_group = a.out_channels // a.groups
     in_per_group = a.weight.shape[1]
+    if _geometry(a):
+        return replace(a, weight=_shaped(a.out_channels, in_per_group * ratio, *a.kernel_size),
+                       groups=groups)
     weight = a.weight.new_zeros(a.out_channels, in_per_group * ratio, *a.kernel_size)
     rows = torch.arange(a.out_channels)
     offsets = (rows // out_per_group % ratio) * in_per_group
@@ -315,6 +393,8 @@ def _materialize_dilation(a: Affine, dims: list[int]) -> Affine:
             dilation[d] = 1
         else:
             index.append(slice(None))
+    if _geometry(a):
+        return replace(a, weight=_shaped(*shape), dilation=tuple(dilation))
     weight = a.weight.new_zeros(shape)
     weight[tuple(index)] = a.weight
     return replace(a, weight=weight, dilation=tuple(dilation))
@@ -415,21 +495,31 @@ def _framed_kernels(frame: _Frame) -> list[Tensor]:
     return kernels
 
 
-def add(*branches: Affine) -> Affine:
+def add(*branches: Affine, scratch: tuple[bool, ...] = ()) -> Affine:
     """Sum of maps applied to the same input: kernels summed in a common centred frame.
 
     Each branch is added into one accumulator where it sits, without writing out its padding
-    or its groups: at checkpoint scale a dense 3x3 kernel is hundreds of MB in float64."""
+    or its groups: at checkpoint scale a dense 3x3 kernel is hundreds of MB in float64.
+    ``scratch[i]``: branch i's weight is the caller's temporary, which nothing reads after this
+    call; when that branch fills the frame the sum accumulates in it, without a copy."""
     frame = _common_frame(list(branches), "add")
     if len({b.out_channels for b in branches}) > 1:
         raise AlgebraError("cannot add branches with different output channels")
     first = frame.branches[0]
     out_channels = first.out_channels
     shape = (out_channels, first.in_channels // frame.groups, *frame.kernel)
+    if _geometry(*frame.branches):
+        return replace(frame.template(), weight=_shaped(*shape), bias=_shaped(out_channels))
     # a branch that fills the frame (RepVGG's 3x3) starts the sum: one copy, no zero fill
-    start = next((b for b in frame.branches if b.groups == frame.groups
+    index = next((i for i, b in enumerate(frame.branches) if b.groups == frame.groups
                   and tuple(b.weight.shape) == shape), None)
-    weight = first.weight.new_zeros(shape) if start is None else start.weight.clone()
+    start = None if index is None else frame.branches[index]
+    if start is None:
+        weight = first.weight.new_zeros(shape)
+    elif start.weight is not branches[index].weight or (index < len(scratch) and scratch[index]):
+        weight = start.weight  # a temporary: the caller's, or the frame's (dilation spelled out)
+    else:
+        weight = start.weight.clone()
     for b in frame.branches:
         if b is start:
             continue
@@ -456,6 +546,10 @@ def concat(*branches: Affine) -> Affine:
     else:
         dense = [regroup(b, 1) for b in branches]
     frame = _common_frame(dense, "concatenate")
+    if _geometry(*dense):
+        out = sum(b.out_channels for b in branches)
+        return replace(frame.template(), weight=_shaped(out, dense[0].in_channels, *frame.kernel),
+                       bias=_shaped(out), groups=1)
     return replace(frame.template(), weight=torch.cat(_framed_kernels(frame)),
                    bias=torch.cat([b.bias for b in branches]), groups=1)
 
@@ -485,6 +579,7 @@ def _check_then_exact(a: Affine, b: Affine) -> None:
         if b.padding_mode != "zeros" and a.stride[d] != 1:
             raise AlgebraError(f"{b.padding_mode} padding after a strided conv is not one conv")
     if b.padding_mode == "zeros" and any(b.padding):
+        _read_values(a.weight, a.bias)
         # per channel: a small channel's border error would hide under a large one's scale
         limits = ZERO_BIAS_TOLERANCE * a.weight.abs().reshape(a.out_channels, -1).amax(1)
         if bool((a.bias.abs() > limits).any()):
@@ -495,27 +590,32 @@ def _check_then_exact(a: Affine, b: Affine) -> None:
         raise AlgebraError(f"padding modes differ: {a.padding_mode} then {b.padding_mode}")
 
 
-def then(a: Affine, b: Affine) -> Affine:
+def then(a: Affine, b: Affine, scratch: bool = False) -> Affine:
     """b applied to the output of a, as one conv: stride multiplies, padding is
     ``a.padding + b.padding * a.stride``, kernel is b's taps spread by a's stride and convolved
-    with a's kernel."""
+    with a's kernel. ``scratch``: a's weight is the caller's temporary, which nothing reads
+    after this call: a per-channel b scales it in place."""
     if b.in_channels != a.out_channels:
         raise AlgebraError(f"{a.out_channels} channels feed a map of {b.in_channels}")
     if b.nd != a.nd:
         raise AlgebraError(f"cannot compose a {a.nd}-d and a {b.nd}-d map")
     if a.transposed or b.transposed:
         return _transposed_then(a, b)
-    diagonal_b = _channel_diagonal(b)
-    if diagonal_b is not None:  # a BN or channel scale after a conv: scale its output rows
-        scale, shift = diagonal_b
+    if is_per_channel(b):  # a BN or channel scale after a conv: scale its output rows
+        if _geometry(a, b):
+            return a  # the same shapes
+        scale, shift = b.weight.reshape(-1), b.bias
         factor = scale.reshape(-1, *([1] * (a.weight.dim() - 1)))
-        return replace(a, weight=a.weight * factor, bias=a.bias * scale + shift)
+        weight = a.weight.mul_(factor) if scratch else a.weight * factor
+        return replace(a, weight=weight, bias=a.bias * scale + shift)
     _check_then_exact(a, b)
     nd = a.nd
-    bias = b.bias + _apply_weight_to_constant(b, a.bias)
     stride = tuple(sa * sb for sa, sb in zip(a.stride, b.stride))
     padding = tuple(pa + pb * sa for pa, pb, sa in zip(a.padding, b.padding, a.stride))
     mode = b.padding_mode if any(b.padding) else a.padding_mode
+    if _geometry(a, b):
+        return _then_geometry(a, b, stride, padding, mode)
+    bias = b.bias + _apply_weight_to_constant(b, a.bias)
     if a.is_pointwise:
         weight, groups = _compose_pointwise(a, b)
         dilation = tuple(db * sa for db, sa in zip(b.dilation, a.stride))
@@ -540,6 +640,26 @@ def then(a: Affine, b: Affine) -> Affine:
         groups = _coarsest_groups(weight, math.gcd(a.groups, b.groups))
         weight = _ungroup(weight, groups)
     return Affine(weight, bias, stride, padding, (1,) * nd, groups, mode)
+
+
+def _then_geometry(a: Affine, b: Affine, stride: tuple[int, ...], padding: tuple[int, ...],
+                   mode: str) -> Affine:
+    """`then`'s conv worked out from the shapes: the kernel of b's taps spread over a's, and
+    the groups both keep (coarser ones only where the product's numbers are block-diagonal)."""
+    if a.is_pointwise:
+        kernel, dilation = b.kernel_size, tuple(db * sa for db, sa in zip(b.dilation, a.stride))
+    elif b.is_pointwise and all(s == 1 for s in b.stride):
+        kernel, dilation = a.kernel_size, a.dilation
+    else:
+        spacing = tuple(db * sa for db, sa in zip(b.dilation, a.stride))
+        kernel = tuple((k - 1) * step + e for k, step, e in zip(b.kernel_size, spacing, a.extent))
+        dilation = (1,) * a.nd
+    if a.groups == b.groups or math.gcd(a.groups, b.groups) == 1:
+        groups = a.groups if a.groups == b.groups else 1
+    else:
+        raise ValuesNeeded  # see `_coarsest_groups`
+    return Affine(_shaped(b.out_channels, a.in_channels // groups, *kernel),
+                  _shaped(b.out_channels), stride, padding, dilation, groups, mode)
 
 
 def _compose_pointwise(a: Affine, b: Affine) -> tuple[Tensor, int]:
@@ -624,11 +744,11 @@ def _ungroup(dense_weight: Tensor, groups: int) -> Tensor:
     )
 
 
-def to_module(a: Affine, dtype: torch.dtype, device: torch.device | None = None) -> nn.Module:
-    """The nn.ConvNd (nn.Linear for 0-d) computing ``a``, with weights cast once to ``dtype``."""
-    # skip_init: the weights are overwritten below, so random initialisation is wasted work;
-    # made in ``dtype`` on ``device`` at once, so a large kernel is never held twice
-    place = {"dtype": dtype, "device": device or torch.device("cpu")}
+def empty_module(a: Affine, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+    """The nn.ConvNd (nn.Linear for 0-d) of ``a``'s geometry, its tensors uninitialised (on the
+    meta device: no storage at all)."""
+    # skip_init: the weights are written afterwards, so random initialisation is wasted work
+    place = {"dtype": dtype, "device": torch.device(device)}
     geometry = {"stride": a.stride, "padding": a.padding, "dilation": a.dilation,
                 "groups": a.groups, **place}
     if a.nd == 0:
@@ -639,7 +759,27 @@ def to_module(a: Affine, dtype: torch.dtype, device: torch.device | None = None)
     else:
         module = skip_init(_CONV_MODULE[a.nd], a.in_channels, a.out_channels, a.kernel_size,
                            padding_mode=a.padding_mode, **geometry)
-    with torch.no_grad():
-        module.weight.copy_(a.dense_matrix() if a.nd == 0 else a.weight)
-        module.bias.copy_(a.bias)
     return module
+
+
+def module_tensors(a: Affine) -> dict[str, Tensor]:
+    """``a``'s tensors under the names `empty_module`'s layer gives them."""
+    return {"weight": a.dense_matrix() if a.nd == 0 else a.weight, "bias": a.bias}
+
+
+def fill_module(module: nn.Module, a: Affine, device: torch.device | None = None) -> nn.Module:
+    """``module`` (an `empty_module` of ``a``'s geometry) holding ``a``'s numbers, each cast once
+    to the module's dtype; one made on the meta device is given storage on ``device``."""
+    if module.weight.is_meta:
+        module.to_empty(device=device or a.weight.device)
+    with torch.no_grad():
+        for name, tensor in module_tensors(a).items():
+            getattr(module, name).copy_(tensor)
+    return module
+
+
+def to_module(a: Affine, dtype: torch.dtype, device: torch.device | None = None) -> nn.Module:
+    """The nn.ConvNd (nn.Linear for 0-d) computing ``a``, with weights cast once to ``dtype``;
+    made in ``dtype`` on ``device`` at once, so a large kernel is never held twice."""
+    module = empty_module(a, dtype, device or torch.device("cpu"))
+    return fill_module(module, a)

@@ -1,10 +1,12 @@
 """Check one folded region alone, before it is applied: its conv against its own ops, both in
-float64, on a small random input. Each region is checked with only its own tensors converted,
-so a checkpoint is never copied whole."""
+float64, on a small random input. The region's ops run first (`probe`), on its layers' tensors
+converted once, which its fold then takes over; the folded conv runs on the fold's own float64
+tensors (`local_error`). A checkpoint is never copied whole, and no kernel twice."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -60,29 +62,51 @@ def region_module(gm: fx.GraphModule, region: Region) -> fx.GraphModule:
     return module
 
 
-def local_error(gm: fx.GraphModule, region: Region, affine: Affine, seed: int = 0) -> float:
-    """Scale-relative max error of ``affine`` (the region folded) against the region's ops,
-    both in float64."""
+@dataclass(frozen=True)
+class Probe:
+    """A small random input of a region's root and its own ops' output on it, in float64: what
+    its folded conv must reproduce."""
+
+    x: Tensor
+    expected: Tensor
+
+
+def probe(gm: fx.GraphModule, region: Region, seed: int = 0,
+          numbers: algebra.Float64Copies | None = None) -> Probe | None:
+    """Run the region's ops in float64 on a small random input; ``numbers`` makes (and keeps,
+    for the fold) the float64 copies of the layers' tensors. None where they do not run."""
     shape = tensor_shape(region.root)
     generator = torch.Generator().manual_seed(seed)
     # The maps are shift-invariant, so a small odd-sized crop checks interior and borders alike
     # at a fraction of the cost of the model's full resolution.
-    extent, stride = affine.extent, affine.stride
+    geometry = region.affine
     spatial = [min(n, max(LOCAL_CHECK_SIZE, 2 * e + s + 1))
-               for n, e, s in zip(shape[2:], extent, stride)]
+               for n, e, s in zip(shape[2:], geometry.extent, geometry.stride)]
     # a 0-d map (a linear layer) acts on the last dim: the other dims are batch dims
-    size = (1, *shape[1:]) if affine.nd == 0 else (1, shape[1], *spatial)
+    size = (1, *shape[1:]) if geometry.nd == 0 else (1, shape[1], *spatial)
     x = torch.randn(size, generator=generator, dtype=torch.float64)
     original = region_module(gm, region).eval()
     # the region's own tensors in float64, one region at a time: never a copy of the model
-    doubled = {name: t.double() if t.is_floating_point() else t for name, t in
+    numbers = numbers or algebra.Float64Copies()
+    doubled = {name: numbers.of(t) for name, t in
                (*original.named_parameters(), *original.named_buffers())}
-    fused = algebra.to_module(affine, torch.float64)
     try:
         with torch.no_grad():
-            expected, got = functional_call(original, doubled, (x,)), fused(x)
+            return Probe(x, functional_call(original, doubled, (x,)))
     except Exception:  # the region's ops do not run alone in float64: nothing proves the fold
+        return None
+
+
+def local_error(found: Probe | None, affine: Affine) -> float:
+    """Scale-relative max error of ``affine`` (the region folded, in float64) on the probe
+    (infinite without one)."""
+    if found is None:
         return math.inf
+    # the fused conv runs on the fold's own tensors: a layer on the meta device has no storage
+    fused = algebra.empty_module(affine, torch.float64, "meta")
+    with torch.no_grad():
+        got = functional_call(fused, algebra.module_tensors(affine), (found.x,))
+    expected = found.expected
     if affine.nd == 0:
         got = as_token_shape(got, expected)
     if expected.shape != got.shape:
@@ -90,5 +114,3 @@ def local_error(gm: fx.GraphModule, region: Region, affine: Affine, seed: int = 
     scale = float(expected.abs().max())
     error = float((expected - got).abs().max())
     return error / scale if scale > 0 else error
-
-

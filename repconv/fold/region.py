@@ -19,9 +19,11 @@ class Region:
     root: fx.Node
     sink: fx.Node
     members: tuple[fx.Node, ...]
-    ops: tuple[LinearOp, ...]  # each member's op, which `fold_region` folds again
+    ops: tuple[LinearOp, ...]  # each member's op, which `fold_region` folds
     affine: Affine  # geometry only: shape, groups, strides (`fold_region` has the numbers)
-    identity: bool  # the region computes its input unchanged
+    # the region computes its input unchanged: its numbers say, so analysis leaves it False and
+    # the fold of a region with convs decides (`Converter`)
+    identity: bool
     labels: tuple[str, ...]
     macs_before: int
     macs_after: int

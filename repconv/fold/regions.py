@@ -10,6 +10,10 @@ it replaces, the node's inputs become region boundaries and the reason is kept a
 analysis repeats until it is stable, so the largest exact pieces still fold. A region with no
 conv in it is never turned into one: a lone BatchNorm runs faster than the depthwise conv it
 would become (docs/design.md "3. Rules and regions", "Never slower").
+
+Analysis folds geometry alone (shapes, groups, strides: no numbers, no storage), so repeating it
+costs no tensor work; the few decisions that read numbers fold those of the part they ask about.
+Each region's numbers are folded once, in float64, by `fold_region` where it is applied.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 import torch
-from torch import fx
+from torch import Tensor, fx
 
 from repconv.errors import AlgebraError
 from repconv.fold import algebra
@@ -52,7 +56,6 @@ class _Expr:
     affine: Affine
     members: frozenset[fx.Node]
     macs: int
-    identity: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,43 +136,66 @@ def _drop_multi_root(ops: dict[fx.Node, LinearOp], boundaries: set[fx.Node]) -> 
                 break
 
 
+# what a decision that reads numbers found (a geometry, or why the fold is not exact), by the
+# node and the members of the value it folds into: one analysis asks each once
+_Decided = dict[tuple[fx.Node, frozenset[fx.Node]], Affine | str]
+
+
 def _fold(
-    ops: dict[fx.Node, LinearOp], boundaries: set[fx.Node], keep_values: bool = False
+    ops: dict[fx.Node, LinearOp], boundaries: set[fx.Node],
+    numbers: algebra.Float64Copies | None = None, decided: _Decided | None = None,
 ) -> dict[fx.Node, _Expr] | _Split:
-    """Each node's value as an affine map of its region's root, in graph order. Without
-    ``keep_values`` a region output keeps only its geometry: a checkpoint's fused kernels are
-    never all held at once in float64 (`fold_region` folds each again when it is applied)."""
+    """Each node's value as an affine map of its region's root, in graph order: its geometry,
+    or with ``numbers`` its float64 numbers (each layer tensor converted once, by ``numbers``).
+    A decision of the geometry fold that reads numbers folds those of the part it asks about
+    (`_then_by_numbers`)."""
     exprs: dict[fx.Node, _Expr] = {}
+    # values whose tensors this fold made and nothing else holds: their last reader may reuse them
+    scratch: set[fx.Node] = set()
 
     def value(source: fx.Node) -> _Expr:
         if source in ops and source not in boundaries:
             return exprs[source]
-        return _Expr(source, algebra.identity(channels(source), spatial_dims(source)),
-                     frozenset(), 0)
+        root = algebra.identity(channels(source), spatial_dims(source))
+        return _Expr(source, root if numbers else algebra.geometry_only(root), frozenset(), 0)
 
-    # a value's kernel is kept until its last reader in the region has folded it; after that
-    # only its geometry (for the cost check): a checkpoint's convs are never all held in float64
+    def leaf_map(affine: Affine) -> Affine:
+        return numbers.affine(affine) if numbers else algebra.geometry_only(affine)
+
+    def leaf(op: Unary) -> Affine:
+        return leaf_map(op.affine)
+
+    # a value's numbers are kept until its last reader in the region has folded them; after that
+    # only its geometry (for the cost check): a region's intermediate kernels are not all held
     pending = {node: 0 for node in ops}
     for node in ops:
         for source in _inner_inputs(node, ops, boundaries):
             pending[source] += 1
     for node, op in ops.items():
-        parts = [value(source) for source in _inputs(op)]
+        sources = _inputs(op)
+        parts = [value(source) for source in sources]
         union = frozenset().union(*(p.members for p in parts))
         inner = _inner_inputs(node, ops, boundaries)
+        spent = tuple(s in scratch and pending[s] == 1 for s in sources)
         try:
             if isinstance(op, Unary):
-                (part,) = parts
-                leaf = algebra.in_float64(op.affine)
-                affine = leaf if not part.members else algebra.then(part.affine, leaf)
-                for after in op.then:
-                    affine = algebra.then(affine, algebra.in_float64(after))
+                (part,), layer = parts, leaf(op)
+                try:
+                    affine = layer if not part.members else algebra.then(
+                        part.affine, layer, scratch=spent[0])
+                    for after in op.then:
+                        affine = algebra.then(affine, leaf_map(after), scratch=bool(
+                            numbers) and affine.weight is not layer.weight)
+                except algebra.ValuesNeeded:
+                    affine = _then_by_numbers(ops, node, part, {} if decided is None
+                                              else decided)
                 macs = part.macs + _op_macs(node, op.affine)
             else:
                 if isinstance(op, Sum):
-                    affine = algebra.add(
-                        *(algebra.scaled(p.affine, c) for p, (_, c) in zip(parts, op.terms))
-                    )
+                    terms = [algebra.scaled(p.affine, c) for p, (_, c) in zip(parts, op.terms)]
+                    affine = algebra.add(*terms, scratch=tuple(
+                        term.weight is not p.affine.weight or own
+                        for term, p, own in zip(terms, parts, spent)))
                 else:
                     if any(p.affine.nd != spatial_dims(node) for p in parts):
                         # maps of the last dim (tokens) stacked along dim 1: not their features
@@ -195,19 +221,69 @@ def _fold(
             # a map that does not compose on its own (a pad with a value whose neighbour does
             # not cancel it) is no linear op at all
             return _Split(node, str(exc), inner, drop=not isinstance(op, Unary) or not inner)
-        members = union | {node}
         assert len({p.root for p in parts}) == 1, "multi-root nodes are dropped before folding"
-        if node in boundaries and not keep_values:
-            exprs[node] = _Expr(parts[0].root, algebra.geometry_only(affine), members, macs,
-                                affine.is_identity())
-        else:
-            exprs[node] = _Expr(parts[0].root, affine, members, macs)
+        exprs[node] = _Expr(parts[0].root, affine, union | {node}, macs)
+        if numbers is not None:
+            held = [p.affine.weight for p, used_up in zip(parts, spent) if not used_up]
+            if isinstance(op, Unary):
+                held.append(layer.weight)
+            # a layer's copy the probe is done with is the fold's alone, like what it made
+            first = isinstance(op, Unary) and not parts[0].members
+            if (numbers.disposable(affine.weight) if first
+                    else _new_storage(affine.weight, held)):
+                scratch.add(node)
         for source in inner:
             pending[source] -= 1
-            if not pending[source]:
+            if not pending[source] and numbers is not None:
+                scratch.discard(source)
                 exprs[source] = replace(exprs[source],
                                         affine=algebra.geometry_only(exprs[source].affine))
     return exprs
+
+
+def _new_storage(weight: Tensor, held: list[Tensor]) -> bool:
+    """``weight`` is none of ``held`` (a layer's float64 copy, which the local check reads, or a
+    value another node still reads), nor a view of one."""
+    mine = weight.untyped_storage().data_ptr()
+    return all(mine != other.untyped_storage().data_ptr() for other in held)
+
+
+def _then_by_numbers(ops: dict[fx.Node, LinearOp], node: fx.Node, part: _Expr,
+                     decided: _Decided) -> Affine:
+    """The geometry of ``node``'s op (its maps in turn) after ``part`` where it depends on
+    numbers: the part's (a bias before a zero-padded conv), and a layer's only where a later
+    map reads the product or the product's groups depend on them. Raises the AlgebraError of a
+    fold that is not exact."""
+    op = ops[node]
+    assert isinstance(op, Unary)
+    key = (node, part.members)
+    if key not in decided:
+        copies = algebra.Float64Copies()
+        value = None
+        if part.members:
+            folded = _fold({m: ops[m] for m in ops if m in part.members}, {op.source}, copies)
+            assert not isinstance(folded, _Split), "a value whose geometry folds has numbers"
+            value = folded[op.source].affine
+        maps = (op.affine, *op.then)
+        try:
+            for i, after in enumerate(maps):
+                if value is None:
+                    value = copies.affine(after)
+                    continue
+                try:  # the last map's geometry is all its result needs
+                    if i < len(maps) - 1:
+                        raise algebra.ValuesNeeded
+                    value = algebra.then(value, algebra.geometry_only(after))
+                except algebra.ValuesNeeded:
+                    value = algebra.then(value, copies.affine(after))
+            assert value is not None
+            decided[key] = algebra.geometry_only(value)
+        except AlgebraError as exc:
+            decided[key] = str(exc)
+    result = decided[key]
+    if isinstance(result, str):
+        raise AlgebraError(result)
+    return result
 
 
 def _op_macs(node: fx.Node, affine: Affine) -> int:
@@ -252,8 +328,9 @@ def analyse(gm: fx.GraphModule, keep_own_forward: bool = False, unshare: bool = 
     cut_at: dict[fx.Node, str] = {}
     boundaries = {node for node in ops if any(user not in ops for user in data_users(node))}
     _drop_multi_root(ops, boundaries)
+    decided: _Decided = {}
     while True:
-        folded = _fold(ops, boundaries)
+        folded = _fold(ops, boundaries, decided=decided)
         if not isinstance(folded, _Split):
             folded = (_structural_split(gm, ops, boundaries, folded)
                       or _cost_split(ops, boundaries, folded) or folded)
@@ -291,7 +368,7 @@ def analyse(gm: fx.GraphModule, keep_own_forward: bool = False, unshare: bool = 
             members=members,
             ops=tuple(ops[m] for m in members),
             affine=expr.affine,
-            identity=expr.identity,  # trimmed members are identities: the same map
+            identity=False,  # known from its numbers: `_computes_identity`, `Converter`
             labels=tuple(ops[m].label for m in members),
             macs_before=expr.macs,
             macs_after=_fused_macs(sink, expr),
@@ -319,7 +396,7 @@ def analyse(gm: fx.GraphModule, keep_own_forward: bool = False, unshare: bool = 
                 regions.append(piece)
             elif piece.convs:
                 singles.append(piece)
-            elif not piece.identity:
+            elif not _computes_identity(piece):
                 lone.append(piece)
     for absorbed, parts in _distributions(regions + singles, lone):
         owners = [owner for owner, _ in parts]
@@ -389,7 +466,7 @@ def split_chain(region: Region, cut: set[fx.Node]) -> list[Region]:
             expr = folded[members[-1]]
             pieces.append(replace(
                 region, root=region.sources[stretch[0]], sink=members[-1], members=members,
-                ops=tuple(ops.values()), affine=expr.affine, identity=expr.identity,
+                ops=tuple(ops.values()), affine=expr.affine,
                 labels=tuple(region.labels[j] for j in stretch), macs_before=expr.macs,
                 macs_after=_fused_macs(members[-1], expr),
                 sources=tuple(region.sources[j] for j in stretch),
@@ -451,12 +528,22 @@ def _reads_shape(node: fx.Node) -> bool:
     return any(metadata_read(u) == "shape" and u.args[0] is node for u in node.users)
 
 
-def fold_region(region: Region) -> Affine:
-    """The region's map in float64, folded again from its ops: one region's numbers at a
-    time."""
-    folded = _fold(dict(zip(region.members, region.ops)), {region.sink}, keep_values=True)
-    assert not isinstance(folded, _Split), "a region that folded in analysis folds again"
+def _computes_identity(region: Region) -> bool:
+    """The region computes its input unchanged (its numbers are folded only where its geometry
+    allows it)."""
+    try:
+        return region.affine.is_identity()
+    except algebra.ValuesNeeded:
+        return fold_region(region).is_identity()
+
+
+def fold_region(region: Region, numbers: algebra.Float64Copies | None = None) -> Affine:
+    """The region's map in float64, folded from its ops: its one fold, where it is applied.
+    The float64 copies of its layers' tensors stay in ``numbers`` for its local check."""
+    folded = _fold(dict(zip(region.members, region.ops)), {region.sink},
+                   numbers or algebra.Float64Copies())
+    assert not isinstance(folded, _Split), "a region whose geometry folded folds"
     affine = folded[region.sink].affine
     for after in region.then:
-        affine = algebra.then(affine, after)
+        affine = algebra.then(affine, after, scratch=True)
     return affine

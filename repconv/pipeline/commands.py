@@ -225,8 +225,11 @@ def fuse_checkpoint(
     else:
         progress("tracing and fusing")
         start = time.perf_counter()
+        # with nothing after the fuse reading the loaded model (no verification, no INT8 report,
+        # no entries of IN written beside it), its folded tensors are freed as their conv is made
+        owned = not check and quant_target is None and not loaded.pickled and not keep_extra
         result = fuse(loaded.model, inputs, check=False, seed=options.seed, progress=progress,
-                      unshare=options.unshare)
+                      unshare=options.unshare, release=_free if owned else None)
         seconds["fuse"] = time.perf_counter() - start
         report, plan, fused_model = result.report, result.plan, result.model
         _note_norms(report, loaded.model)
@@ -285,6 +288,14 @@ def fuse_checkpoint(
             )
         seconds["write"] = time.perf_counter() - start
     return outcome
+
+
+def _free(tensors: list[Tensor]) -> None:
+    """Empty each tensor (a later use fails on its shape): its memory goes with the last view
+    of it, which `fuse` drops as it hands it over."""
+    with torch.no_grad():
+        for tensor in tensors:
+            tensor.set_()
 
 
 def _verify_fused(options: Options, original: nn.Module, fused: nn.Module,

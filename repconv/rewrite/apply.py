@@ -19,7 +19,7 @@ Everything is recorded as `plan` steps, which `surgery.replay` applies to a fres
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,10 +27,8 @@ import torch
 from torch import fx, nn
 
 from repconv.errors import TraceError
-from repconv.fold import algebra
-from repconv.fold.algebra import Affine
 from repconv.fold.calls import CallRecord
-from repconv.fold.graph import mutated_input, tensor_dtype
+from repconv.fold.graph import mutated_input
 from repconv.fold.region import Region
 from repconv.fold.rules.base import describe
 from repconv.rewrite.align import Alignment, AlignmentError, trace_and_align
@@ -66,13 +64,6 @@ class Applied:
     unshared: dict[str, int] = field(default_factory=dict)  # layer -> sites given a copy each
 
 
-def fused_module(gm: fx.GraphModule, region: Region, affine: Affine) -> nn.Module:
-    """The conv computing ``affine`` (``region`` folded) in the region's dtype, on the device
-    of ``gm``'s weights."""
-    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
-    return algebra.to_module(affine, tensor_dtype(region.sink) or torch.float32, device)
-
-
 def apply(
     scope_module: nn.Module,
     scope: str,
@@ -81,10 +72,13 @@ def apply(
     fused_modules: Mapping[int, nn.Module],
     calls: Mapping[str, CallRecord],
     scope_concrete: dict[str, Any],
+    settle: Callable[[list[Region]], dict[int, str]] | None = None,
 ) -> Applied:
     """Rewrite each region of ``gm`` (the trace of ``scope_module``, at path ``scope`` in the
     model) where it runs, as its conv in ``fused_modules`` (by ``id(region)``); ``calls`` holds
-    each module's recorded calls, by model path."""
+    each module's recorded calls, by model path. ``settle`` is given the regions that will be
+    placed once that is known, before anything is rewritten (it may fill their convs, and
+    refuse some: reasons by ``id(region)``)."""
     applied = Applied(scope_module)
     call_sites: dict[str, int] = defaultdict(int)
     for node in gm.graph.nodes:
@@ -134,6 +128,8 @@ def apply(
     for group in {r.group for r in live if r.group and id(r) in refused}:
         why = next(refused[id(r)] for r in live if r.group == group and id(r) in refused)
         refused.update((id(r), why) for r in live if r.group == group)
+    if settle is not None:
+        refused.update(settle([r for r in live if id(r) not in refused]))
     applied.refused = [(r, refused[id(r)]) for r in live if id(r) in refused]
     # a layer called at several sites and folded in several regions: each got a copy
     copies: dict[str, int] = defaultdict(int)
