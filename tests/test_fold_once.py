@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import repconv
-from repconv.fold import algebra, regions
+from repconv.fold import algebra, folding, regions
 from repconv.fold.graph import propagate_shapes, trace
 
 aten = torch.ops.aten
@@ -96,12 +96,12 @@ def test_analysis_reads_geometry_only() -> None:
 
     with _LargeAllocations(smallest) as analysis:
         found = regions.analyse(gm)
-    with _LargeAllocations(smallest) as folding:
-        folded = [regions.fold_region(r) for r in found.regions]
+    with _LargeAllocations(smallest) as folds:
+        folded = [folding.fold_region(r) for r in found.regions]
 
     assert len(found.regions) == 4
     assert analysis.ops == []
-    assert len(folding.ops) >= 4  # the folds themselves do make them
+    assert len(folds.ops) >= 4  # the folds themselves do make them
     assert all(algebra.same_geometry(f, r.affine) for f, r in zip(folded, found.regions))
 
 
@@ -150,7 +150,7 @@ def test_values_a_geometry_cannot_tell_are_folded_for_that_part() -> None:
 
     (region,) = regions.analyse(gm).regions
 
-    assert region.affine.groups == regions.fold_region(region).groups == 2
+    assert region.affine.groups == folding.fold_region(region).groups == 2
     result = repconv.fuse(model, _input(1, 8, 6, 6))
     (conv,) = [m for m in result.model.modules() if isinstance(m, nn.Conv2d)]
     assert conv.groups == 2

@@ -378,7 +378,7 @@ def test_unexpected_failure_is_still_one_line_and_one_document(
     def broken(*_args: object, **_kwargs: object) -> None:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr("repconv.pipeline.commands.fuse", broken)
+    monkeypatch.setattr("repconv.pipeline.fusing.fuse", broken)
     result = invoke("fuse", repvgg_ckpt, tmp_path / "out.pt", "--json")
     assert_no_traceback(result)
     assert result.exit_code == 3

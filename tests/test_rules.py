@@ -13,7 +13,7 @@ from helpers.tensors import randn, run
 from torch import Tensor, nn
 
 import repconv
-from repconv.fold import regions
+from repconv.fold import folding, regions
 from repconv.fold.graph import propagate_shapes, trace
 
 
@@ -292,8 +292,8 @@ def _signature(analysis: regions.Analysis) -> list[tuple[object, ...]]:
             r.labels,
             r.macs_before,
             r.macs_after,
-            regions.fold_region(r).weight,
-            regions.fold_region(r).bias,
+            folding.fold_region(r).weight,
+            folding.fold_region(r).bias,
             r.affine.stride,
             r.affine.padding,
             r.affine.dilation,

@@ -80,7 +80,7 @@ def test_out_under_a_file_is_refused_before_loading(repvgg_ckpt: Path, tmp_path:
     def never(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("IN was loaded before OUT was checked")
 
-    monkeypatch.setattr("repconv.pipeline.commands.load_checkpoint", never)
+    monkeypatch.setattr("repconv.pipeline.options.load_checkpoint", never)
     not_a_folder = tmp_path / "notes.txt"
     not_a_folder.write_text("a file")
     before = snapshot(tmp_path)

@@ -16,10 +16,10 @@ import torch
 from torch import Tensor, fx, nn
 
 from repconv.fold import algebra
+from repconv.fold.folding import fold_region
 from repconv.fold.graph import tensor_dtype
 from repconv.fold.local_check import LOCAL_TOLERANCE, local_error, probe
 from repconv.fold.region import Region
-from repconv.fold.regions import fold_region
 from repconv.fold.rules import Unary
 
 # the tensors of a model that nothing fused reads any more: the caller's to free

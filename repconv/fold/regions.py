@@ -18,15 +18,22 @@ Each region's numbers are folded once, in float64, by `fold_region` where it is 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 
 import torch
-from torch import Tensor, fx
+from torch import fx
 
-from repconv.errors import AlgebraError
 from repconv.fold import algebra
-from repconv.fold.algebra import Affine
+from repconv.fold.folding import (
+    Decided,
+    Expr,
+    Split,
+    fold,
+    fold_region,
+    fused_macs,
+    inner_inputs,
+    inputs_of,
+)
 from repconv.fold.graph import (
     GraphContext,
     alias_base,
@@ -39,8 +46,8 @@ from repconv.fold.graph import (
 )
 from repconv.fold.reasons import Skip, account, is_norm
 from repconv.fold.region import Region
-from repconv.fold.rules import RULES, LinearOp, Refusal, Sum, Unary
-from repconv.fold.rules.base import channels, spatial_dims
+from repconv.fold.rules import RULES, LinearOp, Refusal, Unary
+from repconv.fold.rules.base import channels
 
 
 @dataclass
@@ -48,45 +55,6 @@ class Analysis:
     regions: list[Region] = field(default_factory=list)
     skips: list[Skip] = field(default_factory=list)  # ops left as they are, and why
     cuts: list[Skip] = field(default_factory=list)  # where a larger fold was cut, and why
-
-
-@dataclass(frozen=True)
-class _Expr:
-    root: fx.Node
-    affine: Affine
-    members: frozenset[fx.Node]
-    macs: int
-
-
-@dataclass(frozen=True)
-class _Split:
-    """Fold failed at ``node``: make ``boundaries`` region outputs; ``drop`` the node if it can
-    no longer be a linear op (a sum or concat whose terms cannot be combined)."""
-
-    node: fx.Node
-    reason: str
-    boundaries: tuple[fx.Node, ...]
-    drop: bool
-
-
-def _inputs(op: LinearOp) -> tuple[fx.Node, ...]:
-    if isinstance(op, Unary):
-        return (op.source,)
-    if isinstance(op, Sum):
-        return tuple(term for term, _ in op.terms)
-    return op.parts
-
-
-def _inner_inputs(
-    node: fx.Node, ops: dict[fx.Node, LinearOp], boundaries: set[fx.Node]
-) -> tuple[fx.Node, ...]:
-    """The inputs of ``node`` that lie inside its region (folded into it, not its root)."""
-    return tuple(s for s in _inputs(ops[node]) if s in ops and s not in boundaries)
-
-
-def _numel(node: fx.Node) -> int:
-    shape = tensor_shape(node)
-    return math.prod(shape[1:]) if shape is not None else 0
 
 
 def _lower_all(
@@ -125,194 +93,36 @@ def _drop_multi_root(ops: dict[fx.Node, LinearOp], boundaries: set[fx.Node]) -> 
         roots: dict[fx.Node, frozenset[fx.Node]] = {}
         for node, op in ops.items():
             found: set[fx.Node] = set()
-            for source in _inputs(op):
+            for source in inputs_of(op):
                 inner = source in ops and source not in boundaries
                 found |= roots[source] if inner else {source}
             roots[node] = frozenset(found)
             if len(found) > 1 and not isinstance(op, Unary):
                 del ops[node]
-                boundaries.update(s for s in _inputs(op) if s in ops)
+                boundaries.update(s for s in inputs_of(op) if s in ops)
                 changed = True
                 break
 
 
 # what a decision that reads numbers found (a geometry, or why the fold is not exact), by the
 # node and the members of the value it folds into: one analysis asks each once
-_Decided = dict[tuple[fx.Node, frozenset[fx.Node]], Affine | str]
-
-
-def _fold(
-    ops: dict[fx.Node, LinearOp], boundaries: set[fx.Node],
-    numbers: algebra.Float64Copies | None = None, decided: _Decided | None = None,
-) -> dict[fx.Node, _Expr] | _Split:
-    """Each node's value as an affine map of its region's root, in graph order: its geometry,
-    or with ``numbers`` its float64 numbers (each layer tensor converted once, by ``numbers``).
-    A decision of the geometry fold that reads numbers folds those of the part it asks about
-    (`_then_by_numbers`)."""
-    exprs: dict[fx.Node, _Expr] = {}
-    # values whose tensors this fold made and nothing else holds: their last reader may reuse them
-    scratch: set[fx.Node] = set()
-
-    def value(source: fx.Node) -> _Expr:
-        if source in ops and source not in boundaries:
-            return exprs[source]
-        root = algebra.identity(channels(source), spatial_dims(source))
-        return _Expr(source, root if numbers else algebra.geometry_only(root), frozenset(), 0)
-
-    def leaf_map(affine: Affine) -> Affine:
-        return numbers.affine(affine) if numbers else algebra.geometry_only(affine)
-
-    def leaf(op: Unary) -> Affine:
-        return leaf_map(op.affine)
-
-    # a value's numbers are kept until its last reader in the region has folded them; after that
-    # only its geometry (for the cost check): a region's intermediate kernels are not all held
-    pending = {node: 0 for node in ops}
-    for node in ops:
-        for source in _inner_inputs(node, ops, boundaries):
-            pending[source] += 1
-    for node, op in ops.items():
-        sources = _inputs(op)
-        parts = [value(source) for source in sources]
-        union = frozenset().union(*(p.members for p in parts))
-        inner = _inner_inputs(node, ops, boundaries)
-        spent = tuple(s in scratch and pending[s] == 1 for s in sources)
-        try:
-            if isinstance(op, Unary):
-                (part,), layer = parts, leaf(op)
-                try:
-                    affine = layer if not part.members else algebra.then(
-                        part.affine, layer, scratch=spent[0])
-                    for after in op.then:
-                        affine = algebra.then(affine, leaf_map(after), scratch=bool(
-                            numbers) and affine.weight is not layer.weight)
-                except algebra.ValuesNeeded:
-                    affine = _then_by_numbers(ops, node, part, {} if decided is None
-                                              else decided)
-                macs = part.macs + _op_macs(node, op.affine)
-            else:
-                if isinstance(op, Sum):
-                    terms = [algebra.scaled(p.affine, c) for p, (_, c) in zip(parts, op.terms)]
-                    affine = algebra.add(*terms, scratch=tuple(
-                        term.weight is not p.affine.weight or own
-                        for term, p, own in zip(terms, parts, spent)))
-                else:
-                    if any(p.affine.nd != spatial_dims(node) for p in parts):
-                        # maps of the last dim (tokens) stacked along dim 1: not their features
-                        raise AlgebraError("the parts are maps of the last dim, stacked along "
-                                           "another")
-                    affine = algebra.concat(*(p.affine for p in parts))
-                # work the branches share (a depthwise conv feeding them all) counts once
-                macs = sum(_op_macs(m, ops[m].affine) for m in union
-                           if isinstance(ops[m], Unary))
-                merged = _numel(node) * affine.macs_per_output()
-                if merged > macs and not algebra.is_per_channel(affine):
-                    # branches of different shapes stacked: every output channel would read
-                    # every input channel through the largest kernel
-                    reason = (f"cost: one conv would take {merged:,} MACs per sample, the "
-                              f"{len(parts)} branches it merges {macs:,}")
-                    shared = frozenset.intersection(*(p.members for p in parts))
-                    ends = tuple(n for n in ops if n in shared and any(
-                        u in union and u not in shared for u in data_users(n)))
-                    # cut where the shared work ends: the branches after it may still merge
-                    return (_Split(node, reason, ends, drop=False) if ends
-                            else _Split(node, reason, inner, drop=True))
-        except AlgebraError as exc:
-            # a map that does not compose on its own (a pad with a value whose neighbour does
-            # not cancel it) is no linear op at all
-            return _Split(node, str(exc), inner, drop=not isinstance(op, Unary) or not inner)
-        assert len({p.root for p in parts}) == 1, "multi-root nodes are dropped before folding"
-        exprs[node] = _Expr(parts[0].root, affine, union | {node}, macs)
-        if numbers is not None:
-            held = [p.affine.weight for p, used_up in zip(parts, spent) if not used_up]
-            if isinstance(op, Unary):
-                held.append(layer.weight)
-            # a layer's copy the probe is done with is the fold's alone, like what it made
-            first = isinstance(op, Unary) and not parts[0].members
-            if (numbers.disposable(affine.weight) if first
-                    else _new_storage(affine.weight, held)):
-                scratch.add(node)
-        for source in inner:
-            pending[source] -= 1
-            if not pending[source] and numbers is not None:
-                scratch.discard(source)
-                exprs[source] = replace(exprs[source],
-                                        affine=algebra.geometry_only(exprs[source].affine))
-    return exprs
-
-
-def _new_storage(weight: Tensor, held: list[Tensor]) -> bool:
-    """``weight`` is none of ``held`` (a layer's float64 copy, which the local check reads, or a
-    value another node still reads), nor a view of one."""
-    mine = weight.untyped_storage().data_ptr()
-    return all(mine != other.untyped_storage().data_ptr() for other in held)
-
-
-def _then_by_numbers(ops: dict[fx.Node, LinearOp], node: fx.Node, part: _Expr,
-                     decided: _Decided) -> Affine:
-    """The geometry of ``node``'s op (its maps in turn) after ``part`` where it depends on
-    numbers: the part's (a bias before a zero-padded conv), and a layer's only where a later
-    map reads the product or the product's groups depend on them. Raises the AlgebraError of a
-    fold that is not exact."""
-    op = ops[node]
-    assert isinstance(op, Unary)
-    key = (node, part.members)
-    if key not in decided:
-        copies = algebra.Float64Copies()
-        value = None
-        if part.members:
-            folded = _fold({m: ops[m] for m in ops if m in part.members}, {op.source}, copies)
-            assert not isinstance(folded, _Split), "a value whose geometry folds has numbers"
-            value = folded[op.source].affine
-        maps = (op.affine, *op.then)
-        try:
-            for i, after in enumerate(maps):
-                if value is None:
-                    value = copies.affine(after)
-                    continue
-                try:  # the last map's geometry is all its result needs
-                    if i < len(maps) - 1:
-                        raise algebra.ValuesNeeded
-                    value = algebra.then(value, algebra.geometry_only(after))
-                except algebra.ValuesNeeded:
-                    value = algebra.then(value, copies.affine(after))
-            assert value is not None
-            decided[key] = algebra.geometry_only(value)
-        except AlgebraError as exc:
-            decided[key] = str(exc)
-    result = decided[key]
-    if isinstance(result, str):
-        raise AlgebraError(result)
-    return result
-
-
-def _op_macs(node: fx.Node, affine: Affine) -> int:
-    """What an op costs in the budget a fused conv is held to: per-channel maps (BN, scale,
-    identity) add no multiply-accumulates a conv would not do anyway."""
-    return 0 if algebra.is_per_channel(affine) else _numel(node) * affine.macs_per_output()
-
-
-def _fused_macs(node: fx.Node, expr: _Expr) -> int:
-    return _numel(node) * expr.affine.macs_per_output()
-
-
 def _cost_split(
-    ops: dict[fx.Node, LinearOp], boundaries: set[fx.Node], exprs: dict[fx.Node, _Expr]
-) -> _Split | None:
+    ops: dict[fx.Node, LinearOp], boundaries: set[fx.Node], exprs: dict[fx.Node, Expr]
+) -> Split | None:
     """A region whose one conv costs more than its ops splits where a chain first grows."""
 
     def grows(node: fx.Node) -> bool:
         expr = exprs[node]
-        return not algebra.is_per_channel(expr.affine) and _fused_macs(node, expr) > expr.macs
+        return not algebra.is_per_channel(expr.affine) and fused_macs(node, expr) > expr.macs
 
     for sink in (n for n in ops if n in boundaries):
         if not grows(sink):
             continue
         node = next(m for m in ops if m in exprs[sink].members and grows(m))
-        inner = _inner_inputs(node, ops, boundaries)
-        reason = (f"cost: one conv would take {_fused_macs(node, exprs[node]):,} MACs per sample, "
+        inner = inner_inputs(node, ops, boundaries)
+        reason = (f"cost: one conv would take {fused_macs(node, exprs[node]):,} MACs per sample, "
                   f"the {len(exprs[node].members)} ops it replaces {exprs[node].macs:,}")
-        return _Split(node, reason, inner, drop=False)
+        return Split(node, reason, inner, drop=False)
     return None
 
 
@@ -328,13 +138,13 @@ def analyse(gm: fx.GraphModule, keep_own_forward: bool = False, unshare: bool = 
     cut_at: dict[fx.Node, str] = {}
     boundaries = {node for node in ops if any(user not in ops for user in data_users(node))}
     _drop_multi_root(ops, boundaries)
-    decided: _Decided = {}
+    decided: Decided = {}
     while True:
-        folded = _fold(ops, boundaries, decided=decided)
-        if not isinstance(folded, _Split):
+        folded = fold(ops, boundaries, decided=decided)
+        if not isinstance(folded, Split):
             folded = (_structural_split(gm, ops, boundaries, folded)
                       or _cost_split(ops, boundaries, folded) or folded)
-        if isinstance(folded, _Split):
+        if isinstance(folded, Split):
             cut_at.setdefault(folded.node, folded.reason)
             boundaries.update(folded.boundaries)
             if folded.drop:
@@ -371,9 +181,9 @@ def analyse(gm: fx.GraphModule, keep_own_forward: bool = False, unshare: bool = 
             identity=False,  # known from its numbers: `_computes_identity`, `Converter`
             labels=tuple(ops[m].label for m in members),
             macs_before=expr.macs,
-            macs_after=_fused_macs(sink, expr),
+            macs_after=fused_macs(sink, expr),
             chain=all(isinstance(ops[m], Unary) for m in members),
-            sources=tuple(_inputs(ops[m])[0] for m in members),
+            sources=tuple(inputs_of(ops[m])[0] for m in members),
             passthrough=tuple(_is_passthrough(ops[m]) for m in members),
             tail=tail,
         )
@@ -461,14 +271,14 @@ def split_chain(region: Region, cut: set[fx.Node]) -> list[Region]:
         if stretch:
             members = tuple(region.members[j] for j in stretch)
             ops = {m: region.ops[j] for j, m in zip(stretch, members)}
-            folded = _fold(ops, {members[-1]})
-            assert not isinstance(folded, _Split), "a stretch of a folded chain folds"
+            folded = fold(ops, {members[-1]})
+            assert not isinstance(folded, Split), "a stretch of a folded chain folds"
             expr = folded[members[-1]]
             pieces.append(replace(
                 region, root=region.sources[stretch[0]], sink=members[-1], members=members,
                 ops=tuple(ops.values()), affine=expr.affine,
                 labels=tuple(region.labels[j] for j in stretch), macs_before=expr.macs,
-                macs_after=_fused_macs(members[-1], expr),
+                macs_after=fused_macs(members[-1], expr),
                 sources=tuple(region.sources[j] for j in stretch),
                 passthrough=tuple(region.passthrough[j] for j in stretch), tail=()))
         stretch = []
@@ -481,8 +291,8 @@ def _is_passthrough(op: LinearOp) -> bool:
 
 def _structural_split(
     gm: fx.GraphModule, ops: dict[fx.Node, LinearOp], boundaries: set[fx.Node],
-    exprs: dict[fx.Node, _Expr],
-) -> _Split | None:
+    exprs: dict[fx.Node, Expr],
+) -> Split | None:
     """Cut a region where one conv cannot stand for it: where its dtype changes, where it
     reads its input again after an op changed that input in place, or where code reads the
     shape of a value inside it that the fused output would not have. The pieces on either side
@@ -518,9 +328,9 @@ def _structural_split(
             reason = (f"{reshaped.name}.shape is read, and differs from the fused output's shape "
                       f"{list(tensor_shape(sink) or [])}")
         if cut is not None:
-            inner = _inner_inputs(cut, ops, boundaries)
+            inner = inner_inputs(cut, ops, boundaries)
             if inner or cut not in boundaries:  # each split must add a boundary, or it loops
-                return _Split(cut, reason, inner or (cut,), drop=False)
+                return Split(cut, reason, inner or (cut,), drop=False)
     return None
 
 
@@ -537,13 +347,3 @@ def _computes_identity(region: Region) -> bool:
         return fold_region(region).is_identity()
 
 
-def fold_region(region: Region, numbers: algebra.Float64Copies | None = None) -> Affine:
-    """The region's map in float64, folded from its ops: its one fold, where it is applied.
-    The float64 copies of its layers' tensors stay in ``numbers`` for its local check."""
-    folded = _fold(dict(zip(region.members, region.ops)), {region.sink},
-                   numbers or algebra.Float64Copies())
-    assert not isinstance(folded, _Split), "a region whose geometry folded folds"
-    affine = folded[region.sink].affine
-    for after in region.then:
-        affine = algebra.then(affine, after, scratch=True)
-    return affine
