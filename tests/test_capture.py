@@ -117,6 +117,48 @@ def test_a_child_that_stops_both_routes_is_kept_opaque_and_its_siblings_fold() -
     assert rel_err(run(model, x), run(result.model, randn(1, 3, 8, 8, seed=0))) <= TOL
 
 
+class AutocastAttention(nn.Module):
+    """timm's LiteMLA (EfficientViT-B): ``autocast(device_type=x.device.type)`` stops both routes;
+    its projection is a conv+BN module of its own (timm's ConvNormAct)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(nn.Conv2d(6, 6, 1, bias=False), nn.BatchNorm2d(6))
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            y = x.float() * x.mean()
+        return self.proj(y)
+
+
+class WithOpaqueAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(6)
+        self.attention = AutocastAttention()
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.bn(self.conv(x))
+        if y.shape[-1] > 4:  # torch.fx stops here
+            y = y + self.attention(y)
+        return y
+
+
+def test_the_children_of_an_opaque_call_are_fused_in_place() -> None:
+    """EfficientViT-B left 4 of 26 BatchNorms inside the opaque LiteMLA calls before."""
+    model = randomize_bn(WithOpaqueAttention(), seed=4).eval()
+    x = randn(1, 3, 8, 8, seed=0)
+    result = repconv.fuse(model, x)
+    assert result.report.verification.passed
+    assert any("opaque calls: attention" in note for note in result.report.notes)
+    assert executed(model, x).batchnorms == 2
+    assert executed(result.model, x).batchnorms == 0
+    for shape in ((1, 3, 8, 8), (2, 3, 12, 10)):
+        assert rel_err(run(model, randn(*shape, seed=1)),
+                       run(result.model, randn(*shape, seed=1))) <= TOL
+
+
 class Projection(nn.Module):
     """transformers' EfficientNet final block: called with two tensors, reads one."""
 

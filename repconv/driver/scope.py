@@ -100,7 +100,7 @@ class ScopeFuser:
         if self.root_capture is not None and self.root_capture.size_guards:
             self.release = None  # the model is fused again at other sizes: it must stay whole
         gm = captured.module
-        self._fuse_inside_kept_calls(gm, scope)
+        self._fuse_inside_kept_calls(gm, scope, captured.opaque)
         analysis = region_analysis.analyse(gm, keep_own_forward=module is self.model,
                                           unshare=self.unshare)
         where = f"{scope}: " if scope else ""
@@ -183,17 +183,18 @@ class ScopeFuser:
         if not scope:
             self.root_capture = captured
 
-    def _fuse_inside_kept_calls(self, gm: fx.GraphModule, scope: str) -> None:
+    def _fuse_inside_kept_calls(self, gm: fx.GraphModule, scope: str,
+                                opaque: dict[str, str]) -> None:
         """A module kept as a call because calling it runs more than its class's forward (a
-        hook) stays as it is; its children are fused in place, as for one that does not
-        trace."""
+        hook), or because it stopped the capture (``opaque``: its path and why), stays as it
+        is; its children are fused in place, as for one that does not trace."""
         for node in gm.graph.nodes:
             if node.op != "call_module":
                 continue
             child = gm.get_submodule(node.target)
-            differs = eager_differs(child)
-            if differs and list(child.children()):
-                self._fuse_children(child, join_path(scope, str(node.target)), differs)
+            why = eager_differs(child) or opaque.get(str(node.target))
+            if why and list(child.children()):
+                self._fuse_children(child, join_path(scope, str(node.target)), why)
 
     def _fuse_children(self, module: nn.Module, scope: str, why: str) -> nn.Module:
         if not list(module.children()):
