@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils import skip_init
 
 from repconv.errors import AlgebraError
 
@@ -744,22 +744,38 @@ def _ungroup(dense_weight: Tensor, groups: int) -> Tensor:
     )
 
 
+def uninitialised(kind: type[nn.Module], *args: Any, device: torch.device | str = "cpu",
+                  **kwargs: Any) -> nn.Module:
+    """``kind(*args, **kwargs)`` (a layer with parameters and no buffers) with tensors that hold
+    no numbers yet: made on the meta device (no random initialisation, no storage), then given
+    empty storage on ``device`` unless that is meta."""
+    # not nn.utils.skip_init: its Module.to_empty runs the meta device's Python decompositions,
+    # whose first use imports sympy (0.4 s of every conversion)
+    module = kind(*args, device="meta", **kwargs)
+    if torch.device(device).type != "meta":
+        _give_storage(module, torch.device(device))
+    return module
+
+
+def _give_storage(module: nn.Module, device: torch.device) -> None:
+    for name, meta in list(module.named_parameters(recurse=False)):
+        setattr(module, name, nn.Parameter(torch.empty(meta.shape, dtype=meta.dtype,
+                                                       device=device), meta.requires_grad))
+
+
 def empty_module(a: Affine, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
     """The nn.ConvNd (nn.Linear for 0-d) of ``a``'s geometry, its tensors uninitialised (on the
     meta device: no storage at all)."""
-    # skip_init: the weights are written afterwards, so random initialisation is wasted work
     place = {"dtype": dtype, "device": torch.device(device)}
     geometry = {"stride": a.stride, "padding": a.padding, "dilation": a.dilation,
                 "groups": a.groups, **place}
     if a.nd == 0:
-        module: nn.Module = skip_init(nn.Linear, a.in_channels, a.out_channels, **place)
-    elif a.transposed:
-        module = skip_init(_CONV_TRANSPOSE_MODULE[a.nd], a.in_channels, a.out_channels,
-                           a.kernel_size, output_padding=a.output_padding, **geometry)
-    else:
-        module = skip_init(_CONV_MODULE[a.nd], a.in_channels, a.out_channels, a.kernel_size,
-                           padding_mode=a.padding_mode, **geometry)
-    return module
+        return uninitialised(nn.Linear, a.in_channels, a.out_channels, **place)
+    if a.transposed:
+        return uninitialised(_CONV_TRANSPOSE_MODULE[a.nd], a.in_channels, a.out_channels,
+                             a.kernel_size, output_padding=a.output_padding, **geometry)
+    return uninitialised(_CONV_MODULE[a.nd], a.in_channels, a.out_channels, a.kernel_size,
+                         padding_mode=a.padding_mode, **geometry)
 
 
 def module_tensors(a: Affine) -> dict[str, Tensor]:
@@ -771,7 +787,7 @@ def fill_module(module: nn.Module, a: Affine, device: torch.device | None = None
     """``module`` (an `empty_module` of ``a``'s geometry) holding ``a``'s numbers, each cast once
     to the module's dtype; one made on the meta device is given storage on ``device``."""
     if module.weight.is_meta:
-        module.to_empty(device=device or a.weight.device)
+        _give_storage(module, device or a.weight.device)
     with torch.no_grad():
         for name, tensor in module_tensors(a).items():
             getattr(module, name).copy_(tensor)

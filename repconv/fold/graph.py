@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import io
 import operator
 import types
 import warnings
@@ -14,8 +13,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+from torch.utils._pytree import tree_flatten
 
 from repconv.errors import TraceError, one_line
 from repconv.fold.calls import holds_tensor
@@ -214,13 +215,35 @@ def trace(
     return graph_module(module, graph, tracer)
 
 
+class _ShapeRecorder(fx.Interpreter):
+    """torch.fx's ShapeProp without its fake-tensor and memory-format queries, whose first use
+    imports sympy (0.4 s of every conversion): each node's tensors' shape and dtype go to
+    ``node.meta["tensor_meta"]``."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        tensors = [t for t in tree_flatten(result)[0] if isinstance(t, Tensor)]
+        if tensors:
+            n.meta["tensor_meta"] = map_aggregate(
+                result, lambda v: _tensor_metadata(v) if isinstance(v, Tensor) else v)
+        n.meta["type"] = type(result)
+        return result
+
+
+def _tensor_metadata(tensor: Tensor) -> TensorMetadata:
+    formats = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
+    layout = next((f for f in formats if not tensor.is_sparse and tensor.is_contiguous(
+        memory_format=f)), None)
+    return _extract_tensor_metadata(tensor, include_contiguity=False)._replace(
+        memory_format=layout)
+
+
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> object:
     """Run ``gm`` once, recording each node's output shape and dtype in ``node.meta``; returns
     its output."""
     try:
-        # ShapeProp prints a traceback of its own before raising: the TraceError says it all
-        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-            return ShapeProp(gm).propagate(*example_inputs)
+        with torch.no_grad():
+            return _ShapeRecorder(gm).run(*example_inputs)
     except Exception as exc:  # the traced code failed on the example input
         reason = one_line(exc.__cause__ or exc, 300, last=True)
         raise TraceError(f"the traced forward fails on the example input: {reason}") from exc

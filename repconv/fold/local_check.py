@@ -23,7 +23,7 @@ T = TypeVar("T")
 # A region whose fused output differs from the original by more than this, relative to the
 # output's scale, in float64, is not rewritten: the algebra would be wrong, so keep the model.
 LOCAL_TOLERANCE = 1e-6
-LOCAL_CHECK_SIZE = 7  # at least: borders on both sides and an interior, per dim
+LOCAL_CHECK_SIZE = 3  # at least, per dim: a border on each side and an interior position
 
 
 def as_token_shape(value: T, like: object) -> T:
@@ -77,10 +77,11 @@ def probe(gm: fx.GraphModule, region: Region, seed: int = 0,
     for the fold) the float64 copies of the layers' tensors. None where they do not run."""
     shape = tensor_shape(region.root)
     generator = torch.Generator().manual_seed(seed)
-    # The maps are shift-invariant, so a small odd-sized crop checks interior and borders alike
-    # at a fraction of the cost of the model's full resolution.
+    # The maps are shift-invariant, so a small crop checks interior and borders alike at a
+    # fraction of the cost of the model's full resolution: ``extent + stride`` positions give an
+    # output whose window touches neither border between two that touch one each.
     geometry = region.affine
-    spatial = [min(n, max(LOCAL_CHECK_SIZE, 2 * e + s + 1))
+    spatial = [min(n, max(LOCAL_CHECK_SIZE, e + s))
                for n, e, s in zip(shape[2:], geometry.extent, geometry.stride)]
     # a 0-d map (a linear layer) acts on the last dim: the other dims are batch dims
     size = (1, *shape[1:]) if geometry.nd == 0 else (1, shape[1], *spatial)

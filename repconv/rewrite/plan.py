@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import skip_init
 
 from repconv.errors import InputError, brief
+from repconv.fold.algebra import uninitialised
 
 PLAN_VERSION = 3
 # plans this repconv reads: 3 added WeightFold and FlagCases steps to 2's
@@ -165,7 +165,7 @@ class ModuleSpec:
     def build(self) -> nn.Module:
         kind = nn.Linear if self.type == "Linear" else _CONVS[self.type][0]
         # empty weights: load_state_dict fills them
-        return skip_init(kind, **self.args, dtype=_DTYPES[self.dtype])
+        return uninitialised(kind, **self.args, dtype=_DTYPES[self.dtype])
 
     def check_weights(self, path: str, weights: Mapping[str, Tensor]) -> None:
         """The file's weights for ``path`` must have the shape this spec builds, so the spec
