@@ -1,5 +1,5 @@
 """Third-party patterns torch.fx cannot trace (issue 15): repconv against the authors' own deploy
-forms (tests/third_party_models.py).
+forms (tests/helpers/third_party_*.py).
 
 Per model: conv, BN and total aten ops executed at the fuse input by the training form (t), the
 hand-written deploy form (h) and ``repconv.fuse(t, x, check=False).model`` (r); the worst
@@ -107,7 +107,7 @@ def main() -> None:
         f"# repconv on third-party patterns fx cannot trace, {datetime.date.today()}", "",
         f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"{args.threads} thread(s); load average at the start "
-        f"{'/'.join(f'{v:.1f}' for v in os.getloadavg())}. Models: tests/third_party_models.py.",
+        f"{'/'.join(f'{v:.1f}' for v in os.getloadavg())}. Models: tests/helpers/third_party_*.py.",
         "",
         "t = training form (eval), h = the authors' deploy conversion, r = "
         "`repconv.fuse(t, x, check=False).model`, x = 1x3x64x64. Ops: aten ops executed at x "

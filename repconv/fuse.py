@@ -13,6 +13,7 @@ from repconv.driver.sizes import size_passes
 from repconv.fold.calls import eval_mode
 from repconv.fold.convert import Release
 from repconv.rewrite import plan as plan_record
+from repconv.rewrite.own_forward import adopt_own_forwards
 from repconv.verify.outputs import verify
 
 
@@ -82,6 +83,11 @@ def fuse(
         report.notes.append(
             f"{len(training)} module(s) were in train mode (first: {training[0]}); fused and "
             "verified the eval-mode model, which is what a deployed model runs")
+    adopted = adopt_own_forwards(main.model)
+    if adopted:
+        report.notes.append(
+            f"{len(adopted)} module(s) run their class's own deploy forward, which computes the "
+            f"same without the BatchNorm slots (first: {adopted[0]})")
     report.before = before
     report.after = ModelCounts.of(main.model)
     if main.unshared:
