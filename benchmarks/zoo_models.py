@@ -98,6 +98,8 @@ BY_NAME: dict[str, ZooModel] = {model.name: model for model in ZOO}
 SUBSET: tuple[str, ...] = (
     "repvgg_a0", "mobileone_s0", "fastvit_t8", "repvit_m0_9", "repghostnet_050", "shvit_s1",
     "lcnetv2_small", "efficientvim_m1", "efficientnet_b0", "mobilenetv3_small_050", "resnet18",
+    # an opaque call (LiteMLA's autocast) whose children hold conv+BN pairs
+    "efficientvit_b0",
 )
 
 # Input sizes (px): the full zoo fuses at 128 and also checks 160; the CI subset 96 and 128.

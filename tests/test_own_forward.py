@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.nn.modules.module import register_module_forward_pre_hook
 
 import repconv
+from repconv.rewrite.surgery import replay_plan
 
 TOL = 1e-5
 
@@ -113,3 +114,18 @@ def test_a_method_that_computes_something_else_is_not_taken() -> None:
                if isinstance(m, WrongDeployForward))
     assert executed(result.model, x).batchnorms == 0
     assert rel_err(run(model, x), run(result.model, x)) <= TOL
+
+
+def test_a_replayed_plan_takes_the_deploy_forward_again() -> None:
+    """A state_dict deploy file rebuilds the model from its plan: the same forwards, proven
+    again on the rebuilt model."""
+    model = randomize_bn(Net(), seed=4).eval()
+    x = randn(1, 3, 16, 16, seed=0)
+    result = repconv.fuse(model, x)
+    weights = result.model.state_dict()
+    replayed = replay_plan(Net(), result.plan, weights)
+    replayed.load_state_dict(weights)
+    assert all(vars(m)["forward"].__func__ is Conv.forward_fuse
+               for m in replayed.modules() if isinstance(m, Conv))
+    assert _module_calls(replayed, x)["BatchNorm2d"] == 0
+    assert rel_err(run(model, x), run(replayed, x)) <= TOL

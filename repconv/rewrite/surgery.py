@@ -17,6 +17,7 @@ from repconv.fold.slot import vacated
 from repconv.rewrite import plan as plan_record
 from repconv.rewrite.attributes import carry_attributes, carry_into_graph_module
 from repconv.rewrite.cases import dispatcher
+from repconv.rewrite.own_forward import adopt_own_forwards
 from repconv.rewrite.plan import FlagCases, FrameRewrite, ModuleSwap, Step, WeightFold
 
 
@@ -204,6 +205,9 @@ def replay_plan(
     model: nn.Module, plan: object, weights: dict[str, Tensor] | None = None
 ) -> nn.Module:
     """Apply a recorded plan (validated first; with ``weights``, against them too) to a freshly
-    built model: the same structure, empty weights."""
+    built model: the same structure, empty weights. The modules that ran their class's own
+    deploy forward when fused take it again, on the same proof (nothing of it is in the file)."""
     steps = plan_record.parse(plan, weights)
-    return replay(model.eval(), steps).eval()
+    replayed = replay(model.eval(), steps).eval()
+    adopt_own_forwards(replayed)
+    return replayed
