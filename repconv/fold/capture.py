@@ -26,6 +26,7 @@ from __future__ import annotations
 import inspect
 import math
 import operator
+import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -317,7 +318,10 @@ def capture_values(module: nn.Module, bound: BoundCall, leaves: frozenset[str] =
     except TraceError:
         raise
     except Exception as exc:  # tracing runs user code: any failure means "does not capture"
-        raise TraceError(f"{type(exc).__name__}: {one_line(exc, 300)}"[:300],
+        # the user reads "a traced value" where Python met one of the tracer's proxies
+        reason = re.sub(r"<class 'repconv\.fold\.capture\.Value\w+'>|Value(Proxy|Attribute)",
+                        "a traced value", one_line(exc, 300))
+        raise TraceError(f"{type(exc).__name__}: {reason}"[:300],
                          failed_in=tracer.failed_in) from exc
     finally:
         _restore(state)
