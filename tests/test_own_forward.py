@@ -129,3 +129,24 @@ def test_a_replayed_plan_takes_the_deploy_forward_again() -> None:
                for m in replayed.modules() if isinstance(m, Conv))
     assert _module_calls(replayed, x)["BatchNorm2d"] == 0
     assert rel_err(run(model, x), run(replayed, x)) <= TOL
+
+
+class CachingConv(Conv):
+    """A method of the same parameters that sets state on ``self`` when it runs."""
+
+    def forward_train(self, x: Tensor) -> Tensor:
+        self.cache = nn.Identity()
+        self.seen = True
+        return self.act(self.conv(x))
+
+
+def test_tracing_a_candidate_method_changes_nothing_on_the_model() -> None:
+    model = randomize_bn(Net(CachingConv), seed=5).eval()
+    x = randn(1, 3, 16, 16, seed=0)
+    fused = repconv.fuse(model, x).model
+    layers = [m for m in fused.modules() if isinstance(m, CachingConv)]
+    # forward_train's graph is forward_fuse's, but it sets state no graph shows: refused, and
+    # tracing it set nothing on the model; forward_fuse is taken
+    assert all(vars(m)["forward"].__func__ is Conv.forward_fuse for m in layers)
+    assert all(not hasattr(m, "cache") and not hasattr(m, "seen") for m in layers)
+    assert rel_err(run(model, x), run(fused, x)) <= TOL

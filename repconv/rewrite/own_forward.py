@@ -6,9 +6,9 @@ the same parameters that computes the same without them: YOLO's ``Conv.forward_f
 (``act(conv(x))`` beside ``act(bn(conv(x)))``), the deploy forward a framework's ``fuse()``
 switches to.
 
-Condition: both methods trace with torch.fx, and the forward's graph with its calls of identity
-children dropped is the method's graph, node for node (same ops, same targets, same arguments).
-Nothing is run: equal graphs compute the same.
+Condition: both methods trace with torch.fx without setting anything on ``self``, and the
+forward's graph with its calls of identity children dropped is the method's graph, node for node
+(same ops, same targets, same arguments). Nothing is run: equal graphs compute the same.
 
 Rewrite: ``module.forward = module.<method>`` (an instance attribute, as the framework's own
 ``fuse()`` sets it), so no identity child is called: each such call costs a Python module
@@ -81,16 +81,34 @@ def _parameters(function: Any) -> list[tuple[str, Any]] | None:
 
 
 def _traced_as(module: nn.Module, method: str) -> fx.Graph | None:
-    """``module``'s graph with ``method`` as its forward (a subclass over the same state)."""
+    """``module``'s graph with ``method`` as its forward (a subclass over a copy of its state),
+    or None where it does not trace or sets anything on ``self`` (state no graph shows)."""
     alternative = type(type(module).__name__, (type(module),),
                        {"forward": getattr(type(module), method)})
     twin = alternative.__new__(alternative)
-    twin.__dict__ = dict(vars(module))
-    twin.__dict__.pop("forward", None)
+    state = {**vars(module), **{name: dict(vars(module)[name]) for name in _REGISTRIES}}
+    state.pop("forward", None)
+    twin.__dict__ = dict(state)
     try:
-        return trace(twin).graph
+        graph = trace(twin).graph
     except TraceError:
         return None
+    if _changed(state, vars(twin)):
+        return None
+    return graph
+
+
+_REGISTRIES = ("_modules", "_parameters", "_buffers")
+
+
+def _changed(before: dict[str, Any], after: dict[str, Any]) -> bool:
+    """Whether an attribute was set, rebound or removed (in the registries too)."""
+    if before.keys() != after.keys():
+        return True
+    return any(after[name] is not value if name not in _REGISTRIES
+               else after[name].keys() != value.keys()
+               or any(after[name][k] is not v for k, v in value.items())
+               for name, value in before.items())
 
 
 def _computes_the_same_without_identities(module: nn.Module, method: str) -> bool:
