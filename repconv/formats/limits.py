@@ -1,7 +1,7 @@
 """Bounds on what a file or an option may make repconv allocate (docs/design.md rule 0.4:
-every input is untrusted). A shape, a compressed archive or a tensor that repeats one value through zero
-strides can ask for gigabytes from a file of kilobytes: each is refused, in one line, before
-the allocation.
+every input is untrusted). A shape, a compressed archive or a tensor that repeats one value
+through zero strides can ask for gigabytes from a file of kilobytes: each is refused, in one
+line, before the allocation.
 
 - Memory: the limit of one forward pass is ``--max-memory`` (``8GB``, ``512MiB``, bytes), else
   the memory the system reports available (``MemAvailable`` in /proc/meminfo, or psutil's);
