@@ -51,8 +51,8 @@ def run_model(module: nn.Module, example_inputs: tuple[Any, ...]) -> object:
         shapes = [list(x.shape) for x in tree_flatten(example_inputs)[0]
                   if isinstance(x, Tensor)]
         raise TraceError(f"the model fails on an input of shape {brief(shapes, 120)}: "
-                         f"{one_line(exc, 300, last=True)}; check "
-                         "--input-shape") from exc
+                         f"{one_line(exc, 300, last=True)}; check the example input "
+                         "(--input-shape, --inputs)") from exc
 
 
 @dataclass
