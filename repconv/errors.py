@@ -35,6 +35,13 @@ class AlgebraError(RepconvError):
     """Two linear maps cannot be combined into one exact convolution; the message is the reason."""
 
 
+class DeployCheckError(RepconvError):
+    """The deploy file repconv made does not load back, or computes otherwise once loaded: a
+    bug in repconv (exit code 3), caught before anything is written."""
+
+    exit_code = 3
+
+
 class OutcomeError(RepconvError):
     """A command that ran but must not pass; ``outcome`` is its result, for the caller to
     show."""

@@ -23,8 +23,10 @@ from typing import Any
 import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_map
 
-from repconv.errors import InputError
+from repconv.errors import DeployCheckError, InputError, one_line
+from repconv.fold.calls import eval_mode
 from repconv.formats.checkpoint import LoadedCheckpoint
 from repconv.formats.kinds import FileKind, kind_of
 from repconv.formats.metadata import DEPLOY_MARKER, DEPLOY_VERSION
@@ -188,6 +190,36 @@ def _pickled_payload(fused: nn.Module, loaded: LoadedCheckpoint, keep_extra: boo
     return payload
 
 
+def _check_loads_back(data: bytes, slot: str | None, fused: nn.Module,
+                      example_inputs: tuple[Tensor, ...]) -> None:
+    """The pickled deploy model, unpickled as a deploy step loads it, computes on the example
+    input what the fused model computes: a module whose pickling torch rebuilds by tracing its
+    code again could otherwise be written and never load. These are repconv's own bytes."""
+    try:
+        payload = torch.load(io.BytesIO(data), weights_only=False)
+        model = payload[slot] if slot is not None else payload
+        with torch.no_grad(), eval_mode(model, fused):
+            pairs = list(zip(tree_flatten(fused(*_cloned(example_inputs)))[0],
+                             tree_flatten(model(*_cloned(example_inputs)))[0], strict=True))
+    except Exception as exc:  # whatever stops it, the file would not serve
+        raise DeployCheckError(
+            f"the pickled deploy model does not load back ({type(exc).__name__}: "
+            f"{one_line(exc, 160)}); nothing written. This is a bug in repconv: please report "
+            "it; a .safetensors OUT holds the same fused weights") from exc
+    for want, got in pairs:
+        if isinstance(want, Tensor) and not torch.allclose(
+                want.float(), got.float(), rtol=1e-5, atol=1e-6, equal_nan=True):
+            raise DeployCheckError(
+                "the pickled deploy model computes otherwise once loaded back; nothing "
+                "written. This is a bug in repconv: please report it; a .safetensors OUT "
+                "holds the same fused weights")
+
+
+def _cloned(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Each run gets its own copy: a model may change its input in place."""
+    return tree_map(lambda x: x.clone() if isinstance(x, Tensor) else x, inputs)
+
+
 def save_deploy(
     out: Path,
     fused: nn.Module,
@@ -223,6 +255,7 @@ def save_deploy(
     if loaded.pickled:
         archive = io.BytesIO()
         torch.save(_pickled_payload(fused, loaded, keep_extra), archive)
+        _check_loads_back(archive.getvalue(), loaded.slot, fused, example_inputs)
         write_atomically(out, with_record(archive.getvalue(), {
             DEPLOY_MARKER: DEPLOY_VERSION, "input_shape": list(input_shape)}))
         where = f" under {loaded.slot!r}, in IN's layout" if loaded.slot else ""

@@ -43,7 +43,12 @@ def _reduce_keeping_meta(gm: fx.GraphModule) -> tuple[Any, ...]:
     (values current at pickling), set on load by nn.Module.__setstate__: torch's rebuild skips
     names the class has. Torch alone unpickles it."""
     rebuild, args = fx.GraphModule.__reduce__(gm)
+    return rebuild, args, preserved_state(gm)
+
+
+def preserved_state(gm: fx.GraphModule) -> dict[str, Any]:
+    """What a pickled GraphModule sets on load beside its graph: its ``meta`` and the carried
+    attributes it names."""
     preserved = {key: vars(gm)[key] for key in gm.meta.get(_USER_PRESERVED_ATTRIBUTES_KEY, {})
                  if key in vars(gm)}
-    meta = {**gm.meta, _USER_PRESERVED_ATTRIBUTES_KEY: preserved}
-    return rebuild, args, {**preserved, "meta": meta}
+    return {**preserved, "meta": {**gm.meta, _USER_PRESERVED_ATTRIBUTES_KEY: preserved}}

@@ -6,11 +6,12 @@ Where a module is called with other values at other input sizes, `dispatcher` pu
 a module that runs, on each call, the rewrite made for the values it is called with (a case per
 value the fuse passes saw), and the module as it was for any other value (``fallback``). It is
 a GraphModule under the module's class name, whose forward takes the module's arguments; it
-pickles and runs with torch alone.
+pickles (as its graph: its code does not trace again) and runs with torch alone.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import operator
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ from typing import Any
 
 from torch import fx, nn
 
-from repconv.rewrite.attributes import carry_into_graph_module
+from repconv.rewrite.attributes import carry_into_graph_module, preserved_state
 
 FALLBACK = "fallback"
 
@@ -54,8 +55,20 @@ def dispatcher(original: nn.Module, flags: Sequence[str],
     # called like any module: fx's two extra Python frames per call are not worth paying
     type(module).__call__ = nn.Module.__call__
     carry_into_graph_module(original, module)
+    type(module).__reduce__ = _reduce_from_graph  # type: ignore[method-assign]
     module.train(original.training)
     return module
+
+
+def _reduce_from_graph(gm: fx.GraphModule) -> tuple[Any, ...]:
+    """A dispatcher pickles as its graph, not its code: torch's own rebuild traces the code
+    again, and the case table indexed by an argument does not trace (``KeyError: Proxy``). The
+    graph, detached from the module, pickles; torch alone builds the module from it again."""
+    holder = nn.Module()
+    for name, child in gm.named_children():
+        holder.add_module(name, child)
+    return (fx.GraphModule, (holder, copy.deepcopy(gm.graph), type(gm).__name__),
+            {**preserved_state(gm), "training": gm.training})
 
 
 def covers_every_value(values: Sequence[tuple[Any, ...]]) -> bool:
