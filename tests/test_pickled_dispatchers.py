@@ -4,6 +4,8 @@ would not load is never written."""
 
 from __future__ import annotations
 
+import copy
+import io
 from pathlib import Path
 
 import torch
@@ -12,6 +14,7 @@ from helpers.measure import rel_err
 from helpers.third_party_models import BY_NAME, shaped_input
 from torch import fx
 
+import repconv
 from repconv.rewrite import cases
 
 SIZE_FLAG = BY_NAME["size_flag_child"]
@@ -31,11 +34,19 @@ def test_a_dispatcher_in_a_pickled_deploy_loads_back_and_takes_each_case(tmp_pat
     dispatchers = [m for m in deployed.modules()
                    if isinstance(m, fx.GraphModule) and hasattr(m, cases.case_name(0))]
     assert dispatchers, "the size flag's block is a dispatcher"
+    # a framework deep-copies a model (an EMA) before it saves it: the fused model's copy
+    # pickles too (a loaded one is a plain GraphModule, which torch cannot pickle again)
+    fused = repconv.fuse(original, shaped_input((1, 3, 64, 64))).model
+    buffer = io.BytesIO()
+    torch.save(copy.deepcopy(fused), buffer)
+    buffer.seek(0)
+    copied = torch.load(buffer, weights_only=False).eval()
     # 64 px and 128 px lie on either side of the flag's 96 px
     for shape in ((1, 3, 64, 64), (1, 3, 128, 128), (2, 3, 77, 101)):
         x = shaped_input(shape)
         with torch.no_grad():
             assert rel_err(original(x), deployed(x)) <= 1e-5
+            assert rel_err(original(x), copied(x)) <= 1e-5
 
 
 def test_a_pickled_deploy_that_would_not_load_is_not_written(tmp_path: Path,

@@ -28,6 +28,15 @@ def case_name(index: int) -> str:
     return f"case_{index}"
 
 
+class CaseDispatch(fx.GraphModule):
+    """The dispatcher's class: a GraphModule whose pickling (`_reduce_from_graph`) survives
+    ``copy.deepcopy``, which makes each GraphModule a new class under the first class of its
+    own in the hierarchy (this one)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _reduce_from_graph(self)
+
+
 def dispatcher(original: nn.Module, flags: Sequence[str],
                cases: Sequence[tuple[tuple[Any, ...], nn.Module]],
                fallback: nn.Module | None) -> fx.GraphModule:
@@ -51,11 +60,11 @@ def dispatcher(original: nn.Module, flags: Sequence[str],
     chosen = (graph.call_method("get", (table, key, graph.get_attr(FALLBACK)))
               if fallback is not None else graph.call_function(operator.getitem, (table, key)))
     graph.output(graph.call_method("__call__", (chosen, *arguments.values())))
-    module = fx.GraphModule(holder, graph, class_name=type(original).__name__)
+    module = CaseDispatch(holder, graph, class_name=type(original).__name__)
     # called like any module: fx's two extra Python frames per call are not worth paying
     type(module).__call__ = nn.Module.__call__
     carry_into_graph_module(original, module)
-    type(module).__reduce__ = _reduce_from_graph  # type: ignore[method-assign]
+    type(module).__reduce__ = CaseDispatch.__reduce__  # carry_into_graph_module set fx's own
     module.train(original.training)
     return module
 
@@ -63,7 +72,8 @@ def dispatcher(original: nn.Module, flags: Sequence[str],
 def _reduce_from_graph(gm: fx.GraphModule) -> tuple[Any, ...]:
     """A dispatcher pickles as its graph, not its code: torch's own rebuild traces the code
     again, and the case table indexed by an argument does not trace (``KeyError: Proxy``). The
-    graph, detached from the module, pickles; torch alone builds the module from it again."""
+    graph, detached from the module, pickles; torch alone builds the module from it again (as
+    a plain GraphModule: pickled once more, that one fails to load, loudly)."""
     holder = nn.Module()
     for name, child in gm.named_children():
         holder.add_module(name, child)
