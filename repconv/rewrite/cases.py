@@ -61,8 +61,6 @@ def dispatcher(original: nn.Module, flags: Sequence[str],
               if fallback is not None else graph.call_function(operator.getitem, (table, key)))
     graph.output(graph.call_method("__call__", (chosen, *arguments.values())))
     module = CaseDispatch(holder, graph, class_name=type(original).__name__)
-    # called like any module: fx's two extra Python frames per call are not worth paying
-    type(module).__call__ = nn.Module.__call__
     carry_into_graph_module(original, module)
     type(module).__reduce__ = CaseDispatch.__reduce__  # carry_into_graph_module set fx's own
     module.train(original.training)

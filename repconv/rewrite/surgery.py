@@ -95,9 +95,6 @@ def wrap(original: nn.Module, fgm: fx.GraphModule) -> fx.GraphModule:
     fgm.delete_all_unused_submodules()
     fgm.graph.lint()
     fgm.recompile()
-    # fx wraps each call in two more Python frames (for its error messages); a deploy model
-    # pays that on every forward, so it is called like any module
-    type(fgm).__call__ = nn.Module.__call__
     carry_into_graph_module(original, fgm)
     fgm.train(original.training)
     return fgm
