@@ -123,8 +123,8 @@ def test_the_slot_runs_no_op_in_any_mode_or_dtype() -> None:
 
 def test_rewritten_modules_keep_their_attributes_through_copies(tmp_path: Path) -> None:
     """A module rewritten in place (the detector's RepConv layers) is a GraphModule; the root's
-    forward routes through its ``f`` and ``i``: they survive deepcopy, pickling, and a deepcopy
-    of the unpickled model."""
+    forward routes through its ``f`` and ``i``: they survive deepcopy, pickling, a deepcopy
+    of the unpickled model, and pickling a deepcopy."""
     model = trained("detector")
     x = torch.randn(1, 3, 64, 64)
     fused = repconv.fuse(model, x).model
@@ -135,8 +135,13 @@ def test_rewritten_modules_keep_their_attributes_through_copies(tmp_path: Path) 
     torch.save(fused, buffer)
     buffer.seek(0)
     unpickled = torch.load(buffer, weights_only=False)
+    # a framework deep-copies the model (its EMA) and then saves the copy
+    buffer = io.BytesIO()
+    torch.save(copy.deepcopy(fused), buffer)
+    buffer.seek(0)
+    copied_then_pickled = torch.load(buffer, weights_only=False)
     for copy_ in (copy.deepcopy(fused), unpickled, copy.deepcopy(unpickled),
-                  copy.deepcopy(copy.deepcopy(unpickled))):
+                  copy.deepcopy(copy.deepcopy(unpickled)), copied_then_pickled):
         for layer, kept in zip(layers, [m for m in copy_.model if isinstance(m, GraphModule)]):
             assert (kept.f, kept.i, kept.type, kept.np) == (layer.f, layer.i, layer.type, layer.np)
         assert torch.equal(run(copy_, x), expected)

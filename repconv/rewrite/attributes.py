@@ -24,6 +24,16 @@ def carry_attributes(old: nn.Module, new: nn.Module) -> None:
             setattr(new, name, value)
 
 
+class RewrittenModule(fx.GraphModule):
+    """The class under each GraphModule repconv puts in a module's place. torch's
+    ``copy.deepcopy`` makes a GraphModule's class anew under the first class of its own in its
+    hierarchy: this one, so its pickling (`_reduce_keeping_meta`) survives the copy a framework
+    makes before it saves (an EMA)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _reduce_keeping_meta(self)
+
+
 def carry_into_graph_module(old: nn.Module, gm: fx.GraphModule) -> None:
     """A GraphModule in ``old``'s place keeps its plain attributes (instance attributes
     shadow class ones: a detector's ``m.type`` shadows Module.type), also through
@@ -35,11 +45,13 @@ def carry_into_graph_module(old: nn.Module, gm: fx.GraphModule) -> None:
     carried = {key: value for key, value in own_attributes(old).items() if key not in own}
     for key, value in carried.items():
         setattr(gm, key, value)
+    if not isinstance(gm, RewrittenModule):  # fx made it: its class goes under RewrittenModule
+        gm.__class__ = type(type(gm).__name__, (RewrittenModule,),
+                            {"forward": type(gm).forward})
     type(gm).__call__ = nn.Module.__call__
     # what fx's own __call__ calls, restored by deepcopy and unpickling (which make that again)
     gm._wrapped_call = nn.Module.__call__
     gm.meta[_USER_PRESERVED_ATTRIBUTES_KEY] = {**carried, "_wrapped_call": nn.Module.__call__}
-    type(gm).__reduce__ = _reduce_keeping_meta  # type: ignore[method-assign]
 
 
 def _reduce_keeping_meta(gm: fx.GraphModule) -> tuple[Any, ...]:

@@ -19,7 +19,11 @@ from typing import Any
 
 from torch import fx, nn
 
-from repconv.rewrite.attributes import carry_into_graph_module, preserved_state
+from repconv.rewrite.attributes import (
+    RewrittenModule,
+    carry_into_graph_module,
+    preserved_state,
+)
 
 FALLBACK = "fallback"
 
@@ -28,10 +32,9 @@ def case_name(index: int) -> str:
     return f"case_{index}"
 
 
-class CaseDispatch(fx.GraphModule):
-    """The dispatcher's class: a GraphModule whose pickling (`_reduce_from_graph`) survives
-    ``copy.deepcopy``, which makes each GraphModule a new class under the first class of its
-    own in the hierarchy (this one)."""
+class CaseDispatch(RewrittenModule):
+    """The dispatcher's class: its pickling (`_reduce_from_graph`) survives ``copy.deepcopy``
+    as any `RewrittenModule`'s does."""
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _reduce_from_graph(self)
@@ -62,7 +65,6 @@ def dispatcher(original: nn.Module, flags: Sequence[str],
     graph.output(graph.call_method("__call__", (chosen, *arguments.values())))
     module = CaseDispatch(holder, graph, class_name=type(original).__name__)
     carry_into_graph_module(original, module)
-    type(module).__reduce__ = CaseDispatch.__reduce__  # carry_into_graph_module set fx's own
     module.train(original.training)
     return module
 
