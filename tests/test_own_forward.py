@@ -150,3 +150,22 @@ def test_tracing_a_candidate_method_changes_nothing_on_the_model() -> None:
     assert all(vars(m)["forward"].__func__ is Conv.forward_fuse for m in layers)
     assert all(not hasattr(m, "cache") and not hasattr(m, "seen") for m in layers)
     assert rel_err(run(model, x), run(fused, x)) <= TOL
+
+
+class CastingConv(Conv):
+    """Both methods pass a dtype (an argument `_signature` cannot compare); the deploy method
+    drops the activation: nothing proves them the same."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.bn(self.conv(x))).to(torch.float32)
+
+    def forward_fuse(self, x: Tensor) -> Tensor:
+        return self.conv(x).to(torch.float32)
+
+
+def test_graphs_that_cannot_be_compared_prove_nothing() -> None:
+    model = randomize_bn(Net(CastingConv), seed=6).eval()
+    x = randn(1, 3, 16, 16, seed=0)
+    fused = repconv.fuse(model, x).model
+    assert all("forward" not in vars(m) for m in fused.modules() if isinstance(m, CastingConv))
+    assert rel_err(run(model, x), run(fused, x)) <= TOL

@@ -37,8 +37,13 @@ def adopt_own_forwards(model: nn.Module) -> list[str]:
     for path, module in model.named_modules():
         if not _has_slot_child(module) or eager_differs(module) is not None:
             continue
-        for name in _candidate_methods(module):
-            if _computes_the_same_without_identities(module, name):
+        candidates = list(_candidate_methods(module))
+        fused = _signature_without_identities(module) if candidates else None
+        if fused is None:
+            continue
+        for name in candidates:
+            traced = _traced_as(module, name)
+            if traced is not None and _signature(traced) == fused:
                 module.forward = getattr(module, name)
                 adopted.append(f"{path or 'model'}.{name}")
                 break
@@ -111,16 +116,17 @@ def _changed(before: dict[str, Any], after: dict[str, Any]) -> bool:
                for name, value in before.items())
 
 
-def _computes_the_same_without_identities(module: nn.Module, method: str) -> bool:
-    forward, candidate = _traced_as(module, "forward"), _traced_as(module, method)
-    if forward is None or candidate is None:
-        return False
+def _signature_without_identities(module: nn.Module) -> list[tuple[Any, ...]] | None:
+    """The forward's graph with its calls of identity children dropped, as `_signature`."""
+    forward = _traced_as(module, "forward")
+    if forward is None:
+        return None
     for node in list(forward.nodes):
         if (node.op == "call_module" and len(node.args) == 1 and not node.kwargs
                 and _is_identity(module.get_submodule(str(node.target)))):
             node.replace_all_uses_with(node.args[0])
             forward.erase_node(node)
-    return _signature(forward) == _signature(candidate)
+    return _signature(forward)
 
 
 def _signature(graph: fx.Graph) -> list[tuple[Any, ...]] | None:
