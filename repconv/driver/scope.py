@@ -17,7 +17,7 @@ from repconv.driver.report import FuseReport
 from repconv.errors import TraceError
 from repconv.fold import local_check as region_check
 from repconv.fold import regions as region_analysis
-from repconv.fold.calls import BoundCall, bind_call, copy_sharing_tensors, record_calls
+from repconv.fold.calls import BoundCall, bind_call, copies, copy_sharing_tensors, record_calls
 from repconv.fold.capture import Capture, capture
 from repconv.fold.convert import Converted, Converter, Release
 from repconv.fold.graph import UNDERSTOOD_MODULES, eager_differs
@@ -36,11 +36,6 @@ MAX_DISCARD_CHECKS = 32
 
 def as_inputs(example_inputs: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-
-
-def copies(values: Any) -> Any:
-    """Tensors cloned: a forward may change its input in place."""
-    return tree_map(lambda v: v.clone() if isinstance(v, Tensor) else v, values)
 
 
 def _nan_like(value: Any) -> Any:

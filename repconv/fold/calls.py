@@ -41,6 +41,11 @@ def copy_sharing_tensors(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo={id(t): t for t in tensors})
 
 
+def copies(values: Any) -> Any:
+    """Every tensor cloned: a forward may change its input in place."""
+    return tree_map(lambda v: v.clone() if isinstance(v, Tensor) else v, values)
+
+
 def run_model(module: nn.Module, example_inputs: tuple[Any, ...]) -> object:
     """Call ``module`` on the example input; a failure (wrong shape, say) is a TraceError that
     names the model's own complaint."""

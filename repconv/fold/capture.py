@@ -35,10 +35,10 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 from torch.fx.node import map_aggregate
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
 from repconv.errors import TraceError, one_line
-from repconv.fold.calls import BoundCall
+from repconv.fold.calls import BoundCall, copies
 from repconv.fold.graph import Tracer, graph_module, metadata_read, propagate_shapes, trace
 from repconv.fold.inplace import fold_border_writes
 
@@ -413,16 +413,11 @@ def capture(module: nn.Module, bound: BoundCall, expected: object) -> Capture:
         return captured
 
 
-def _copies(values: Any) -> Any:
-    """Tensors cloned: a forward may change its input in place."""
-    return tree_map(lambda v: v.clone() if isinstance(v, Tensor) else v, values)
-
-
 def _check_faithful(gm: fx.GraphModule, bound: BoundCall, expected: object) -> None:
     """Run the graph on the call (recording shapes); TraceError unless it returns what the
     module returned: the same tensors with the same values, in containers of any kind (fx
     returns an immutable_dict where the module made an OrderedDict)."""
-    got = propagate_shapes(gm, _copies(bound.positional))
+    got = propagate_shapes(gm, copies(bound.positional))
     want = [t for t in tree_flatten(expected)[0] if isinstance(t, Tensor)]
     have = [t for t in tree_flatten(got)[0] if isinstance(t, Tensor)]
     if len(want) != len(have):

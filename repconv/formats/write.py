@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
 from repconv.errors import DeployCheckError, InputError, one_line
-from repconv.fold.calls import eval_mode
+from repconv.fold.calls import copies, eval_mode
 from repconv.formats.checkpoint import LoadedCheckpoint
 from repconv.formats.kinds import FileKind, kind_of
 from repconv.formats.metadata import DEPLOY_MARKER, DEPLOY_VERSION
@@ -199,8 +199,8 @@ def _check_loads_back(data: bytes, slot: str | None, fused: nn.Module,
         payload = torch.load(io.BytesIO(data), weights_only=False)
         model = payload[slot] if slot is not None else payload
         with torch.no_grad(), eval_mode(model, fused):
-            pairs = list(zip(tree_flatten(fused(*_cloned(example_inputs)))[0],
-                             tree_flatten(model(*_cloned(example_inputs)))[0], strict=True))
+            pairs = list(zip(tree_flatten(fused(*copies(example_inputs)))[0],
+                             tree_flatten(model(*copies(example_inputs)))[0], strict=True))
     except Exception as exc:  # whatever stops it, the file would not serve
         raise DeployCheckError(
             f"the pickled deploy model does not load back ({type(exc).__name__}: "
@@ -214,10 +214,6 @@ def _check_loads_back(data: bytes, slot: str | None, fused: nn.Module,
                 "written. This is a bug in repconv: please report it; a .safetensors OUT "
                 "holds the same fused weights")
 
-
-def _cloned(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Each run gets its own copy: a model may change its input in place."""
-    return tree_map(lambda x: x.clone() if isinstance(x, Tensor) else x, inputs)
 
 
 def save_deploy(

@@ -44,11 +44,6 @@ def leaf_shapes(inputs: Any) -> Shapes:
     return [list(leaf.shape) for leaf in tensor_leaves(inputs)]
 
 
-def copies(inputs: Any) -> Any:
-    """Every tensor cloned: a model may change its input in place."""
-    return tree_map(lambda x: x.clone() if isinstance(x, Tensor) else x, inputs)
-
-
 def floating_to(inputs: Any, dtype: torch.dtype, *, copy: bool = False) -> Any:
     """Floating-point tensors in ``dtype`` (copies with ``copy``); others as they are."""
     def convert(x: Any) -> Any:

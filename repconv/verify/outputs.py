@@ -43,13 +43,12 @@ import torch
 from torch import Tensor, nn
 
 from repconv.errors import InputError, TraceError, brief, one_line
-from repconv.fold.calls import eval_mode
+from repconv.fold.calls import copies, eval_mode
 from repconv.formats.metadata import check_seed
 from repconv.progress import Progress, no_progress
 from repconv.verify.footprint import MemoryBudget
 from repconv.verify.inputs import (
     Planned,
-    copies,
     floating_to,
     leaf_shapes,
     plan,

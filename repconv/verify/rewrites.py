@@ -43,9 +43,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from repconv.errors import one_line
+from repconv.fold.calls import copies
 from repconv.fold.local_check import as_token_shape
 from repconv.rewrite.record import RewriteRecord
-from repconv.verify.inputs import copies
 from repconv.verify.reference import FLOAT64, ORIGINAL, computed_in, error_of
 from repconv.verify.report import RewriteError
 
