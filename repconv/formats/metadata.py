@@ -44,13 +44,18 @@ def shape_problem(shape: Any) -> str | None:
     return None
 
 
-def parse_shape(text: str) -> tuple[int, ...]:
-    """"1,3,224,224" -> (1, 3, 224, 224), refusing anything but a positive, bounded shape."""
+def _shape_in(text: str) -> tuple[Any, str | None]:
+    """"1,3,224,224" (or "1x3x224x224") read as a list of ints, and what makes it unusable."""
     try:
         shape: Any = [int(part) for part in text.replace("x", ",").split(",")]
     except ValueError:
         shape = None
-    problem = shape_problem(shape)
+    return shape, shape_problem(shape)
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """"1,3,224,224" -> (1, 3, 224, 224), refusing anything but a positive, bounded shape."""
+    shape, problem = _shape_in(text)
     if problem is not None:
         raise InputError(f"--input-shape {text!r} is not a usable shape ({problem}); write it "
                          "like 1,3,224,224")
@@ -68,11 +73,7 @@ def parse_shapes(text: str) -> tuple[tuple[tuple[int, ...], ...], ...]:
     for entry in entries:
         shapes = []
         for part in entry.split("+"):
-            try:
-                shape: Any = [int(n) for n in part.replace("x", ",").split(",")]
-            except ValueError:
-                shape = None
-            problem = shape_problem(shape)
+            shape, problem = _shape_in(part)
             if problem is not None:
                 raise InputError(f"--shapes entry {part.strip()[:40]!r} is not a usable shape "
                                  f"({problem}); write the sizes like 1,3,64,64;2,3,101,101")
