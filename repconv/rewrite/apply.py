@@ -12,7 +12,8 @@ applied at the smallest scope that can hold it:
 - Branches that merge (sums, concats) are rewritten in the forward of the deepest module that
   runs all of them (a RepVGG block's forward, not the whole network's).
 A module whose forward is rewritten becomes a ``GraphModule`` under its own name and class name,
-keeping its plain attributes, and calls its untouched children as the modules they were.
+keeping its plain attributes, and calls its untouched children as the modules they were; where
+that forward is a chain of child calls, an ``nn.Sequential`` of them (`chain`).
 Everything is recorded as `plan` steps, which `surgery.replay` applies to a freshly built model.
 """
 
@@ -33,6 +34,7 @@ from repconv.fold.region import Region
 from repconv.fold.rules.base import describe
 from repconv.rewrite.align import Alignment, AlignmentError, trace_and_align
 from repconv.rewrite.attributes import carry_attributes
+from repconv.rewrite.chain import as_sequential
 from repconv.rewrite.paths import (
     inside,
     inside_nodes,
@@ -140,7 +142,7 @@ def apply(
     applied.unshared = {join_path(scope, target): call_sites[target]
                         for target, count in copies.items() if count > 1}
     # phase 2: rewrite
-    built: list[tuple[str, fx.GraphModule]] = []
+    built: list[tuple[str, nn.Module]] = []
     for frame, (fgm, mapping, concrete) in traced.items():
         order = {node: i for i, node in enumerate(gm.graph.nodes)}
         edits = sorted((e for e in frames[frame] if id(e.region) not in refused),
@@ -167,9 +169,13 @@ def apply(
                                      None if edit.module is None else ModuleSpec.of(edit.module)))
             replaced[sink] = insert_fused(fgm, fused_root, first, sink, members, name)
         frame_module = scope_module.get_submodule(frame) if frame else scope_module
-        built.append((frame, wrap(frame_module, fgm)))
+        rewritten: nn.Module = wrap(frame_module, fgm)
+        record = calls.get(frame_path)
+        sequential = (as_sequential(frame_module, fgm)  # not the model itself: the user's class
+                      if frame_path and record is not None and record.single_tensor else None)
+        built.append((frame, rewritten if sequential is None else sequential))
         applied.steps.append(FrameRewrite(frame_path, tuple(leaves_used), concrete,
-                                          tuple(recorded)))
+                                          tuple(recorded), sequential is not None))
     for frame, fgm in built:
         if frame:
             set_module(applied.module, frame, fgm)

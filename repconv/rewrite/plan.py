@@ -194,6 +194,7 @@ class FrameRewrite:
     leaves: tuple[str, ...]
     concrete: dict[str, JSONScalar]
     edits: tuple[NodeEdit, ...]
+    sequential: bool = False  # runs as an nn.Sequential of its children (`chain`)
 
 
 @dataclass(frozen=True)
@@ -339,12 +340,14 @@ def _frame_rewrite(raw: object) -> FrameRewrite:
     if not isinstance(raw, Mapping):
         raise _damaged(f"frame rewrite {brief(raw)} is not a record")
     leaves, concrete, edits = raw.get("leaves"), raw.get("concrete"), raw.get("edits")
+    sequential = raw.get("sequential", False)  # absent from plans written before it
     if not isinstance(leaves, list) or not isinstance(concrete, Mapping) or not (
-            isinstance(edits, list)):
+            isinstance(edits, list)) or not isinstance(sequential, bool):
         raise _damaged("a frame rewrite lacks its leaves, arguments or edits")
     return FrameRewrite(
         check_path(raw.get("scope"), empty_ok=True),
         tuple(check_path(leaf) for leaf in leaves),
         {check_path(k): _scalar(v, k) for k, v in concrete.items()},
         tuple(_edit(e) for e in edits),
+        sequential,
     )

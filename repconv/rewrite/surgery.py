@@ -1,7 +1,7 @@
 """Changing modules in place: a fused conv inserted into a module's traced forward, the
-forward wrapped back under the module's own class, modules swapped (carrying their plain
-attributes) or vacated (`repconv.fold.slot`), and a recorded plan replayed on a freshly built
-model."""
+forward wrapped back under the module's own class (or run as a chain of its children,
+`chain`), modules swapped (carrying their plain attributes) or vacated (`repconv.fold.slot`),
+and a recorded plan replayed on a freshly built model."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from repconv.fold.slot import vacated
 from repconv.rewrite import plan as plan_record
 from repconv.rewrite.attributes import carry_attributes, carry_into_graph_module
 from repconv.rewrite.cases import dispatcher
+from repconv.rewrite.chain import as_sequential
 from repconv.rewrite.own_forward import adopt_own_forwards
 from repconv.rewrite.plan import FlagCases, FrameRewrite, ModuleSwap, Step, WeightFold
 
@@ -140,6 +141,8 @@ def replay(model: nn.Module, steps: list[Step]) -> nn.Module:
             wrapped = dispatcher(frame_module, step.flags, cases, as_built.get(step.scope))
         else:
             wrapped = _replay_frame(frame_module, step)
+            if step.sequential:
+                wrapped = _as_sequential(frame_module, wrapped, step.scope)
         if step.scope:
             set_module(model, step.scope, wrapped)
         else:
@@ -174,6 +177,15 @@ def _replay_frame(frame_module: nn.Module, step: FrameRewrite) -> fx.GraphModule
         raise InputError(f"deploy plan's edits of {step.scope or 'the model'} do not make a "
                          f"valid forward ({one_line(exc, 120)}); the deploy file is damaged: "
                          "write it again with repconv fuse") from exc
+
+
+def _as_sequential(frame_module: nn.Module, gm: fx.GraphModule, scope: str) -> nn.Module:
+    sequential = as_sequential(frame_module, gm) if scope else None
+    if sequential is None:
+        raise InputError(f"deploy plan runs {scope or 'the model'} as a chain of its children, "
+                         "which its rewritten forward is not; the deploy file is damaged: write "
+                         "it again with repconv fuse")
+    return sequential
 
 
 def _check_region(gm: fx.GraphModule, root: fx.Node, first: fx.Node, sink: fx.Node,
