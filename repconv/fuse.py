@@ -14,6 +14,7 @@ from repconv.fold.calls import eval_mode
 from repconv.fold.convert import Release
 from repconv.rewrite import plan as plan_record
 from repconv.rewrite.own_forward import adopt_own_forwards
+from repconv.rewrite.surgery import run_chains_as_sequential
 from repconv.verify.outputs import verify
 
 
@@ -83,6 +84,7 @@ def fuse(
         report.notes.append(
             f"{len(training)} module(s) were in train mode (first: {training[0]}); fused and "
             "verified the eval-mode model, which is what a deployed model runs")
+    main.steps = run_chains_as_sequential(main.model, main.steps, main.one_tensor_calls)
     adopted = adopt_own_forwards(main.model)
     if adopted:
         report.notes.append(

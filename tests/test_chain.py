@@ -15,6 +15,7 @@ from torch import Tensor, fx, nn
 
 import repconv
 from repconv.errors import InputError
+from repconv.rewrite.plan import parse
 from repconv.rewrite.surgery import replay_plan
 
 TOL = 1e-5
@@ -122,3 +123,75 @@ def test_a_plan_running_a_non_chain_as_sequential_is_damage() -> None:
     frame["leaves"] = []
     with pytest.raises(InputError, match="damaged"):
         replay_plan(Net(), plan, result.model.state_dict())
+
+
+class KeywordAtLargeSize(nn.Module):
+    """Calls its block positionally at the example's size and by keyword above 40 px."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = Branchy(8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        return self.block(x=x) if x.shape[-1] > 40 else self.block(x)
+
+
+def test_a_keyword_call_seen_only_at_another_size_keeps_the_graph_module() -> None:
+    """The size pass records the keyword call: the Sequential, whose forward takes ``input``,
+    would raise there."""
+    torch.manual_seed(0)
+    model = randomize_bn(KeywordAtLargeSize(), seed=3).eval()
+    result = _fused(model)
+    assert isinstance(result.model.block, fx.GraphModule)
+    assert result.report.verification.passed, result.report.verification.problem
+    for side in (16, 64):
+        x = randn(1, 3, side, side, seed=side)
+        assert rel_err(run(model, x), run(result.model, x)) < TOL
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: the BN op inside the module's own forward, then its act."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__(width)
+        self.act = nn.SiLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight,
+                                           self.bias, False, 0.0, self.eps)
+        return self.act(x)
+
+
+class ReadsItsNormWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = BatchNormAct(8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn(self.conv(x)) * self.bn.weight.abs().mean()
+
+
+def test_a_module_holding_tensors_of_its_own_keeps_the_graph_module() -> None:
+    """The folded BN op leaves its weight in the module; the parent still reads it, so the
+    module stays a GraphModule that holds it."""
+    torch.manual_seed(0)
+    model = randomize_bn(ReadsItsNormWeight(), seed=3).eval()
+    result = _fused(model)
+    assert isinstance(result.model.bn, fx.GraphModule)
+    assert result.report.verification.passed, result.report.verification.problem
+    x = randn(2, 3, 9, 11, seed=4)
+    assert rel_err(run(model, x), run(result.model, x)) < TOL
+
+
+def test_a_case_of_a_dispatched_module_marked_sequential_is_damage() -> None:
+    frame = next(s for s in _fused(_net()).plan if s["kind"] == "frame")
+    case = {**frame, "concrete": {**frame["concrete"], "big": False}, "sequential": True}
+    step = {"kind": "cases", "scope": frame["scope"], "flags": ["big"], "cases": [case],
+            "fallback": True}
+    with pytest.raises(InputError, match="damaged"):
+        parse([step])
+    case["sequential"] = False
+    assert len(parse([step])) == 1

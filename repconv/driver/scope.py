@@ -72,6 +72,9 @@ class ScopeFuser:
         # every module's inputs are kept only when a part does not trace and its children are
         # fused one by one: they are all the model's activations
         self.calls, self.output = record_calls(model, copies(inputs), keep_tensors=False)
+        # by path: every call, in this pass and those at other sizes, passed one tensor
+        self.one_tensor_calls = {path: record.single_tensor
+                                 for path, record in self.calls.items() if record.count}
         self.calls_have_tensors = False
         self.root_capture: Capture | None = None  # the model's own, when captured with values
 

@@ -55,6 +55,10 @@ def size_passes(model: nn.Module, main: ScopeFuser, inputs: tuple[Tensor, ...], 
         except TraceError:
             continue  # the model does not run at this size: nothing to fold or check there
         checked.append(candidate)
+        for path, record in calls.items():
+            if record.count:
+                main.one_tensor_calls[path] = (main.one_tensor_calls.get(path, True)
+                                               and record.single_tensor)
         signature = _signature(calls)
         if signature in seen or len(seen) > MAX_SIZE_PASSES:
             continue

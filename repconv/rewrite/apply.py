@@ -12,8 +12,9 @@ applied at the smallest scope that can hold it:
 - Branches that merge (sums, concats) are rewritten in the forward of the deepest module that
   runs all of them (a RepVGG block's forward, not the whole network's).
 A module whose forward is rewritten becomes a ``GraphModule`` under its own name and class name,
-keeping its plain attributes, and calls its untouched children as the modules they were; where
-that forward is a chain of child calls, an ``nn.Sequential`` of them (`chain`).
+keeping its plain attributes, and calls its untouched children as the modules they were (once
+every pass is done, one whose forward is a chain of child calls runs as an ``nn.Sequential``:
+`chain`).
 Everything is recorded as `plan` steps, which `surgery.replay` applies to a freshly built model.
 """
 
@@ -34,7 +35,6 @@ from repconv.fold.region import Region
 from repconv.fold.rules.base import describe
 from repconv.rewrite.align import Alignment, AlignmentError, trace_and_align
 from repconv.rewrite.attributes import carry_attributes
-from repconv.rewrite.chain import as_sequential
 from repconv.rewrite.paths import (
     inside,
     inside_nodes,
@@ -142,7 +142,7 @@ def apply(
     applied.unshared = {join_path(scope, target): call_sites[target]
                         for target, count in copies.items() if count > 1}
     # phase 2: rewrite
-    built: list[tuple[str, nn.Module]] = []
+    built: list[tuple[str, fx.GraphModule]] = []
     for frame, (fgm, mapping, concrete) in traced.items():
         order = {node: i for i, node in enumerate(gm.graph.nodes)}
         edits = sorted((e for e in frames[frame] if id(e.region) not in refused),
@@ -169,13 +169,9 @@ def apply(
                                      None if edit.module is None else ModuleSpec.of(edit.module)))
             replaced[sink] = insert_fused(fgm, fused_root, first, sink, members, name)
         frame_module = scope_module.get_submodule(frame) if frame else scope_module
-        rewritten: nn.Module = wrap(frame_module, fgm)
-        record = calls.get(frame_path)
-        sequential = (as_sequential(frame_module, fgm)  # not the model itself: the user's class
-                      if frame_path and record is not None and record.single_tensor else None)
-        built.append((frame, rewritten if sequential is None else sequential))
+        built.append((frame, wrap(frame_module, fgm)))
         applied.steps.append(FrameRewrite(frame_path, tuple(leaves_used), concrete,
-                                          tuple(recorded), sequential is not None))
+                                          tuple(recorded)))
     for frame, fgm in built:
         if frame:
             set_module(applied.module, frame, fgm)

@@ -54,6 +54,12 @@ def carry_into_graph_module(old: nn.Module, gm: fx.GraphModule) -> None:
     gm.meta[_USER_PRESERVED_ATTRIBUTES_KEY] = {**carried, "_wrapped_call": nn.Module.__call__}
 
 
+def carried_attributes(gm: fx.GraphModule) -> dict[str, Any]:
+    """The plain attributes `carry_into_graph_module` gave ``gm`` from the module it replaced."""
+    return {key: vars(gm)[key] for key in gm.meta.get(_USER_PRESERVED_ATTRIBUTES_KEY, {})
+            if not key.startswith("_") and key in vars(gm)}
+
+
 def _reduce_keeping_meta(gm: fx.GraphModule) -> tuple[Any, ...]:
     """torch's own pickling of a GraphModule, plus its ``meta`` and the attributes it names
     (values current at pickling), set on load by nn.Module.__setstate__: torch's rebuild skips

@@ -331,7 +331,8 @@ def _flag_cases(raw: Mapping[str, Any]) -> FlagCases:
     scope = check_path(raw.get("scope"))
     parsed = tuple(_frame_rewrite(case) for case in cases)
     names = tuple(check_path(flag) for flag in flags)
-    if any(case.scope != scope or not set(names) <= set(case.concrete) for case in parsed):
+    if any(case.scope != scope or not set(names) <= set(case.concrete) or case.sequential
+           for case in parsed):
         raise _damaged(f"a case of {scope} is not a rewrite of it holding {list(names)}")
     return FlagCases(scope, names, parsed, fallback)
 
@@ -342,8 +343,10 @@ def _frame_rewrite(raw: object) -> FrameRewrite:
     leaves, concrete, edits = raw.get("leaves"), raw.get("concrete"), raw.get("edits")
     sequential = raw.get("sequential", False)  # absent from plans written before it
     if not isinstance(leaves, list) or not isinstance(concrete, Mapping) or not (
-            isinstance(edits, list)) or not isinstance(sequential, bool):
+            isinstance(edits, list)):
         raise _damaged("a frame rewrite lacks its leaves, arguments or edits")
+    if not isinstance(sequential, bool):
+        raise _damaged(f"a frame rewrite's sequential is {brief(sequential)}, not true or false")
     return FrameRewrite(
         check_path(raw.get("scope"), empty_ok=True),
         tuple(check_path(leaf) for leaf in leaves),

@@ -6,7 +6,9 @@ and a recorded plan replayed on a freshly built model."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import operator
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, fx, nn
@@ -16,7 +18,7 @@ from repconv.fold.graph import erase_dead_code, metadata_read, trace
 from repconv.fold.slot import vacated
 from repconv.rewrite import plan as plan_record
 from repconv.rewrite.attributes import carry_attributes, carry_into_graph_module
-from repconv.rewrite.cases import dispatcher
+from repconv.rewrite.cases import CaseDispatch, dispatcher
 from repconv.rewrite.chain import as_sequential
 from repconv.rewrite.own_forward import adopt_own_forwards
 from repconv.rewrite.plan import FlagCases, FrameRewrite, ModuleSwap, Step, WeightFold
@@ -142,7 +144,7 @@ def replay(model: nn.Module, steps: list[Step]) -> nn.Module:
         else:
             wrapped = _replay_frame(frame_module, step)
             if step.sequential:
-                wrapped = _as_sequential(frame_module, wrapped, step.scope)
+                wrapped = _as_sequential(wrapped, step.scope)
         if step.scope:
             set_module(model, step.scope, wrapped)
         else:
@@ -179,8 +181,8 @@ def _replay_frame(frame_module: nn.Module, step: FrameRewrite) -> fx.GraphModule
                          "write it again with repconv fuse") from exc
 
 
-def _as_sequential(frame_module: nn.Module, gm: fx.GraphModule, scope: str) -> nn.Module:
-    sequential = as_sequential(frame_module, gm) if scope else None
+def _as_sequential(gm: fx.GraphModule, scope: str) -> nn.Module:
+    sequential = as_sequential(gm) if scope else None
     if sequential is None:
         raise InputError(f"deploy plan runs {scope or 'the model'} as a chain of its children, "
                          "which its rewritten forward is not; the deploy file is damaged: write "
@@ -208,6 +210,24 @@ def _resolve(model: nn.Module, path: str) -> nn.Module:
     except AttributeError as exc:
         raise InputError(f"deploy plan names module {path!r}, which this model does not have; "
                          "build the architecture the deploy file was made from") from exc
+
+
+def run_chains_as_sequential(model: nn.Module, steps: list[Step],
+                             one_tensor_calls: Mapping[str, bool]) -> list[Step]:
+    """Put an ``nn.Sequential`` (`chain`) in the place of each module a frame rewrite left as
+    a chain of child calls and that every recorded call (``one_tensor_calls`` by path, over
+    all fuse passes) passed one tensor; ``steps`` with those rewrites marked ``sequential``."""
+    marked: list[Step] = []
+    for step in steps:
+        if isinstance(step, FrameRewrite) and step.scope and one_tensor_calls.get(step.scope):
+            module = model.get_submodule(step.scope)
+            sequential = (as_sequential(module) if isinstance(module, fx.GraphModule)
+                          and not isinstance(module, CaseDispatch) else None)
+            if sequential is not None:
+                set_module(model, step.scope, sequential)
+                step = dataclasses.replace(step, sequential=True)
+        marked.append(step)
+    return marked
 
 
 def replay_plan(
