@@ -174,13 +174,17 @@ class ReadsItsNormWeight(nn.Module):
         return self.bn(self.conv(x)) * self.bn.weight.abs().mean()
 
 
-def test_a_module_holding_tensors_of_its_own_keeps_the_graph_module() -> None:
-    """The folded BN op leaves its weight in the module; the parent still reads it, so the
-    module stays a GraphModule that holds it."""
+def test_a_sequential_keeps_the_tensors_its_module_held() -> None:
+    """The folded BN op leaves its weight in the module, which the parent still reads: the
+    Sequential of the act holds it under the same key."""
     torch.manual_seed(0)
     model = randomize_bn(ReadsItsNormWeight(), seed=3).eval()
     result = _fused(model)
-    assert isinstance(result.model.bn, fx.GraphModule)
+    bn = result.model.bn
+    assert type(bn) is nn.Sequential and [type(m) for m in bn] == [nn.SiLU]
+    assert torch.equal(bn.weight, model.bn.weight)
+    assert set(result.model.state_dict()) == {
+        "conv.weight", "conv.bias", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"}
     assert result.report.verification.passed, result.report.verification.problem
     x = randn(2, 3, 9, 11, seed=4)
     assert rel_err(run(model, x), run(result.model, x)) < TOL

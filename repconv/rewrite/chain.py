@@ -6,15 +6,17 @@ else runs (a DBB block once its branches fold: ``nonlinear(fused_conv(x))``).
 
 Conditions: one placeholder with no default; every other node but the output calls a
 distinct top-level child with the previous node as its only argument; the module has no other
-children and holds no tensors of its own (a parent may read them: ``self.bn.weight.dtype``);
-every call of the module recorded in any fuse pass passed exactly one tensor, positionally (a
-Sequential's forward takes one argument, named ``input``). Decided once every pass is done
-(`surgery.run_chains_as_sequential`), so a call seen only at another input size counts.
+children; every call of the module recorded in any fuse pass passed exactly one tensor,
+positionally (a Sequential's forward takes one argument, named ``input``). Decided once every
+pass is done (`surgery.run_chains_as_sequential`), so a call seen only at another input size
+counts.
 
-Result: ``nn.Sequential`` of those children under their names (the state_dict keys are the
-GraphModule's, so a reader that ignores the plan's ``sequential`` builds the GraphModule and
-loads the same file), with the plain attributes the GraphModule carried (a detector's ``m.f``,
-``m.type``). It computes what the GraphModule computes, call for call.
+Result: ``nn.Sequential`` of those children under their names, holding the tensors the
+GraphModule held itself (no op reads them, a folded BatchNormAct's own statistics, but a parent
+may: ``self.bn.weight.dtype``), with the plain attributes the GraphModule carried (a
+detector's ``m.f``, ``m.type``). Its state_dict keys are the GraphModule's, so a reader that
+ignores the plan's ``sequential`` builds the GraphModule and loads the same file. It computes
+what the GraphModule computes, call for call.
 
 Why: a GraphModule's call runs two more Python frames than a module's (fx's error wrapper), and
 its forward looks each child up through ``Module.__getattr__``; on a small deploy model that
@@ -35,7 +37,7 @@ from repconv.rewrite.attributes import carried_attributes
 
 def chain_targets(gm: fx.GraphModule) -> list[str] | None:
     """The children ``gm``'s forward calls one after the other on its one input, in order; None
-    where its forward is anything else, or ``gm`` holds tensors of its own."""
+    where its forward is anything else."""
     nodes = list(gm.graph.nodes)
     if len(nodes) < 3 or nodes[0].op != "placeholder" or nodes[0].args or nodes[-1].op != "output":
         return None
@@ -50,9 +52,6 @@ def chain_targets(gm: fx.GraphModule) -> list[str] | None:
         return None
     if len(set(targets)) != len(targets) or set(dict(gm.named_children())) != set(targets):
         return None
-    if any(True for _ in gm.named_parameters(recurse=False)) or any(
-            True for _ in gm.named_buffers(recurse=False)):
-        return None
     return targets
 
 
@@ -64,6 +63,12 @@ def as_sequential(gm: fx.GraphModule) -> nn.Sequential | None:
     if targets is None:
         return None
     sequential = nn.Sequential(OrderedDict((t, gm.get_submodule(t)) for t in targets))
+    # no op reads them, but a parent may (``self.bn.weight.dtype``), and the keys stay the same
+    for name, parameter in gm.named_parameters(recurse=False):
+        sequential.register_parameter(name, parameter)
+    for name, buffer in gm.named_buffers(recurse=False):
+        sequential.register_buffer(name, buffer,
+                                   persistent=name not in gm._non_persistent_buffers_set)
     # instance attributes shadow class ones (a detector's ``m.type`` shadows Module.type)
     for name, value in carried_attributes(gm).items():
         setattr(sequential, name, value)
