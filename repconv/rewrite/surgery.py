@@ -220,7 +220,10 @@ def run_chains_as_sequential(model: nn.Module, steps: list[Step],
     marked: list[Step] = []
     for step in steps:
         if isinstance(step, FrameRewrite) and step.scope and one_tensor_calls.get(step.scope):
-            module = model.get_submodule(step.scope)
+            try:
+                module: nn.Module | None = model.get_submodule(step.scope)
+            except AttributeError:  # gone: a later step replaced what held it
+                module = None
             sequential = (as_sequential(module) if isinstance(module, fx.GraphModule)
                           and not isinstance(module, CaseDispatch) else None)
             if sequential is not None:
