@@ -5,7 +5,9 @@ Per model: conv, BN and total aten ops executed at the fuse input by the trainin
 hand-written deploy form (h) and ``repconv.fuse(t, x, check=False).model`` (r); the worst
 scale-relative error of h and r against t over the fuse input and the model's other shapes (or
 where r raises); latency ratios r/h and t/h from ONE interleaved run (benchmarks/_timing.py) at the
-fuse input; and what repconv's report says today. Written to benchmarks/results_third_party.md.
+fuse input, with h'/h (h loaded twice) as that run's noise floor; the r/h geo-mean over issue 15's
+five reference models and over all; and what repconv's report says today. Written to
+benchmarks/results_third_party.md.
 
 Run: `python benchmarks/third_party.py [--rounds 200] [--threads 1]`.
 """
