@@ -21,6 +21,8 @@ from helpers.cli_support import run_process
 from helpers.measure import count_bns, rel_err
 from helpers.reference_blocks import randomize_bn
 from helpers.reference_framework import ModelEMA, attempt_load, fuse_conv_and_bn
+from helpers.third_party_models import BY_NAME, shaped_input
+from helpers.third_party_models import run as run_outputs
 from torch import Tensor, nn
 from torch.fx.graph_module import GraphModule
 
@@ -119,6 +121,66 @@ def test_the_slot_runs_no_op_in_any_mode_or_dtype() -> None:
         assert moved(inp) is inp and counts.total == 0, counts.ops
     assert slot.state_dict() == {}  # the deploy state_dict has no keys for it
     assert "folded: runs as the identity" in repr(slot)
+
+
+class Implicit(nn.Module):
+    """YOLOv7's ImplicitA (``x + a``) or ImplicitM (``x * m``): a per-channel tensor its
+    framework's fuse() folds into the next or previous conv."""
+
+    def __init__(self, channels: int, multiply: bool) -> None:
+        super().__init__()
+        self.multiply = multiply
+        self.implicit = nn.Parameter(torch.randn(1, channels, 1, 1) + multiply)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.implicit * x if self.multiply else self.implicit + x
+
+
+class ScaleAndShift(nn.Module):
+    """Two per-channel tensors: no single value of both makes it the identity."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale, self.shift = nn.Parameter(torch.rand(4)), nn.Parameter(torch.rand(4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale + self.shift
+
+
+@pytest.mark.parametrize(("multiply", "value"), [(False, 0.0), (True, 1.0)])
+def test_a_folded_implicit_leaves_a_slot_of_its_own_class(multiply: bool, value: float) -> None:
+    """The framework's fuse() reads ``ia.implicit`` and ``im.implicit``: the slot holds the
+    value that makes its fold exact (b + W @ 0, W * 1), and running it executes no op."""
+    slot = vacated(Implicit(6, multiply))
+    assert type(slot) is Implicit and torch.equal(slot.implicit, torch.full((1, 6, 1, 1), value))
+    assert slot.state_dict() == {}  # the deploy state_dict has no keys for it, as with Identity
+    x = torch.randn(2, 6, 5, 5)
+    assert slot(x) is x and count_ops(lambda: slot(x)).total == 0
+    assert torch.equal(type(slot).forward(slot, x), x)  # its class's forward, as TorchScript runs
+    restored = pickle.loads(pickle.dumps(slot))
+    assert restored(x) is x and torch.equal(restored.implicit, slot.implicit)
+
+
+@pytest.mark.parametrize("module", [ScaleAndShift(), nn.Conv2d(4, 4, 1), nn.ReLU(),
+                                    nn.Linear(4, 4)], ids=lambda m: type(m).__name__)
+def test_a_module_no_neutral_value_makes_the_identity_leaves_an_identity(module: nn.Module
+                                                                        ) -> None:
+    assert type(vacated(module)) is nn.Identity
+
+
+def test_the_authors_fuse_runs_on_the_fused_yolov7_and_changes_nothing() -> None:
+    """YOLOv7's Model.fuse() folds IDetect's ImplicitA/M into its convs (reading
+    ``ia[i].implicit``) and switches to ``fuseforward``; on repconv's model, which folded them
+    already, it must run and compute the same."""
+    spec = BY_NAME["yolov7_idetect"]
+    training = spec.training(0)
+    x = shaped_input(spec.example)
+    fused = repconv.fuse(training, x.clone(), check=False).model
+    framework = spec.convert(copy.deepcopy(fused))
+    for shape in (spec.example, *spec.shapes):
+        x = shaped_input(shape)
+        assert all(torch.equal(a, b) for a, b in zip(run_outputs(fused, x),
+                                                      run_outputs(framework, x)))
 
 
 def test_rewritten_modules_keep_their_attributes_through_copies(tmp_path: Path) -> None:
