@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import copy
 import io
-from collections import Counter
 
 import torch
 from helpers import reference_framework
-from helpers.measure import executed, rel_err
+from helpers.measure import executed, module_calls, rel_err
 from helpers.reference_blocks import randomize_bn
 from helpers.tensors import randn, run
 from torch import Tensor, nn
-from torch.nn.modules.module import register_module_forward_pre_hook
 
 import repconv
 from repconv.rewrite.surgery import replay_plan
@@ -56,17 +54,6 @@ class Net(nn.Module):
         return self.layers(x)
 
 
-def _module_calls(model: nn.Module, x: Tensor) -> Counter[str]:
-    calls: Counter[str] = Counter()
-    handle = register_module_forward_pre_hook(lambda m, _: calls.update([type(m).__name__]))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        handle.remove()
-    return calls
-
-
 def test_the_class_deploy_forward_is_taken_and_no_slot_is_called() -> None:
     model = randomize_bn(Net(), seed=1).eval()
     x = randn(1, 3, 16, 16, seed=0)
@@ -78,8 +65,8 @@ def test_the_class_deploy_forward_is_taken_and_no_slot_is_called() -> None:
     convs = [m for m in fused.modules() if isinstance(m, Conv)]
     assert len(convs) == 3
     assert all(vars(m)["forward"].__func__ is Conv.forward_fuse for m in convs)
-    assert _module_calls(model, x)["BatchNorm2d"] == 3
-    assert _module_calls(fused, x)["BatchNorm2d"] == 0
+    assert module_calls(model, x)["BatchNorm2d"] == 3
+    assert module_calls(fused, x)["BatchNorm2d"] == 0
     assert executed(fused, x).batchnorms == 0
     for shape in ((2, 3, 16, 16), (1, 3, 23, 17)):
         y = randn(*shape, seed=2)
@@ -127,7 +114,7 @@ def test_a_replayed_plan_takes_the_deploy_forward_again() -> None:
     replayed.load_state_dict(weights)
     assert all(vars(m)["forward"].__func__ is Conv.forward_fuse
                for m in replayed.modules() if isinstance(m, Conv))
-    assert _module_calls(replayed, x)["BatchNorm2d"] == 0
+    assert module_calls(replayed, x)["BatchNorm2d"] == 0
     assert rel_err(run(model, x), run(replayed, x)) <= TOL
 
 

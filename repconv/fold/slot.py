@@ -57,11 +57,15 @@ def vacated(replaced: nn.Module) -> nn.Module:
         slot._buffers.pop(name, None)
         slot.register_buffer(name, torch.full((replaced.num_features,), value, dtype=dtype,
                                               device=device), persistent=False)
+    return _running_as_identity(slot, f"{replaced.num_features}, folded: runs as the identity")
+
+
+def _running_as_identity(slot: nn.Module, description: str) -> nn.Module:
+    """``slot`` in eval mode, its instance ``forward`` the identity and its repr saying so."""
     # instance attributes win over the class's methods (a bound method, not a module: a
     # tracer that steps into the slot calls a plain function, and TorchScript scripts it)
     slot.forward = nn.Identity().forward
-    slot.extra_repr = functools.partial(str, f"{replaced.num_features}, folded: runs as the "
-                                             "identity")
+    slot.extra_repr = functools.partial(str, description)
     return slot.eval()
 
 
@@ -93,10 +97,8 @@ def _neutral_slot(replaced: nn.Module) -> nn.Module | None:
         except Exception:  # a forward the probe does not fit: no slot proven
             return None
         if isinstance(out, torch.Tensor) and out.shape == probe.shape and torch.equal(out, probe):
-            slot.forward = nn.Identity().forward
-            slot.extra_repr = functools.partial(str, f"folded: runs as the identity, its "
-                                                     f"tensors at {value:g}")
-            return slot.eval()
+            return _running_as_identity(slot, f"folded: runs as the identity, its tensors at "
+                                              f"{value:g}")
     return None
 
 

@@ -54,10 +54,16 @@ def carry_into_graph_module(old: nn.Module, gm: fx.GraphModule) -> None:
     gm.meta[_USER_PRESERVED_ATTRIBUTES_KEY] = {**carried, "_wrapped_call": nn.Module.__call__}
 
 
-def carried_attributes(gm: fx.GraphModule) -> dict[str, Any]:
-    """The plain attributes `carry_into_graph_module` gave ``gm`` from the module it replaced."""
+def _preserved(gm: fx.GraphModule) -> dict[str, Any]:
+    """The attributes ``gm``'s ``meta`` names to keep, with their current values."""
     return {key: vars(gm)[key] for key in gm.meta.get(_USER_PRESERVED_ATTRIBUTES_KEY, {})
-            if not key.startswith("_") and key in vars(gm)}
+            if key in vars(gm)}
+
+
+def carried_attributes(gm: fx.GraphModule) -> dict[str, Any]:
+    """The plain attributes `carry_into_graph_module` gave ``gm`` from the module it replaced
+    (not the call it keeps)."""
+    return {key: value for key, value in _preserved(gm).items() if not key.startswith("_")}
 
 
 def _reduce_keeping_meta(gm: fx.GraphModule) -> tuple[Any, ...]:
@@ -71,6 +77,5 @@ def _reduce_keeping_meta(gm: fx.GraphModule) -> tuple[Any, ...]:
 def preserved_state(gm: fx.GraphModule) -> dict[str, Any]:
     """What a pickled GraphModule sets on load beside its graph: its ``meta`` and the carried
     attributes it names."""
-    preserved = {key: vars(gm)[key] for key in gm.meta.get(_USER_PRESERVED_ATTRIBUTES_KEY, {})
-                 if key in vars(gm)}
+    preserved = _preserved(gm)
     return {**preserved, "meta": {**gm.meta, _USER_PRESERVED_ATTRIBUTES_KEY: preserved}}

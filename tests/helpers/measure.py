@@ -1,10 +1,14 @@
-"""What the tests measure on models: conv, BatchNorm and linear counts, the aten ops a forward
-executes, and scale-relative error."""
+"""What the tests measure on models: conv, BatchNorm and linear counts, the aten ops and module
+calls a forward executes, and scale-relative error."""
 
 from __future__ import annotations
 
+from collections import Counter
+
+import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.module import register_module_forward_pre_hook
 
 from repconv.fold.slot import is_identity_slot
 from repconv.measure.opcount import OpCounts, count_ops
@@ -28,6 +32,19 @@ def count_linears(model: nn.Module) -> int:
 def executed(model: nn.Module, *args: object, **kwargs: object) -> OpCounts:
     """The aten ops one forward of ``model`` runs."""
     return count_ops(lambda: model(*args, **kwargs))
+
+
+def module_calls(model: nn.Module, *args: object) -> Counter[str]:
+    """The module calls one forward of ``model`` makes, by class name: the Python work a small
+    deploy model pays on each call beyond its ops."""
+    calls: Counter[str] = Counter()
+    handle = register_module_forward_pre_hook(lambda m, _: calls.update([type(m).__name__]))
+    try:
+        with torch.no_grad():
+            model(*args)
+    finally:
+        handle.remove()
+    return calls
 
 
 def rel_err(expected: Tensor, got: Tensor) -> float:

@@ -60,24 +60,6 @@ def executed(model: nn.Module, x: Tensor) -> OpCounts:
     return count_ops(lambda: model(x.clone()))
 
 
-def module_calls(model: nn.Module, x: Tensor) -> int:
-    """How many module calls one forward makes (after a warm-up call): the Python work a small
-    deploy model pays on each call beyond its ops."""
-    run(model, x)
-    calls = [0]
-
-    def count(*_: object) -> None:
-        calls[0] += 1
-
-    handles = [m.register_forward_pre_hook(count) for m in model.modules()]
-    try:
-        run(model, x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return calls[0]
-
-
 @dataclass(frozen=True)
 class ThirdPartyModel:
     name: str
