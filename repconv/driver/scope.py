@@ -17,10 +17,17 @@ from repconv.driver.report import FuseReport
 from repconv.errors import TraceError
 from repconv.fold import local_check as region_check
 from repconv.fold import regions as region_analysis
-from repconv.fold.calls import BoundCall, bind_call, copies, copy_sharing_tensors, record_calls
+from repconv.fold.calls import (
+    BoundCall,
+    CallMemo,
+    bind_call,
+    copies,
+    copy_sharing_tensors,
+    record_calls,
+)
 from repconv.fold.capture import Capture, capture
 from repconv.fold.convert import Converted, Converter, Release
-from repconv.fold.graph import UNDERSTOOD_MODULES, eager_differs
+from repconv.fold.graph import UNDERSTOOD_MODULES, Recall, eager_differs
 from repconv.fold.reasons import Skip, is_norm, kind_of
 from repconv.fold.region import Region
 from repconv.fold.rules.base import describe
@@ -71,7 +78,10 @@ class ScopeFuser:
         self.model, self.inputs = model, inputs
         # every module's inputs are kept only when a part does not trace and its children are
         # fused one by one: they are all the model's activations
-        self.calls, self.output = record_calls(model, copies(inputs), keep_tensors=False)
+        # the layers' outputs, for proving the model's trace faithful without a second forward
+        self.memo: CallMemo | None = CallMemo()
+        self.calls, self.output = record_calls(model, copies(inputs), keep_tensors=False,
+                                               memo=self.memo)
         # by path: every call, in this pass and those at other sizes, passed one tensor
         self.one_tensor_calls = {path: record.single_tensor
                                  for path, record in self.calls.items() if record.count}
@@ -91,7 +101,7 @@ class ScopeFuser:
                 raise TraceError(differs)
             if bound is None:
                 raise TraceError("its forward takes *args/**kwargs")
-            captured = capture(module, bound, output)
+            captured = capture(module, bound, output, self._recall(scope))
         except TraceError as exc:
             return self._fuse_children(module, scope, str(exc))
         self._note_capture(captured, scope)
@@ -105,6 +115,12 @@ class ScopeFuser:
         self.report.skipped += [replace(s, where=where + s.where) for s in analysis.skips]
         self.report.cuts += [replace(s, where=where + s.where) for s in analysis.cuts]
         return self._apply_regions(module, scope, gm, analysis.regions, bound)
+
+    def _recall(self, scope: str) -> Recall | None:
+        """The eager forward's layer outputs, for the first capture only: the activations the
+        memo holds go once that capture is proven."""
+        memo, self.memo = self.memo, None
+        return None if memo is None else memo.recall(scope)
 
     def _apply_regions(self, module: nn.Module, scope: str, gm: fx.GraphModule,
                        regions: list[Region], bound: BoundCall, *, retry: bool = True,

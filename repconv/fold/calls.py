@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
-from collections.abc import Iterator
+from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_map
 
 from repconv.errors import TraceError, brief, one_line
 
@@ -92,12 +94,115 @@ def holds_tensor(value: Any) -> bool:
     return False
 
 
+# The layers whose outputs a faithfulness run takes from the eager forward instead of computing
+# them again: the ones that cost (a BatchNorm or an activation costs little to run again).
+_RECALLED = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+@dataclass(frozen=True)
+class _Versioned:
+    """A tensor and its version counter when seen: a later change in place shows."""
+
+    tensor: Tensor
+    version: int
+
+    @classmethod
+    def of(cls, value: Any) -> _Versioned | None:
+        try:  # an inference tensor has no version counter
+            return cls(value, value._version) if isinstance(value, Tensor) else None
+        except RuntimeError:
+            return None
+
+    def unchanged(self) -> bool:
+        return self.tensor._version == self.version
+
+
+@dataclass
+class _LayerCall:
+    """One eager call of a layer: its arguments as given (before any pre-hook) and its output
+    (after every hook)."""
+
+    spec: TreeSpec
+    leaves: list[Any]
+    tensors: list[_Versioned | None]
+    output: _Versioned | None = None
+
+    def returns_for(self, args: tuple, kwargs: dict) -> Tensor | None:
+        """A copy of the recorded output when ``args``/``kwargs`` are exactly the recorded
+        arguments (tensors of the same dtype, shape, strides and values, unchanged since)."""
+        if self.output is None or not self.output.unchanged():
+            return None
+        leaves, spec = tree_flatten((args, dict(kwargs)))  # fx gives an immutable_dict
+        if spec != self.spec or len(leaves) != len(self.leaves):
+            return None
+        for given, recorded, versioned in zip(leaves, self.leaves, self.tensors):
+            if isinstance(given, Tensor) != isinstance(recorded, Tensor):
+                return None
+            if not isinstance(given, Tensor):
+                if type(given) is not type(recorded) or not _equal(given, recorded):
+                    return None
+            elif (versioned is None or not versioned.unchanged() or given.dtype != recorded.dtype
+                  or given.shape != recorded.shape or given.stride() != recorded.stride()
+                  or given.device != recorded.device or not torch.equal(given, recorded)):
+                return None
+        return self.output.tensor.clone()  # the graph's own: what it does in place stays there
+
+
+def _equal(a: object, b: object) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # an argument of a user's type may compare in any way
+        return False
+
+
+class CallMemo:
+    """The convs' and linear layers' calls in one eager forward, by path, in order. A traced
+    graph run to prove it faithful (`repconv.fold.capture`) takes a layer's recorded output where
+    it gives the layer exactly the arguments it had in the eager forward, instead of running it
+    again: the proof then costs the graph's own ops, not a second forward. Sound for a layer
+    whose output is a function of its arguments (its parameters are not changed by the
+    forward); any other call runs."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, list[_LayerCall]] = defaultdict(list)
+
+    def hooks(self, path: str, module: nn.Module) -> list[Any]:
+        if not isinstance(module, _RECALLED):
+            return []
+
+        def before(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            leaves, spec = tree_flatten((args, dict(kwargs)))
+            self.calls[path].append(_LayerCall(spec, leaves, [_Versioned.of(v) for v in leaves]))
+
+        def after(_m: nn.Module, _args: tuple, _kwargs: dict, output: Any) -> None:
+            if self.calls[path]:
+                self.calls[path][-1].output = _Versioned.of(output)
+
+        return [module.register_forward_pre_hook(before, with_kwargs=True, prepend=True),
+                module.register_forward_hook(after, with_kwargs=True)]
+
+    def recall(self, scope: str) -> Callable[[str, tuple, dict], Tensor | None]:
+        """For one run of the graph of the module at ``scope``: a call's recorded output, by the
+        graph's module target, its arguments and the call's rank among that target's calls."""
+        seen: dict[str, int] = defaultdict(int)
+
+        def recalled(target: str, args: tuple, kwargs: dict) -> Tensor | None:
+            path = f"{scope}.{target}" if scope else target
+            rank = seen[path]
+            seen[path] += 1
+            calls = self.calls.get(path, [])
+            return calls[rank].returns_for(args, kwargs) if rank < len(calls) else None
+
+        return recalled
+
+
 def record_calls(
-    model: nn.Module, inputs: tuple[Tensor, ...], keep_tensors: bool
+    model: nn.Module, inputs: tuple[Tensor, ...], keep_tensors: bool,
+    memo: CallMemo | None = None,
 ) -> tuple[dict[str, CallRecord], object]:
     """Every submodule's calls in one forward of ``model`` on ``inputs``, by qualified name
     (with ``keep_tensors``, each one's first arguments and output too), and the model's
-    output."""
+    output; ``memo`` records the layers' calls."""
     records: dict[str, CallRecord] = {}
     handles = []
 
@@ -123,6 +228,8 @@ def record_calls(
                 record.args, record.kwargs = tree_map(_clone, (args, dict(kwargs)))
 
         handles.append(child.register_forward_pre_hook(hook, with_kwargs=True))
+        if memo is not None:
+            handles += memo.hooks(name, child)
         if keep_tensors:
             handles.append(child.register_forward_hook(
                 lambda m, a, o, name=name: keep_output(m, a, o, name)))
@@ -143,9 +250,30 @@ class BoundCall:
     positional: tuple[Any, ...]
 
 
+def forward_signature(module: nn.Module) -> inspect.Signature:
+    """``inspect.signature(module.forward)``, read once per forward function: a model's many
+    modules of one class share it."""
+    forward = module.forward
+    function = getattr(forward, "__func__", None)
+    if function is None or getattr(forward, "__self__", None) is not module:
+        return inspect.signature(forward)
+    return _method_signature(function)
+
+
+@functools.cache
+def _method_signature(function: Callable[..., Any]) -> inspect.Signature:
+    """The signature of ``function`` bound to an instance: without its first parameter (as
+    inspect does, which keeps a leading ``*args``)."""
+    signature = inspect.signature(function)
+    parameters = list(signature.parameters.values())
+    if parameters and parameters[0].kind is not inspect.Parameter.VAR_POSITIONAL:
+        parameters = parameters[1:]
+    return signature.replace(parameters=parameters)
+
+
 def bind_call(module: nn.Module, args: tuple, kwargs: dict) -> BoundCall | None:
     """None when ``forward`` takes ``*args``/``**kwargs`` (fx cannot hold those fixed)."""
-    signature = inspect.signature(module.forward)
+    signature = forward_signature(module)
     if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in signature.parameters.values()):
         return None if kwargs or len(args) != 1 else BoundCall({}, args)
     try:

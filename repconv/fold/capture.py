@@ -39,7 +39,14 @@ from torch.utils._pytree import tree_flatten
 
 from repconv.errors import TraceError, one_line
 from repconv.fold.calls import BoundCall, copies
-from repconv.fold.graph import Tracer, graph_module, metadata_read, propagate_shapes, trace
+from repconv.fold.graph import (
+    Recall,
+    Tracer,
+    graph_module,
+    metadata_read,
+    propagate_shapes,
+    trace,
+)
 from repconv.fold.inplace import fold_border_writes
 
 # where a value came from, as far as a guard is concerned
@@ -387,13 +394,16 @@ MAX_CROSSING_ELEMENTS = 50_000_000
 MAX_OPAQUE_CHILDREN = 16
 
 
-def capture(module: nn.Module, bound: BoundCall, expected: object) -> Capture:
+def capture(module: nn.Module, bound: BoundCall, expected: object,
+            recall: Recall | None = None) -> Capture:
     """``module``'s forward on the call ``bound`` (which returned ``expected``) as a graph with
     shapes: torch.fx's symbolic trace where it works; else the values route; else the values
-    route with each child that stops it kept as an opaque call. TraceError says why none did."""
+    route with each child that stops it kept as an opaque call. TraceError says why none did.
+    ``recall``: the layer outputs of the eager forward that returned ``expected``, so that
+    proving a symbolic trace faithful does not run its layers again."""
     try:
         gm = trace(module, concrete_args=bound.concrete)
-        _check_faithful(gm, bound, expected)
+        _check_faithful(gm, bound, expected, recall)
         return Capture(gm, "symbolic")
     except TraceError as exc:
         symbolic = exc
@@ -413,11 +423,14 @@ def capture(module: nn.Module, bound: BoundCall, expected: object) -> Capture:
         return captured
 
 
-def _check_faithful(gm: fx.GraphModule, bound: BoundCall, expected: object) -> None:
+def _check_faithful(gm: fx.GraphModule, bound: BoundCall, expected: object,
+                    recall: Recall | None = None) -> None:
     """Run the graph on the call (recording shapes); TraceError unless it returns what the
     module returned: the same tensors with the same values, in containers of any kind (fx
-    returns an immutable_dict where the module made an OrderedDict)."""
-    got = propagate_shapes(gm, copies(bound.positional))
+    returns an immutable_dict where the module made an OrderedDict). A layer the graph gives
+    exactly its eager arguments returns its eager output (``recall``): by induction over the
+    graph, the graph and the forward agree wherever they agree at the layers' inputs."""
+    got = propagate_shapes(gm, copies(bound.positional), recall)
     want = [t for t in tree_flatten(expected)[0] if isinstance(t, Tensor)]
     have = [t for t in tree_flatten(got)[0] if isinstance(t, Tensor)]
     if len(want) != len(have):

@@ -8,6 +8,7 @@ import operator
 import types
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -215,10 +216,23 @@ def trace(
     return graph_module(module, graph, tracer)
 
 
+# a module call's output taken from a run that already made it (`repconv.fold.calls.CallMemo`),
+# by the call's target and arguments; None: run it
+Recall = Callable[[str, tuple, dict], Any]
+
+
 class _ShapeRecorder(fx.Interpreter):
     """torch.fx's ShapeProp without its fake-tensor and memory-format queries, whose first use
     imports sympy (0.4 s of every conversion): each node's tensors' shape and dtype go to
-    ``node.meta["tensor_meta"]``."""
+    ``node.meta["tensor_meta"]``. A module call ``recall`` answers is not run again."""
+
+    def __init__(self, gm: fx.GraphModule, recall: Recall | None) -> None:
+        super().__init__(gm)
+        self.recall = recall
+
+    def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        found = None if self.recall is None else self.recall(str(target), args, kwargs)
+        return super().call_module(target, args, kwargs) if found is None else found
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
@@ -238,12 +252,14 @@ def _tensor_metadata(tensor: Tensor) -> TensorMetadata:
         memory_format=layout)
 
 
-def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> object:
+def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...],
+                     recall: Recall | None = None) -> object:
     """Run ``gm`` once, recording each node's output shape and dtype in ``node.meta``; returns
-    its output."""
+    its output. ``recall`` gives the outputs of module calls already made on the same
+    arguments."""
     try:
         with torch.no_grad():
-            return _ShapeRecorder(gm).run(*example_inputs)
+            return _ShapeRecorder(gm, recall).run(*example_inputs)
     except Exception as exc:  # the traced code failed on the example input
         reason = one_line(exc.__cause__ or exc, 300, last=True)
         raise TraceError(f"the traced forward fails on the example input: {reason}") from exc
