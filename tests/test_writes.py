@@ -253,3 +253,26 @@ def test_deploy_files_are_byte_identical(repvgg_ckpt: Path, tmp_path: Path, fmt:
     assert sha256(first) == sha256(second)
     assert first.stat().st_size > 10_000
     assert "warn" not in proc.stderr.lower() and ".tmp" not in proc.stderr
+
+
+def test_writeback_starts_while_the_file_is_written(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fsync before the rename waits for the tail of the file only: the kernel is told to
+    start writing each 32 MiB as it is written, over the whole file, in order."""
+    from repconv.formats import write
+
+    advised: list[tuple[int, int]] = []
+    real = os.posix_fadvise
+
+    def advise(handle: int, offset: int, length: int, advice: int) -> None:
+        assert advice == os.POSIX_FADV_DONTNEED
+        advised.append((offset, length))
+        real(handle, offset, length, advice)
+
+    monkeypatch.setattr(write.os, "posix_fadvise", advise)
+    data = os.urandom(1 << 20) * 100  # 100 MiB
+    out = tmp_path / "big.bin"
+    write.write_atomically(out, data)
+    assert out.read_bytes() == data
+    assert [offset for offset, _ in advised] == [0, 32 << 20, 64 << 20]
+    assert all(length == 32 << 20 for _, length in advised)
