@@ -19,7 +19,8 @@ from torch import nn
 
 from repconv.errors import InputError
 from repconv.formats.build import Architecture, build_and_load
-from repconv.formats.decode import read_data
+from repconv.formats.decode import check_readable, read_data
+from repconv.formats.mapped import FileStamp, mappable
 from repconv.formats.metadata import recorded_kwargs, recorded_plan, recorded_shape
 from repconv.formats.state_dict import STATE_DICT_KEYS, is_state_dict
 from repconv.formats.tensors import check_module, check_statistics
@@ -49,6 +50,8 @@ class LoadedCheckpoint:
     extra: dict[str, Any] = field(default_factory=dict)
     deploy_plan: list[dict[str, Any]] | None = None
     slot: str | None = None
+    stamp: FileStamp | None = None  # the file as it was before it was read
+    mapped: bool = False  # its tensors are the file's pages (`formats.mapped`)
 
 
 def _trusted_sample(reference: str) -> bool:
@@ -124,9 +127,19 @@ def load_checkpoint(
     model_kwargs: Mapping[str, Any] | None = None,
     trust_pickle: bool = False,
 ) -> LoadedCheckpoint:
-    """Load a training (or deploy) checkpoint in any layout repconv knows into an nn.Module."""
+    """Load a training (or deploy) checkpoint in any layout repconv knows into an nn.Module. A
+    torch archive is read mapped (`formats.mapped`); the file's stamp is taken first."""
     path = Path(path)
-    obj = read_data(path, trust_pickle=trust_pickle)
+    check_readable(path)
+    stamp, mapped = FileStamp.of(path), mappable(path)
+    obj = read_data(path, trust_pickle=trust_pickle, mapped=mapped)
+    loaded = _checkpoint_of(obj, path, model_reference, model_kwargs)
+    loaded.stamp, loaded.mapped = stamp, mapped
+    return loaded
+
+
+def _checkpoint_of(obj: Any, path: Path, model_reference: str | None,
+                   model_kwargs: Mapping[str, Any] | None) -> LoadedCheckpoint:
     found: list[str] = []
     if isinstance(obj, nn.Module):
         found.append(f"a pickled {type(obj).__name__}")

@@ -42,9 +42,9 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
         raise InputError(f"{path} is not a readable safetensors file ({exc})") from exc
 
 
-def read_file(path: Path, *, trust_pickle: bool) -> Any:
+def read_file(path: Path, *, trust_pickle: bool, mapped: bool = False) -> Any:
     """The object stored in a .pt/.pth/.safetensors file, loaded without running its code
-    unless ``trust_pickle``."""
+    unless ``trust_pickle``; ``mapped``: its tensors on the file's pages (`formats.mapped`)."""
     check_readable(path)
     kind = kind_of(path)
     if kind in (FileKind.PT2, FileKind.ONNX):
@@ -58,7 +58,7 @@ def read_file(path: Path, *, trust_pickle: bool) -> Any:
         # torch warns about pickle protocols it may not read; the error below says it all
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
     except pickle.UnpicklingError as exc:
         # The weights-only unpickler names the class it refused (or the module it blocks);
         # anything else is not a pickle.
@@ -77,7 +77,7 @@ def read_file(path: Path, *, trust_pickle: bool) -> Any:
             not trust_pickle or not any(is_pickled_module(p) for _, p in placeholders(inert))):
         return inert  # a pickled module in it is refused, by name, where it would be used
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mapped)
     except Exception as exc:  # unpickling trusted user code can fail in any way
         raise InputError(f"{path} could not be unpickled: {type(exc).__name__}: {exc}; the "
                          "classes it names must be importable here") from exc
@@ -113,11 +113,11 @@ def _unpickler_reason(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
-def read_data(path: Path, *, trust_pickle: bool) -> Any:
+def read_data(path: Path, *, trust_pickle: bool, mapped: bool = False) -> Any:
     """`read_file`, bounded (`limits`): an archive inflating far beyond its size is refused
     before it is read; what it holds may not nest too deep, nor its tensors repeat memory."""
     check_archive(path)
-    value = read_file(path, trust_pickle=trust_pickle)
+    value = read_file(path, trust_pickle=trust_pickle, mapped=mapped)
     check_nesting(value, str(path))
     check_tensor_bytes(value, path)
     return value

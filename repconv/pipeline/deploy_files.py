@@ -17,6 +17,7 @@ from repconv.formats.checkpoint import LoadedCheckpoint
 from repconv.formats.decode import check_readable
 from repconv.formats.deploy import load_deploy_with_shape
 from repconv.formats.kinds import FileKind, kind_of
+from repconv.formats.mapped import FileStamp
 from repconv.formats.onnx_deploy import (
     load_onnx_deploy,
     runtime_name,
@@ -109,6 +110,7 @@ def verify_checkpoints(
     original = options.load(original_path)
     _check_original(original_path, deploy_path, original)
     progress(f"loading {deploy_path}")
+    deploy_stamp = FileStamp.of(deploy_path) if deploy_path.is_file() else None
     deployed = _load_deployed(deploy_path, original, options)
     if real_batchnorms(deployed.model) > real_batchnorms(original.model):
         raise InputError(f"DEPLOY {deploy_path} has more BatchNorms than ORIGINAL "
@@ -127,6 +129,9 @@ def verify_checkpoints(
     report = options.verify(compared, deployed.model, inputs, samples, progress,
                             reference=reference, vary=deployed.vary, lenient=deployed.lenient,
                             weights=deployed.weights, memory=budget)
+    for stamp, role in ((original.stamp, "ORIGINAL"), (deploy_stamp, "DEPLOY")):
+        if stamp is not None:  # a result is the files', as they were read
+            stamp.check(role)
     return VerifyOutcome(str(original_path), str(deploy_path), report, source,
                          [deployed.note] if deployed.note else [])
 

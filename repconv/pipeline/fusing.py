@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from repconv.driver.report import FuseReport, ModelCounts
 from repconv.errors import StrictError, VerificationError
+from repconv.formats.mapped import drop_pages
 from repconv.formats.onnx_deploy import (
     check_onnx_output,
     export_deploy,
@@ -113,8 +114,9 @@ def fuse_checkpoint(
         # with nothing after the fuse reading the loaded model (no verification, no INT8 report,
         # no entries of IN written beside it), its folded tensors are freed as their conv is made
         owned = not check and quant_target is None and not loaded.pickled and not keep_extra
+        release = (_free_mapped if loaded.mapped else _free) if owned else None
         result = fuse(loaded.model, inputs, check=False, seed=options.seed, progress=progress,
-                      unshare=options.unshare, release=_free if owned else None)
+                      unshare=options.unshare, release=release)
         seconds["fuse"] = time.perf_counter() - start
         report, plan, fused_model = result.report, result.plan, result.model
         _note_norms(report, loaded.model)
@@ -160,6 +162,8 @@ def fuse_checkpoint(
                                      calibration_batches(inputs, samples, options.seed),
                                      target=quant_target)
         seconds["quant"] = time.perf_counter() - start
+    if loaded.stamp is not None:
+        loaded.stamp.check("IN")
     if out_path is not None:
         progress(f"writing {out_path}")
         start = time.perf_counter()
@@ -181,6 +185,13 @@ def _free(tensors: list[Tensor]) -> None:
     with torch.no_grad():
         for tensor in tensors:
             tensor.set_()
+
+
+def _free_mapped(tensors: list[Tensor]) -> None:
+    """`_free` for tensors read mapped: their pages go now, the file's mapping as a whole only
+    with its last tensor."""
+    drop_pages(tensors)
+    _free(tensors)
 
 
 def _verify_fused(options: Options, original: nn.Module, fused: nn.Module,
