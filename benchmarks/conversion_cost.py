@@ -4,7 +4,10 @@ in a fresh process that first imports torch and repconv (identical for every job
 the figures are the job's wall time and its peak RSS above that interpreter baseline (the
 kernel's high-water mark, reset after the imports, minus the RSS then), best of a few runs.
 The three jobs run interleaved, round by round, so a burst of load from elsewhere slows each
-alike. The tables are printed and saved to benchmarks/results_conversion.md.
+alike, and each starts after an ``os.sync()``: what earlier jobs wrote is on disk, so no job
+pays for another's writeback (`repconv fuse` syncs its own file before renaming it into place;
+a plain ``torch.save`` leaves its pages dirty, to slow whatever writes next). The tables are
+printed and saved to benchmarks/results_conversion.md.
 
 Checkpoints: a small one (a RepVGG of the sample family, width 96, 224px, 7 MB) and a large one
 generated into a temp folder (a RepVGG-style network of 21 blocks, widths 256 to 1024, 120M
@@ -97,6 +100,9 @@ def _checkpoints(folder: Path) -> list[tuple[Path, str]]:
 
 
 def _run(job: str, source: Path, target: Path, model: str) -> dict:
+    # the files earlier jobs wrote go to disk first: their writeback (which a plain torch.save
+    # leaves to the kernel) must not slow this job
+    os.sync()
     out = subprocess.run([sys.executable, "-c", _CHILD, job, str(source), str(target), model],
                          check=True, capture_output=True, text=True, cwd=HERE).stdout
     return json.loads(out.strip().splitlines()[-1])
