@@ -118,6 +118,7 @@ def _best_interleaved(source: Path, folder: Path, model: str, runs: int) -> dict
     for job, runs_of_job in results.items():
         fastest = min(runs_of_job, key=lambda r: r["seconds"])
         best[job] = {"seconds": fastest["seconds"],
+                     "every": [r["seconds"] for r in runs_of_job],
                      "rss_mb": min(r["rss_mb"] for r in runs_of_job),
                      "verify": fastest["stages"].get("verify", 0.0),
                      "stages": fastest["stages"]}
@@ -127,8 +128,8 @@ def _best_interleaved(source: Path, folder: Path, model: str, runs: int) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3,
-                        help="fresh processes per figure for the small checkpoint (2 for the "
-                        "large one: each of its runs takes 10 to 60 s)")
+                        help="fresh processes per figure (a round of the large checkpoint's "
+                        "three jobs takes 10 to 60 s)")
     args = parser.parse_args()
     lines: list[str] = []
 
@@ -140,19 +141,19 @@ def main() -> None:
     say()
     say(f"`python benchmarks/conversion_cost.py`: torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {os.cpu_count()} CPU cores, load average at the "
-        f"start {_load()}; best of {args.runs} fresh processes (2 for the large checkpoint), the "
+        f"start {_load()}; best of {args.runs} fresh processes, the "
         "jobs interleaved; RSS = peak above the interpreter after imports")
     say()
     say("| checkpoint | size | load+save s | fuse --skip-verify s (ratio) | fuse s (ratio) | "
         "of which verification s | fuse − verification (ratio) | load+save RSS MB | "
         "--skip-verify RSS MB (÷ size) | fuse RSS MB (÷ size) |")
     say("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    stages = []
+    stages, every = [], []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        for index, (source, model) in enumerate(_checkpoints(folder)):
+        for source, model in _checkpoints(folder):
             size = source.stat().st_size / 2**20
-            best = _best_interleaved(source, folder, model, args.runs if index == 0 else 2)
+            best = _best_interleaved(source, folder, model, args.runs)
             plain, quick, full = best["plain"], best["skip"], best["fuse"]
             rest = full["seconds"] - full["verify"]
             say(f"| {source.name} | {size:.0f} MB | {plain['seconds']:.2f} | "
@@ -162,6 +163,14 @@ def main() -> None:
                 f"{plain['rss_mb']:.0f} | {quick['rss_mb']:.0f} ({quick['rss_mb'] / size:.1f}x)"
                 f" | {full['rss_mb']:.0f} ({full['rss_mb'] / size:.1f}x) |")
             stages.append((source.name, quick["stages"], full["stages"]))
+            every.append(f"{source.name}: " + "; ".join(
+                f"{job} " + ", ".join(f"{s:.2f}" for s in best[job]["every"]) for job in JOBS))
+    say()
+    say("Every run (s), in the order run (a plain torch.save's time varies most: it leaves its "
+        "pages to the kernel, whose state it then meets):")
+    say()
+    for line in every:
+        say(f"- {line}")
     say()
     say("Where `repconv fuse` spends its time (s), without and with the verification: load (read, "
         "build, check), fuse (trace, fold, local checks, rewrite), verify, write")

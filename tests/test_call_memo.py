@@ -77,7 +77,8 @@ def test_a_trace_that_differs_outside_its_layers_is_still_refused() -> None:
 
 
 class _Twice(nn.Module):
-    """One conv called twice, the second time on the first call's output changed in place."""
+    """One conv called twice, the second time on the first call's output; the second call's
+    output is then changed in place, and the input through ``.data`` (no version counted)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -86,17 +87,19 @@ class _Twice(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = self.conv(x)
         z = self.conv(y.relu())
-        z.mul_(2)  # changes the second call's output after it was recorded
+        z.mul_(2)
+        x.data.zero_()
         return z + y
 
 
-def test_each_call_is_matched_by_rank_and_a_changed_output_runs_again() -> None:
+def test_each_call_is_matched_by_rank_on_what_it_saw() -> None:
     model = _Twice().eval()
     x = randn(2, 4, 6, 6, seed=2)
     memo, expected = _recorded(model, x)
     gm = trace(model)
     recalled = count_ops(lambda: propagate_shapes(gm, (x.clone(),), memo.recall("")))
-    assert recalled.convs == 1  # the first call recalled, the second (changed since) run
+    assert recalled.convs == 0  # both calls: their arguments and outputs were copied as made
+    memo, expected = _recorded(model, x)
     got = propagate_shapes(gm, (x.clone(),), memo.recall(""))
     assert isinstance(got, Tensor) and isinstance(expected, Tensor)
     assert torch.equal(got, expected)
@@ -107,9 +110,6 @@ def test_a_call_is_recalled_only_on_exactly_its_recorded_arguments() -> None:
     x = randn(1, 3, 7, 7, seed=4)
     memo, expected = _recorded(model, x)
     layer_call = memo.calls["0"][0]
-    same = layer_call.returns_for((x.clone(),), {})
-    assert same is not None and isinstance(expected, Tensor)
-    assert torch.equal(same, expected) and same.data_ptr() != expected.data_ptr()
     nudged = x.clone()
     nudged[0, 0, 3, 3] += 1e-6
     assert layer_call.returns_for((nudged,), {}) is None
@@ -117,18 +117,62 @@ def test_a_call_is_recalled_only_on_exactly_its_recorded_arguments() -> None:
     channels_last = x.clone().contiguous(memory_format=torch.channels_last)
     assert layer_call.returns_for((channels_last,), {}) is None  # other strides, other kernels
     assert layer_call.returns_for((x.clone(),), {"extra": 1}) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer_call.returns_for((x.clone(),), {}) is None  # fx keeps no autocast context
+    same = layer_call.returns_for((x.clone(),), {})
+    assert same is not None and isinstance(expected, Tensor)
+    assert torch.equal(same, expected) and same.data_ptr() != expected.data_ptr()
+    assert layer_call.returns_for((x.clone(),), {}) is None  # each call's output serves once
 
 
-def test_a_recorded_argument_changed_in_place_is_never_matched() -> None:
+def test_what_the_forward_does_after_a_call_does_not_change_its_record() -> None:
     conv = nn.Conv2d(3, 3, 1).eval()
     memo = CallMemo()
     x = randn(1, 3, 4, 4, seed=5)
+    seen = x.clone()
     record_calls(nn.Sequential(conv), (x,), keep_tensors=False, memo=memo)
-    layer_call = memo.calls["0"][0]
-    before = x.clone()
-    x.add_(1)  # the tensor the eager call read is not what it read any more
-    assert layer_call.returns_for((before,), {}) is None
-    assert layer_call.returns_for((x,), {}) is None
+    x.add_(1)
+    x.data.mul_(3)  # no version counted: only a copy made at the call tells
+    assert memo.calls["0"][0].returns_for((x,), {}) is None
+    got = memo.calls["0"][0].returns_for((seen,), {})
+    assert got is not None and torch.equal(got, conv(seen).detach())
+
+
+def test_a_layer_changed_in_place_since_its_call_runs_again() -> None:
+    conv = nn.Conv2d(3, 3, 1).eval()
+    memo = CallMemo()
+    x = randn(1, 3, 4, 4, seed=8)
+    record_calls(nn.Sequential(conv), (x,), keep_tensors=False, memo=memo)
+    with torch.no_grad():
+        conv.weight.mul_(2)
+    assert memo.calls["0"][0].returns_for((x.clone(),), {}) is None
+
+
+class _Autocast(nn.Module):
+    """Runs its conv under autocast: fx records no autocast context, so its trace runs the
+    conv in float32 where the forward ran it in bfloat16."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = self.conv(x)
+        return self.bn(y.float())
+
+
+def test_a_trace_that_drops_an_autocast_context_is_refused() -> None:
+    model = randomize_bn(_Autocast(), seed=5).eval()
+    x = randn(1, 3, 16, 16, seed=9)
+    memo, expected = _recorded(model, x)
+    gm = trace(model)
+    bound = bind_call(model, (x,), {})
+    assert bound is not None
+    assert not torch.equal(propagate_shapes(gm, (x.clone(),)), expected)  # it differs
+    with pytest.raises(TraceError, match="other values than the module"):
+        _check_faithful(gm, bound, expected, memo.recall(""))
 
 
 def test_only_costly_layers_are_recorded() -> None:

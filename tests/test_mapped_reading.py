@@ -170,3 +170,27 @@ def test_a_file_cut_short_while_it_is_read_writes_nothing(tmp_path: Path) -> Non
     assert proc.returncode != 0
     assert not (tmp_path / "deploy.pt").exists()
     assert not list(tmp_path.glob(".deploy.pt.*"))
+
+
+CHDIR_MODEL = '''
+import os
+from repconv.samples import repvgg_tiny
+
+def build():
+    os.chdir("elsewhere")  # research code that moves to its own folder
+    return repvgg_tiny(width=8)
+'''
+
+
+def test_a_model_that_changes_directory_is_not_refused(tmp_path: Path) -> None:
+    """The stamp holds IN's absolute path: IN given relative still names the same file after
+    the model's code moved the working directory."""
+    (tmp_path / "chdir_models.py").write_text(CHDIR_MODEL)
+    (tmp_path / "elsewhere").mkdir()
+    torch.manual_seed(0)
+    torch.save(repvgg_tiny(width=8).state_dict(), tmp_path / "train.pt")
+    proc = repconv_process("fuse", "train.pt", str(tmp_path / "deploy.pt"), "--model",
+                           "chdir_models:build", "--input-shape", "1,3,16,16", cwd=tmp_path,
+                           env={"PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "deploy.pt").is_file()

@@ -37,23 +37,41 @@ from repconv.rewrite.plan import PLAN_VERSION
 
 FORMATS = (".pt", ".safetensors", ".pt2")
 WRITE_HOOK = """
-import errno, os, runpy, sys, time
+import errno, os, runpy, signal, sys, time
 
-mode, folder, real_write = sys.argv[1], sys.argv[2], os.write
+mode, folder, real_write = sys.argv[1], os.path.abspath(sys.argv[2]), os.write
+began = False
 
 def into_folder(fd):
-    # only writes to a file in OUT's folder: torch writes temp files of its own elsewhere
-    st = os.fstat(fd)
-    return any(e.inode() == st.st_ino for e in os.scandir(folder))
+    # only writes to a file in OUT's folder (named or not yet: an unnamed file's link reads
+    # "FOLDER/#inode (deleted)"); torch writes temp files of its own elsewhere
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").startswith(folder + os.sep)
+    except OSError:
+        return False
 
 def hooked(fd, data):
+    global began
     if not into_folder(fd):
         return real_write(fd, data)
+    if not began:
+        began = True
+        open(os.environ["HOOK_BEGAN"], "w").close()  # the test may act now
+        if mode == "sigkill":  # the process dies mid-write, with no cleanup at all
+            os.kill(os.getpid(), signal.SIGKILL)
+        if mode == "truncate-in":  # another process cuts IN short while OUT is written
+            os.truncate(os.environ["HOOK_IN"], 0)
+        if mode == "rewrite-in":  # another process writes IN in place, the same size
+            with open(os.environ["HOOK_IN"], "r+b") as handle:
+                handle.seek(os.path.getsize(os.environ["HOOK_IN"]) // 2)
+                handle.write(bytes(4096))
     if mode == "enospc":  # some bytes reach the disk, then it is full
         real_write(fd, bytes(data[:1000]))
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    time.sleep(0.05)  # "slow": a write that takes seconds, to be interrupted
-    return real_write(fd, bytes(data[:4096]))
+    if mode == "slow":  # a write that takes seconds, to be interrupted
+        time.sleep(0.05)
+        return real_write(fd, bytes(data[:4096]))
+    return real_write(fd, data)
 
 os.write = hooked
 sys.argv = ["repconv", *sys.argv[3:]]
@@ -62,10 +80,17 @@ runpy.run_module("repconv", run_name="__main__", alter_sys=True)
 
 
 def hooked_repconv(tmp_path: Path, mode: str, out: Path, *args: object) -> list[str]:
-    """`python -m repconv fuse ... OUT ...` whose writes into OUT's folder fail or crawl."""
+    """`python -m repconv fuse ... OUT ...` whose writes into OUT's folder fail, crawl or meet
+    another event (`WRITE_HOOK`); run it with `hook_env`."""
     hook = tmp_path / "write_hook.py"
     hook.write_text(WRITE_HOOK)
     return [sys.executable, str(hook), mode, str(out.parent), *map(str, args)]
+
+
+def hook_env(tmp_path: Path, **more: str) -> dict[str, str]:
+    """The hook's settings: the file it creates when the first write into OUT's folder begins,
+    and ``HOOK_IN``, IN for the modes that change it."""
+    return {"HOOK_BEGAN": str(tmp_path / "write_began"), **more}
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -128,7 +153,7 @@ def test_full_disk_leaves_no_partial_out(repvgg_ckpt: Path, tmp_path: Path, fmt:
     out_dir.mkdir()
     out = out_dir / f"deploy{fmt}"
     proc = run_process(hooked_repconv(tmp_path, "enospc", out, "fuse", repvgg_ckpt, out,
-                                      "--json"), tmp_path)
+                                      "--json"), tmp_path, env=hook_env(tmp_path))
     assert_process_refused(proc, ["cannot write", "No space left on device", "nothing written"],
                            as_json=True)
     assert leftovers(out_dir) == []
@@ -163,18 +188,6 @@ def test_real_full_disk_leaves_no_partial_out(repvgg_ckpt: Path, tmp_path: Path,
 # ------------------------------------------------------------------------ SIGTERM
 
 
-def _write_has_begun(folder: Path) -> bool:
-    """A temp file in OUT's folder holds bytes. The empty probe that checks the folder is
-    writable comes and goes before that, so a temp file may vanish between listing and stat."""
-    for temp in folder.glob("*.tmp"):
-        try:
-            if temp.stat().st_size:
-                return True
-        except FileNotFoundError:
-            continue
-    return False
-
-
 @pytest.mark.parametrize("fmt", [".pt", ".pt2"])
 def test_sigterm_during_the_write_leaves_nothing(repvgg_ckpt: Path, tmp_path: Path,
                                                  fmt: str) -> None:
@@ -183,9 +196,10 @@ def test_sigterm_during_the_write_leaves_nothing(repvgg_ckpt: Path, tmp_path: Pa
     out = out_dir / f"deploy{fmt}"
     process = subprocess.Popen(
         hooked_repconv(tmp_path, "slow", out, "fuse", repvgg_ckpt, out, "--json"),
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, **hook_env(tmp_path)})
     deadline = time.monotonic() + 90
-    while not _write_has_begun(out_dir):
+    while not (tmp_path / "write_began").exists():
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, "the write never started"
         time.sleep(0.02)
@@ -197,6 +211,51 @@ def test_sigterm_during_the_write_leaves_nothing(repvgg_ckpt: Path, tmp_path: Pa
     assert message == "terminated by SIGTERM: nothing written"
     assert json_document(stdout) == {"schema_version": 1, "ok": False, "error": message,
                                      "exit_code": 143}
+    assert leftovers(out_dir) == []
+
+
+def test_a_process_killed_mid_write_leaves_nothing(repvgg_ckpt: Path, tmp_path: Path) -> None:
+    """OUT's bytes go to a file that has no name until it is whole: SIGKILL (no cleanup runs)
+    leaves no OUT and no temp file."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "deploy.pt"
+    proc = run_process(hooked_repconv(tmp_path, "sigkill", out, "fuse", repvgg_ckpt, out),
+                       tmp_path, env=hook_env(tmp_path))
+    assert proc.returncode == -signal.SIGKILL
+    assert (tmp_path / "write_began").exists()
+    assert leftovers(out_dir) == []
+
+
+def test_in_written_in_place_while_out_is_written_is_refused(repvgg_ckpt: Path,
+                                                              tmp_path: Path) -> None:
+    """IN is read mapped, so the layers that were not fused are read from it while OUT is
+    written: IN changed then is refused after the write, before OUT takes the name."""
+    train = tmp_path / "train.pt"
+    shutil.copyfile(repvgg_ckpt, train)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "deploy.pt"
+    out.write_bytes(b"the previous deploy file")
+    proc = run_process(hooked_repconv(tmp_path, "rewrite-in", out, "fuse", train, out),
+                       tmp_path, env=hook_env(tmp_path, HOOK_IN=str(train)))
+    assert_process_refused(proc, ["train.pt changed while repconv read it", "nothing written"])
+    assert leftovers(out_dir) == ["deploy.pt"]
+    assert out.read_bytes() == b"the previous deploy file"
+
+
+def test_in_cut_short_while_out_is_written_leaves_nothing(repvgg_ckpt: Path,
+                                                          tmp_path: Path) -> None:
+    """The mapped tensors past IN's new end cannot be read: the process ends (SIGBUS) and its
+    unnamed OUT goes with it."""
+    train = tmp_path / "train.pt"
+    shutil.copyfile(repvgg_ckpt, train)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "deploy.pt"
+    proc = run_process(hooked_repconv(tmp_path, "truncate-in", out, "fuse", train, out),
+                       tmp_path, env=hook_env(tmp_path, HOOK_IN=str(train)))
+    assert proc.returncode != 0
     assert leftovers(out_dir) == []
 
 

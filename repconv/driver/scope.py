@@ -27,7 +27,7 @@ from repconv.fold.calls import (
 )
 from repconv.fold.capture import Capture, capture
 from repconv.fold.convert import Converted, Converter, Release
-from repconv.fold.graph import UNDERSTOOD_MODULES, Recall, eager_differs
+from repconv.fold.graph import UNDERSTOOD_MODULES, eager_differs
 from repconv.fold.reasons import Skip, is_norm, kind_of
 from repconv.fold.region import Region
 from repconv.fold.rules.base import describe
@@ -95,15 +95,25 @@ class ScopeFuser:
         rewritten."""
         bound = bind_call(module, args, kwargs)
         self.progress(f"tracing {scope or 'the model'}", 0, 1)
+        # the eager forward's layer outputs serve the first capture only: the activations the
+        # memo holds go once it is proven or refused
+        memo, self.memo = self.memo, None
         try:
             differs = eager_differs(module)
             if differs:
                 raise TraceError(differs)
             if bound is None:
                 raise TraceError("its forward takes *args/**kwargs")
-            captured = capture(module, bound, output, self._recall(scope))
+            captured = capture(module, bound, output, memo.recall(scope) if memo else None)
         except TraceError as exc:
-            return self._fuse_children(module, scope, str(exc))
+            failure: TraceError | None = exc
+        else:
+            failure = None
+        finally:
+            if memo is not None:
+                memo.clear()
+        if failure is not None:
+            return self._fuse_children(module, scope, str(failure))
         self._note_capture(captured, scope)
         if self.root_capture is not None and self.root_capture.size_guards:
             self.release = None  # the model is fused again at other sizes: it must stay whole
@@ -115,12 +125,6 @@ class ScopeFuser:
         self.report.skipped += [replace(s, where=where + s.where) for s in analysis.skips]
         self.report.cuts += [replace(s, where=where + s.where) for s in analysis.cuts]
         return self._apply_regions(module, scope, gm, analysis.regions, bound)
-
-    def _recall(self, scope: str) -> Recall | None:
-        """The eager forward's layer outputs, for the first capture only: the activations the
-        memo holds go once that capture is proven."""
-        memo, self.memo = self.memo, None
-        return None if memo is None else memo.recall(scope)
 
     def _apply_regions(self, module: nn.Module, scope: str, gm: fx.GraphModule,
                        regions: list[Region], bound: BoundCall, *, retry: bool = True,

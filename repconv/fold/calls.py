@@ -99,53 +99,58 @@ def holds_tensor(value: Any) -> bool:
 _RECALLED = (nn.modules.conv._ConvNd, nn.Linear)
 
 
-@dataclass(frozen=True)
-class _Versioned:
-    """A tensor and its version counter when seen: a later change in place shows."""
+def _autocast_state() -> tuple[tuple[bool, torch.dtype], ...]:
+    """Whether autocast is on, and to which dtype, per device type: fx does not record an
+    autocast context, so a layer may run in another dtype in the graph than in the eager
+    forward on the same arguments."""
+    return tuple((torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+                 for device in ("cpu", "cuda"))
 
-    tensor: Tensor
-    version: int
 
-    @classmethod
-    def of(cls, value: Any) -> _Versioned | None:
-        try:  # an inference tensor has no version counter
-            return cls(value, value._version) if isinstance(value, Tensor) else None
-        except RuntimeError:
-            return None
-
-    def unchanged(self) -> bool:
-        return self.tensor._version == self.version
+def _versions(module: nn.Module) -> tuple[int, ...] | None:
+    """The version counters of the layer's own tensors (None: one has none, an inference
+    tensor)."""
+    try:
+        return tuple(t._version for t in (*module.parameters(), *module.buffers()))
+    except RuntimeError:
+        return None
 
 
 @dataclass
 class _LayerCall:
-    """One eager call of a layer: its arguments as given (before any pre-hook) and its output
-    (after every hook)."""
+    """One eager call of a layer: private copies of its arguments as given (before any
+    pre-hook) and of its output (after every hook), the autocast state and its own tensors'
+    versions then."""
 
+    module: nn.Module
     spec: TreeSpec
     leaves: list[Any]
-    tensors: list[_Versioned | None]
-    output: _Versioned | None = None
+    autocast: tuple[tuple[bool, torch.dtype], ...]
+    versions: tuple[int, ...] | None
+    output: Tensor | None = None
 
     def returns_for(self, args: tuple, kwargs: dict) -> Tensor | None:
-        """A copy of the recorded output when ``args``/``kwargs`` are exactly the recorded
-        arguments (tensors of the same dtype, shape, strides and values, unchanged since)."""
-        if self.output is None or not self.output.unchanged():
+        """The recorded output, taken (each call's once), when the layer is called with
+        exactly the recorded arguments (tensors of the same dtype, shape, strides and values),
+        under the same autocast state, its own tensors unchanged since."""
+        if (self.output is None or self.versions is None
+                or _versions(self.module) != self.versions or _autocast_state() != self.autocast):
             return None
         leaves, spec = tree_flatten((args, dict(kwargs)))  # fx gives an immutable_dict
         if spec != self.spec or len(leaves) != len(self.leaves):
             return None
-        for given, recorded, versioned in zip(leaves, self.leaves, self.tensors):
+        for given, recorded in zip(leaves, self.leaves):
             if isinstance(given, Tensor) != isinstance(recorded, Tensor):
                 return None
             if not isinstance(given, Tensor):
                 if type(given) is not type(recorded) or not _equal(given, recorded):
                     return None
-            elif (versioned is None or not versioned.unchanged() or given.dtype != recorded.dtype
-                  or given.shape != recorded.shape or given.stride() != recorded.stride()
-                  or given.device != recorded.device or not torch.equal(given, recorded)):
+            elif (given.dtype != recorded.dtype or given.shape != recorded.shape
+                  or given.stride() != recorded.stride() or given.device != recorded.device
+                  or not torch.equal(given, recorded)):
                 return None
-        return self.output.tensor.clone()  # the graph's own: what it does in place stays there
+        output, self.output = self.output, None  # the graph's now: what it does in place stays
+        return output
 
 
 def _equal(a: object, b: object) -> bool:
@@ -155,13 +160,20 @@ def _equal(a: object, b: object) -> bool:
         return False
 
 
+def _private(value: Any) -> Any:
+    """A copy no later code of the forward can change, in place or through ``.data``."""
+    return value.clone(memory_format=torch.preserve_format) if isinstance(value, Tensor) else value
+
+
 class CallMemo:
     """The convs' and linear layers' calls in one eager forward, by path, in order. A traced
     graph run to prove it faithful (`repconv.fold.capture`) takes a layer's recorded output where
-    it gives the layer exactly the arguments it had in the eager forward, instead of running it
-    again: the proof then costs the graph's own ops, not a second forward. Sound for a layer
-    whose output is a function of its arguments (its parameters are not changed by the
-    forward); any other call runs."""
+    it calls the layer exactly as the eager forward did (the same arguments, the same autocast
+    state, the layer's own tensors not changed in place since), instead of running it again:
+    the proof then costs the graph's own ops, not a second forward. The arguments and output
+    are copied as the call is made, so what the forward does to its tensors afterwards cannot
+    make a call look alike. A layer's own tensors changed through ``.data`` (which counts no
+    version) are not seen; any other call runs."""
 
     def __init__(self) -> None:
         self.calls: dict[str, list[_LayerCall]] = defaultdict(list)
@@ -172,18 +184,20 @@ class CallMemo:
 
         def before(_m: nn.Module, args: tuple, kwargs: dict) -> None:
             leaves, spec = tree_flatten((args, dict(kwargs)))
-            self.calls[path].append(_LayerCall(spec, leaves, [_Versioned.of(v) for v in leaves]))
+            self.calls[path].append(_LayerCall(module, spec, [_private(v) for v in leaves],
+                                               _autocast_state(), _versions(module)))
 
         def after(_m: nn.Module, _args: tuple, _kwargs: dict, output: Any) -> None:
-            if self.calls[path]:
-                self.calls[path][-1].output = _Versioned.of(output)
+            if self.calls[path] and isinstance(output, Tensor):
+                self.calls[path][-1].output = _private(output)
 
         return [module.register_forward_pre_hook(before, with_kwargs=True, prepend=True),
                 module.register_forward_hook(after, with_kwargs=True)]
 
     def recall(self, scope: str) -> Callable[[str, tuple, dict], Tensor | None]:
-        """For one run of the graph of the module at ``scope``: a call's recorded output, by the
-        graph's module target, its arguments and the call's rank among that target's calls."""
+        """For one run of the graph of the module at ``scope``: a call's recorded output, by
+        the graph's module target, its arguments and the call's rank among that target's
+        calls."""
         seen: dict[str, int] = defaultdict(int)
 
         def recalled(target: str, args: tuple, kwargs: dict) -> Tensor | None:
@@ -194,6 +208,10 @@ class CallMemo:
             return calls[rank].returns_for(args, kwargs) if rank < len(calls) else None
 
         return recalled
+
+    def clear(self) -> None:
+        """Let the recorded activations go."""
+        self.calls.clear()
 
 
 def record_calls(

@@ -23,7 +23,7 @@ import functools
 import mmap
 import sys
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import Tensor
@@ -50,16 +50,18 @@ def mappable(path: Path) -> bool:
 class FileStamp:
     """What identifies a file's contents without reading them again."""
 
-    path: Path
+    path: Path  # absolute: user code may change the working directory meanwhile
     device: int
     inode: int
     size: int
     modified_ns: int
+    given: Path = field(compare=False)  # as the user named it, for the message
 
     @classmethod
     def of(cls, path: Path) -> FileStamp:
         status = path.stat()
-        return cls(path, status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+        return cls(path.absolute(), status.st_dev, status.st_ino, status.st_size,
+                   status.st_mtime_ns, path)
 
     def check(self, role: str) -> None:
         """InputError where the file was written or replaced since the stamp (``role``: how
@@ -69,9 +71,9 @@ class FileStamp:
         except OSError:
             now = None
         if now != self:
-            raise InputError(f"{role} {self.path} changed while repconv read it (another process "
-                             "wrote or replaced it), so the result would not be the file's; "
-                             "nothing written: run again once the file is complete")
+            raise InputError(f"{role} {self.given} changed while repconv read it (another "
+                             "process wrote or replaced it), so the result would not be the "
+                             "file's; nothing written: run again once the file is complete")
 
 
 def drop_pages(tensors: list[Tensor]) -> None:

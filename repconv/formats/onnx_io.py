@@ -293,7 +293,7 @@ def export_onnx(
     *,
     opset: int = DEFAULT_OPSET,
 ) -> None:
-    """Write ``model`` as ONNX to ``path`` atomically (temp file in its folder, renamed)."""
+    """Write ``model`` as ONNX to ``path`` atomically (`write_atomically`)."""
     write_atomically(Path(path), onnx_bytes(model, example_inputs, opset=opset))
 
 

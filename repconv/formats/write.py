@@ -1,9 +1,10 @@
 """Writing deploy checkpoints.
 
 OUT is checked before any work starts (suffix, folder, writability, what it is now). The file
-is serialised in memory, so no temp name is recorded inside it and the same input gives the same
-bytes; then it is written to a temp file in OUT's folder and renamed into place. Any failure,
-Ctrl-C or SIGTERM removes the temp file: there is never a partial OUT.
+is serialised to a file object, so no temp name is recorded inside it and the same input gives
+the same bytes, into a file in OUT's folder that has no name until it is whole (Linux's
+O_TMPFILE; elsewhere a temp name, which any failure, Ctrl-C or SIGTERM removes), then renamed
+into place: there is never a partial OUT, even after SIGKILL.
 
 An existing OUT is replaced only when it is a regular file with a write permission bit; a
 symbolic link or a read-only file is refused rather than silently replaced.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import secrets
 import stat
 import tempfile
 from collections.abc import Callable
@@ -116,11 +118,13 @@ class _FdWriter:
         """Every write is already in the file."""
 
 
-def write_atomically(out: Path, data: bytes | Callable[[_FdWriter], None]) -> None:
-    """``data`` (bytes, or a function writing them to the file object it gets) into ``out``
-    through a temp file in its folder, renamed into place."""
-    handle, temp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    temp = Path(temp_name)
+def write_atomically(out: Path, data: bytes | Callable[[_FdWriter], None], *,
+                     before_replace: Callable[[], None] | None = None) -> None:
+    """``data`` (bytes, or a function writing them to the file object it gets) into ``out``:
+    written to a file in its folder that has no name until it is whole (`_open_file`), synced,
+    then renamed into place. ``before_replace`` runs once the bytes are on disk: what it raises
+    leaves OUT as it was."""
+    handle, temp = _open_file(out)
     try:
         writer = _FdWriter(handle)
         try:
@@ -133,17 +137,51 @@ def write_atomically(out: Path, data: bytes | Callable[[_FdWriter], None]) -> No
                 if writer.failure is not None and writer.failure is not exc:
                     raise writer.failure from exc
                 raise
-            os.fchmod(handle, 0o666 & ~_umask())  # mkstemp makes 0600; deploy files are shared
+            os.fchmod(handle, 0o666 & ~_umask())  # made 0600; deploy files are shared
             os.fsync(handle)
+            if before_replace is not None:
+                before_replace()
+            if temp is None:
+                temp = _name_file(handle, out)
         finally:
             os.close(handle)
         os.replace(temp, out)
     except BaseException as exc:
-        temp.unlink(missing_ok=True)
+        if temp is not None:
+            temp.unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise InputError(f"cannot write {out} ({exc.strerror or exc}); nothing written: free "
                              "space on that disk or choose another OUT") from exc
         raise
+
+
+def _open_file(out: Path) -> tuple[int, Path | None]:
+    """A new file in OUT's folder: unnamed where the system makes one (Linux's O_TMPFILE), so
+    a process that dies while writing it, even by SIGKILL or SIGBUS, leaves nothing; else a
+    temp name, removed on any failure the process lives through."""
+    if hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd"):
+        try:
+            return os.open(out.parent, os.O_TMPFILE | os.O_WRONLY, 0o600), None
+        except OSError:  # a filesystem without unnamed files
+            pass
+    handle, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    return handle, Path(name)
+
+
+def _name_file(handle: int, out: Path) -> Path:
+    """A temp name in OUT's folder for the unnamed file ``handle``, to be renamed over OUT (the
+    one moment a dying process could leave it behind)."""
+    descriptors = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        while True:
+            temp = out.parent / f".{out.name}.{secrets.token_hex(4)}.tmp"
+            try:  # linkat(AT_SYMLINK_FOLLOW) through /proc: plain link() would not follow
+                os.link(str(handle), temp, src_dir_fd=descriptors, follow_symlinks=True)
+                return temp
+            except FileExistsError:
+                continue
+    finally:
+        os.close(descriptors)
 
 
 def _umask() -> int:
@@ -240,9 +278,11 @@ def save_deploy(
     example_inputs: tuple[Tensor, ...],
     *,
     keep_extra: bool = False,
+    before_replace: Callable[[], None] | None = None,
 ) -> str:
     """Write the deploy checkpoint in the format OUT's suffix names; returns a description.
-    (An ``.onnx`` OUT is exported and verified first: ``repconv.formats.onnx_deploy``.)"""
+    (An ``.onnx`` OUT is exported and verified first: ``repconv.formats.onnx_deploy``.)
+    ``before_replace``: as `write_atomically`'s."""
     kind = kind_of(out)
     if kind is FileKind.ONNX:
         raise ValueError("an .onnx OUT is written from its verified bytes, not by save_deploy")
@@ -257,18 +297,20 @@ def save_deploy(
     if kind is FileKind.PT2:
         exported = export_bytes(fused, example_inputs, {
             DEPLOY_MARKER: DEPLOY_VERSION, "input_shape": list(input_shape)})
-        write_atomically(out, exported.data)
+        write_atomically(out, exported.data, before_replace=before_replace)
         return exported.describe()
     if kind is FileKind.SAFETENSORS:
         metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-        write_atomically(out, _safetensors_writer(_plain_state_dict(fused), metadata))
+        write_atomically(out, _safetensors_writer(_plain_state_dict(fused), metadata),
+                         before_replace=before_replace)
         return "safetensors weights with the rewrite plan in metadata"
     if loaded.pickled:
         archive = io.BytesIO()
         torch.save(_pickled_payload(fused, loaded, keep_extra), archive)
         _check_loads_back(archive.getvalue(), loaded.slot, fused, example_inputs)
         write_atomically(out, with_record(archive.getvalue(), {
-            DEPLOY_MARKER: DEPLOY_VERSION, "input_shape": list(input_shape)}))
+            DEPLOY_MARKER: DEPLOY_VERSION, "input_shape": list(input_shape)}),
+                         before_replace=before_replace)
         where = f" under {loaded.slot!r}, in IN's layout" if loaded.slot else ""
         return f"pickled fused module{where}, with the input shape recorded"
     payload = {**meta, "state_dict": _plain_state_dict(fused)}
@@ -276,5 +318,5 @@ def save_deploy(
         # objects read as inert placeholders are not the user's objects: they stay out
         kept = {k: v for k, v in loaded.extra.items() if next(placeholders(v), None) is None}
         payload = {**kept, **payload}
-    write_atomically(out, _torch_save(payload))
+    write_atomically(out, _torch_save(payload), before_replace=before_replace)
     return "fused state_dict with the rewrite plan (loads with weights_only=True)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -162,18 +163,21 @@ def fuse_checkpoint(
                                      calibration_batches(inputs, samples, options.seed),
                                      target=quant_target)
         seconds["quant"] = time.perf_counter() - start
-    if loaded.stamp is not None:
-        loaded.stamp.check("IN")
+    # IN as read: checked before the write, and again once OUT's bytes are on disk (tensors
+    # read mapped are read from IN while they are written)
+    check_in = partial(loaded.stamp.check, "IN") if loaded.stamp is not None else None
+    if check_in is not None:
+        check_in()
     if out_path is not None:
         progress(f"writing {out_path}")
         start = time.perf_counter()
         if onnx_data is not None and opset is not None:
-            write_atomically(out_path, onnx_data.data)
+            write_atomically(out_path, onnx_data.data, before_replace=check_in)
             outcome.written = onnx_data.describe(opset)
         else:
             outcome.written = save_deploy(
                 out_path, fused_model, plan, loaded, tuple(inputs[0].shape), inputs,
-                keep_extra=keep_extra,
+                keep_extra=keep_extra, before_replace=check_in,
             )
         seconds["write"] = time.perf_counter() - start
     return outcome
