@@ -9,10 +9,10 @@ import pytest
 import torch
 from helpers.reference_blocks import randomize_bn
 from helpers.tensors import randn
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from repconv.errors import TraceError
-from repconv.fold.calls import CallMemo, bind_call, record_calls
+from repconv.fold.calls import BoundCall, CallMemo, bind_call, record_calls
 from repconv.fold.capture import _check_faithful, capture
 from repconv.fold.graph import propagate_shapes, trace
 from repconv.measure.opcount import count_ops
@@ -25,13 +25,18 @@ def _recorded(model: nn.Module, x: Tensor) -> tuple[CallMemo, object]:
     return memo, output
 
 
+def _traced(model: nn.Module, x: Tensor) -> tuple[CallMemo, object, fx.GraphModule, BoundCall]:
+    """The eager forward's memo and output, then the model's symbolic trace and the call."""
+    memo, expected = _recorded(model, x)
+    bound = bind_call(model, (x,), {})
+    assert bound is not None
+    return memo, expected, trace(model), bound
+
+
 def test_a_faithful_trace_is_proven_without_running_its_convs_again() -> None:
     model = randomize_bn(repvgg_tiny(), seed=3).eval()
     x = randn(1, 3, 40, 40, seed=0)
-    memo, expected = _recorded(model, x)
-    gm = trace(model)
-    bound = bind_call(model, (x,), {})
-    assert bound is not None
+    memo, expected, gm, bound = _traced(model, x)
     plain = count_ops(lambda: propagate_shapes(gm, (x.clone(),)))
     recalled = count_ops(lambda: _check_faithful(gm, bound, expected, memo.recall("")))
     assert (plain.convs, plain.matmuls) == (12, 1)
@@ -60,13 +65,10 @@ class _Counter(nn.Module):
 def test_a_trace_that_differs_outside_its_layers_is_still_refused() -> None:
     model = _Counter().eval()
     x = randn(1, 3, 8, 8, seed=1)
-    memo, expected = _recorded(model, x)
-    gm = trace(model)  # traced at calls == 2: the graph multiplies by 2, the eager run by 1
-    bound = bind_call(model, (x,), {})
-    assert bound is not None
-    recall = memo.recall("")
+    # traced after the eager run, at calls == 2: the graph multiplies by 2, the eager run by 1
+    memo, expected, gm, bound = _traced(model, x)
     with pytest.raises(TraceError, match="other values than the module"):
-        _check_faithful(gm, bound, expected, recall)
+        _check_faithful(gm, bound, expected, memo.recall(""))
     # and the whole capture does not take the symbolic trace
     memo, expected = _recorded(model, x)
     try:
@@ -166,10 +168,7 @@ class _Autocast(nn.Module):
 def test_a_trace_that_drops_an_autocast_context_is_refused() -> None:
     model = randomize_bn(_Autocast(), seed=5).eval()
     x = randn(1, 3, 16, 16, seed=9)
-    memo, expected = _recorded(model, x)
-    gm = trace(model)
-    bound = bind_call(model, (x,), {})
-    assert bound is not None
+    memo, expected, gm, bound = _traced(model, x)
     assert not torch.equal(propagate_shapes(gm, (x.clone(),)), expected)  # it differs
     with pytest.raises(TraceError, match="other values than the module"):
         _check_faithful(gm, bound, expected, memo.recall(""))
