@@ -7,9 +7,10 @@ to a tensor reaches the file.
 What mapping changes, and how each is kept safe:
 - The tensors read the file for as long as they live: a file changed in place meanwhile would
   change them. `FileStamp` records the file (device, inode, size, modification time) before it
-  is read; a command checks it again before it writes or reports, and refuses (exit 2) where it
-  changed. A file cut shorter meanwhile ends the process with SIGBUS where a tensor reads past
-  its new end (a file replaced by rename is not affected: the mapping keeps the old one).
+  is read; a command checks it again before it writes, once the bytes it wrote are on disk
+  (what it wrote may have been read from the file), and before it reports; it refuses (exit 2)
+  where the file changed. A file cut shorter meanwhile ends the process with SIGBUS where a
+  tensor reads past its new end, and OUT, unnamed until whole (`formats.write`), goes with it.
 - A record offset or size outside the file gives a tensor torch refuses to make (its storage
   slice is clamped to the file), as a read error.
 - The pages a process has read count in its resident memory until they are unmapped: `drop_pages`
