@@ -95,25 +95,10 @@ class ScopeFuser:
         rewritten."""
         bound = bind_call(module, args, kwargs)
         self.progress(f"tracing {scope or 'the model'}", 0, 1)
-        # the eager forward's layer outputs serve the first capture only: the activations the
-        # memo holds go once it is proven or refused
-        memo, self.memo = self.memo, None
         try:
-            differs = eager_differs(module)
-            if differs:
-                raise TraceError(differs)
-            if bound is None:
-                raise TraceError("its forward takes *args/**kwargs")
-            captured = capture(module, bound, output, memo.recall(scope) if memo else None)
+            captured = self._capture(module, scope, bound, output)
         except TraceError as exc:
-            failure: TraceError | None = exc
-        else:
-            failure = None
-        finally:
-            if memo is not None:
-                memo.clear()
-        if failure is not None:
-            return self._fuse_children(module, scope, str(failure))
+            return self._fuse_children(module, scope, str(exc))
         self._note_capture(captured, scope)
         if self.root_capture is not None and self.root_capture.size_guards:
             self.release = None  # the model is fused again at other sizes: it must stay whole
@@ -125,6 +110,23 @@ class ScopeFuser:
         self.report.skipped += [replace(s, where=where + s.where) for s in analysis.skips]
         self.report.cuts += [replace(s, where=where + s.where) for s in analysis.cuts]
         return self._apply_regions(module, scope, gm, analysis.regions, bound)
+
+    def _capture(self, module: nn.Module, scope: str, bound: BoundCall | None,
+                 output: object) -> Capture:
+        """`capture`, or TraceError where the module cannot be captured. The eager forward's
+        layer outputs serve the first capture only: the activations the memo holds go once it
+        is proven or refused, before a refused scope is fused child by child."""
+        memo, self.memo = self.memo, None
+        try:
+            differs = eager_differs(module)
+            if differs:
+                raise TraceError(differs)
+            if bound is None:
+                raise TraceError("its forward takes *args/**kwargs")
+            return capture(module, bound, output, memo.recall(scope) if memo else None)
+        finally:
+            if memo is not None:
+                memo.clear()
 
     def _apply_regions(self, module: nn.Module, scope: str, gm: fx.GraphModule,
                        regions: list[Region], bound: BoundCall, *, retry: bool = True,

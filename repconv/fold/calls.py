@@ -165,6 +165,11 @@ def _private(value: Any) -> Any:
     return value.clone(memory_format=torch.preserve_format) if isinstance(value, Tensor) else value
 
 
+# a module call's output taken from a run that already made it (`CallMemo.recall`), by the
+# call's target and arguments; None: run it
+Recall = Callable[[str, tuple, dict], Tensor | None]
+
+
 class CallMemo:
     """The convs' and linear layers' calls in one eager forward, by path, in order. A traced
     graph run to prove it faithful (`repconv.fold.capture`) takes a layer's recorded output where
@@ -194,7 +199,7 @@ class CallMemo:
         return [module.register_forward_pre_hook(before, with_kwargs=True, prepend=True),
                 module.register_forward_hook(after, with_kwargs=True)]
 
-    def recall(self, scope: str) -> Callable[[str, tuple, dict], Tensor | None]:
+    def recall(self, scope: str) -> Recall:
         """For one run of the graph of the module at ``scope``: a call's recorded output, by
         the graph's module target, its arguments and the call's rank among that target's
         calls."""

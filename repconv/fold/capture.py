@@ -38,9 +38,8 @@ from torch.fx.node import map_aggregate
 from torch.utils._pytree import tree_flatten
 
 from repconv.errors import TraceError, one_line
-from repconv.fold.calls import BoundCall, copies
+from repconv.fold.calls import BoundCall, Recall, copies
 from repconv.fold.graph import (
-    Recall,
     Tracer,
     graph_module,
     metadata_read,

@@ -8,7 +8,6 @@ import operator
 import types
 import warnings
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +19,7 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 from torch.utils._pytree import tree_flatten
 
 from repconv.errors import TraceError, one_line
-from repconv.fold.calls import holds_tensor
+from repconv.fold.calls import Recall, holds_tensor
 
 # Modules whose own forward repconv understands. A subclass that keeps the inherited forward is a
 # leaf like its base; one that overrides forward (a fused BatchNorm+activation, say) is traced
@@ -214,11 +213,6 @@ def trace(
         raise TraceError(f"{type(exc).__name__}: {one_line(exc, 300)}"[:300],
                          failed_in=tracer.failed_in) from exc
     return graph_module(module, graph, tracer)
-
-
-# a module call's output taken from a run that already made it (`repconv.fold.calls.CallMemo`),
-# by the call's target and arguments; None: run it
-Recall = Callable[[str, tuple, dict], Any]
 
 
 class _ShapeRecorder(fx.Interpreter):

@@ -268,7 +268,6 @@ def _check_loads_back(data: bytes, slot: str | None, fused: nn.Module,
                 "holds the same fused weights")
 
 
-
 def save_deploy(
     out: Path,
     fused: nn.Module,
