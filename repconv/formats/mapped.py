@@ -19,10 +19,7 @@ What mapping changes, and how each is kept safe:
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import mmap
-import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +28,7 @@ from torch import Tensor
 from torch.serialization import get_default_mmap_options
 
 from repconv.errors import InputError
-
-_MADV_DONTNEED = 4  # Linux
+from repconv.formats.syscalls import release_pages
 
 
 def mappable(path: Path) -> bool:
@@ -81,8 +77,6 @@ def drop_pages(tensors: list[Tensor]) -> None:
     """Unmap the whole pages inside each tensor's storage (Linux): read from a mapped file,
     they leave the process's resident memory; a tensor's own memory is given back as if freed.
     Only for tensors nothing reads again."""
-    if not sys.platform.startswith("linux"):
-        return
     page = mmap.PAGESIZE
     for tensor in tensors:
         if tensor.device.type != "cpu":
@@ -92,12 +86,4 @@ def drop_pages(tensors: list[Tensor]) -> None:
         # the pages it shares with a neighbour's bytes stay
         first, last = -(-start // page) * page, end // page * page
         if last > first:
-            _libc().madvise(first, last - first, _MADV_DONTNEED)
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    libc.madvise.restype = ctypes.c_int
-    return libc
+            release_pages(first, last - first)

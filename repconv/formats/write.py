@@ -33,7 +33,9 @@ from repconv.formats.checkpoint import LoadedCheckpoint
 from repconv.formats.kinds import FileKind, kind_of
 from repconv.formats.metadata import DEPLOY_MARKER, DEPLOY_VERSION
 from repconv.formats.pt2 import export_bytes
+from repconv.formats.syscalls import start_writeback
 from repconv.formats.unpickle import placeholders
+from repconv.formats.zip_checksums import save as torch_save
 from repconv.formats.zip_record import with_record
 
 # Entries of a training checkpoint that only resume training; a deploy file drops them unless
@@ -106,16 +108,26 @@ class _FdWriter:
         return size
 
     def _start_writeback(self) -> None:
-        """Have the kernel start writing what is written so far (Linux starts writeback of a
-        range it is told the writer will not need), so the fsync before the rename waits for
-        the tail alone, not the whole file."""
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self.handle, self.flushed, self.written - self.flushed,
-                             os.POSIX_FADV_DONTNEED)
+        """Have the kernel start writing what is written so far, so the fsync before the
+        rename waits for the tail alone, not the whole file."""
+        start_writeback(self.handle, self.flushed, self.written - self.flushed)
         self.flushed = self.written
 
     def flush(self) -> None:
         """Every write is already in the file."""
+
+    def fileno(self) -> int:
+        return self.handle
+
+    def seek(self, offset: int) -> int:
+        return os.lseek(self.handle, offset, os.SEEK_SET)
+
+    def truncate(self) -> int:
+        """Cut the file at the current position (to write it again from there)."""
+        position = os.lseek(self.handle, 0, os.SEEK_CUR)
+        os.ftruncate(self.handle, position)
+        self.written = self.flushed = position
+        return position
 
 
 def write_atomically(out: Path, data: bytes | Callable[[_FdWriter], None], *,
@@ -161,7 +173,7 @@ def _open_file(out: Path) -> tuple[int, Path | None]:
     temp name, removed on any failure the process lives through."""
     if hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd"):
         try:
-            return os.open(out.parent, os.O_TMPFILE | os.O_WRONLY, 0o600), None
+            return os.open(out.parent, os.O_TMPFILE | os.O_RDWR, 0o600), None
         except OSError:  # a filesystem without unnamed files
             pass
     handle, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
@@ -191,8 +203,9 @@ def _umask() -> int:
 
 
 def _torch_save(payload: Any) -> Callable[[_FdWriter], None]:
-    """torch.save streamed into the file (a file object, not a name: no name is recorded)."""
-    return lambda file: torch.save(payload, file)
+    """torch.save streamed into the file (a file object, not a name: no name is recorded), its
+    checksums computed on every core (`zip_checksums`)."""
+    return lambda file: torch_save(payload, file)
 
 
 def _safetensors_writer(state: dict[str, Tensor],
@@ -305,7 +318,7 @@ def save_deploy(
         return "safetensors weights with the rewrite plan in metadata"
     if loaded.pickled:
         archive = io.BytesIO()
-        torch.save(_pickled_payload(fused, loaded, keep_extra), archive)
+        torch_save(_pickled_payload(fused, loaded, keep_extra), archive)
         _check_loads_back(archive.getvalue(), loaded.slot, fused, example_inputs)
         write_atomically(out, with_record(archive.getvalue(), {
             DEPLOY_MARKER: DEPLOY_VERSION, "input_shape": list(input_shape)}),

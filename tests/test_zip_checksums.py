@@ -1,0 +1,195 @@
+"""torch.save with its checksums computed on every core (`formats.zip_checksums`): the archive
+must be byte for byte the one torch.save writes with its own checksums, in memory and in a
+file (where the checksums of large writes are computed while the next is written), whatever
+the pieces; torch's process-wide option comes back as it was; an archive not laid out as torch
+lays it out is left unchanged and written again by torch itself."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import struct
+import zipfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from repconv.formats import zip_checksums
+from repconv.formats.write import _FdWriter
+from repconv.formats.zip_checksums import (
+    FileArchive,
+    MemoryArchive,
+    UnexpectedLayout,
+    crc32_combine,
+    fill_checksums,
+)
+
+
+def _payloads() -> list[object]:
+    generator = torch.Generator().manual_seed(0)
+    return [
+        {"weight": torch.randn(300, 70, generator=generator), "step": 3, "name": "x"},
+        nn.Conv2d(3, 8, 3),
+        {"empty": torch.empty(0), "ints": torch.arange(5000), "half": torch.ones(9).half()},
+        {},
+    ]
+
+
+def _torch_bytes(payload: object) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
+def _saved_to_file(payload: object, folder: Path) -> bytes:
+    path = folder / "archive.pt"
+    handle = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        zip_checksums.save(payload, _FdWriter(handle))
+    finally:
+        os.close(handle)
+    return path.read_bytes()
+
+
+@pytest.fixture(params=[None, 1000], ids=["default pieces", "pieces of 1000 bytes"])
+def pieces(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small pieces split every record in several, each streamed while the next is written."""
+    if request.param is not None:
+        monkeypatch.setattr(zip_checksums, "_PIECE", request.param)
+        monkeypatch.setattr(zip_checksums, "_STREAMED", request.param // 2)
+
+
+def test_crc32_combine_joins_checksums_as_zlib_computes_the_whole() -> None:
+    rng = random.Random(0)
+    for _ in range(200):
+        first = rng.randbytes(rng.randrange(0, 3000))
+        second = rng.randbytes(rng.choice([0, 1, rng.randrange(2, 5000)]))
+        assert crc32_combine(zlib.crc32(first), zlib.crc32(second), len(second)) == \
+            zlib.crc32(first + second)
+
+
+@pytest.mark.usefixtures("pieces")
+def test_archive_in_memory_is_torchs_own_byte_for_byte() -> None:
+    for payload in _payloads():
+        buffer = io.BytesIO()
+        zip_checksums.save(payload, buffer)
+        assert buffer.getvalue() == _torch_bytes(payload)
+        assert zipfile.ZipFile(buffer).testzip() is None  # every checksum reads back
+
+
+@pytest.mark.usefixtures("pieces")
+def test_archive_in_a_file_is_torchs_own_byte_for_byte(tmp_path: Path) -> None:
+    for payload in _payloads():
+        written = _saved_to_file(payload, tmp_path)
+        assert written == _torch_bytes(payload)
+        assert zipfile.ZipFile(io.BytesIO(written)).testzip() is None
+
+
+def test_the_checksums_are_not_torchs_zeros() -> None:
+    """The deferred save does write zeros: what the test above compares is filled in."""
+    payload = _payloads()[0]
+    buffer = io.BytesIO()
+    with zip_checksums.checksums_deferred() as deferred:
+        torch.save(payload, buffer)
+    assert deferred
+    assert {i.CRC for i in zipfile.ZipFile(buffer).infolist()} == {0}
+    assert buffer.getvalue() != _torch_bytes(payload)
+
+
+@pytest.mark.parametrize("before", [True, False])
+def test_torchs_option_comes_back_as_it_was(before: bool) -> None:
+    torch.serialization.set_crc32_options(before)
+    try:
+        zip_checksums.save(_payloads()[0], io.BytesIO())
+        assert torch.serialization.get_crc32_options() is before
+
+        class Unpicklable:
+            def __reduce__(self) -> tuple[object, ...]:
+                raise RuntimeError("cannot pickle this")
+
+        with pytest.raises(RuntimeError, match="cannot pickle this"):
+            zip_checksums.save({"bad": Unpicklable()}, io.BytesIO())
+        assert torch.serialization.get_crc32_options() is before
+    finally:
+        torch.serialization.set_crc32_options(True)
+
+
+def test_an_archive_torch_checksummed_is_not_torchs_deferred_layout() -> None:
+    """Checksums already there: refused before any byte changes."""
+    data = bytearray(_torch_bytes(_payloads()[0]))
+    before = bytes(data)
+    with ThreadPoolExecutor(1) as pool, pytest.raises(UnexpectedLayout):
+        fill_checksums(MemoryArchive(memoryview(data)), pool)
+    assert bytes(data) == before
+
+
+@pytest.mark.parametrize("damage", ["descriptor", "end", "compressed"])
+def test_a_layout_torch_does_not_write_is_refused_unchanged(damage: str) -> None:
+    buffer = io.BytesIO()
+    with zip_checksums.checksums_deferred():
+        torch.save(_payloads()[0], buffer)
+    data = bytearray(buffer.getvalue())
+    info = zipfile.ZipFile(io.BytesIO(bytes(data))).infolist()[0]
+    if damage == "descriptor":  # a record whose data descriptor is missing
+        start = bytes(data).index(b"PK\x07\x08")
+        data[start:start + 4] = b"XXXX"
+    elif damage == "end":  # bytes after the end of the central directory
+        data += b"trailing"
+    else:  # a record marked deflated
+        central = bytes(data).index(b"PK\x01\x02")
+        data[central + 10:central + 12] = struct.pack("<H", 8)
+    before = bytes(data)
+    with ThreadPoolExecutor(2) as pool, pytest.raises(UnexpectedLayout):
+        fill_checksums(MemoryArchive(memoryview(data)), pool)
+    assert bytes(data) == before, info.filename
+
+
+@pytest.mark.parametrize("target", ["memory", "file"])
+def test_an_unexpected_layout_is_written_again_by_torch(
+        target: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A torch whose writer lays archives out otherwise still gets a whole, checksummed
+    archive: its own."""
+    def other_layout(archive: object) -> list[object]:
+        raise UnexpectedLayout("another layout")
+
+    monkeypatch.setattr(zip_checksums, "_records", other_layout)
+    payload = _payloads()[0]
+    if target == "memory":
+        buffer = io.BytesIO()
+        zip_checksums.save(payload, buffer)
+        written = buffer.getvalue()
+    else:
+        written = _saved_to_file(payload, tmp_path)
+    assert written == _torch_bytes(payload)
+
+
+def test_a_file_archive_is_checksummed_once_per_range(tmp_path: Path) -> None:
+    path = tmp_path / "bytes"
+    data = random.Random(1).randbytes(3 * 65536 + 5)
+    path.write_bytes(data)
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        archive = FileArchive(handle)
+        with ThreadPoolExecutor(2) as pool:
+            first = archive.crc32(pool, 65537, 2 * 65536)
+            assert archive.crc32(pool, 65537, 2 * 65536) is first
+            assert first.result() == zlib.crc32(data[65537:65537 + 2 * 65536])
+            assert archive.crc32(pool, 3, 70000).result() == zlib.crc32(data[3:70003])
+        assert archive.size == len(data)
+    finally:
+        os.close(handle)
+
+
+def test_zip64_fields_give_the_sizes_and_offset_a_central_entry_leaves_out() -> None:
+    extra = (struct.pack("<HH", 0x7075, 3) + b"abc"  # another field first
+             + struct.pack("<HHQQ", 1, 16, 5 << 32, 7 << 32))
+    assert zip_checksums._zip64_values(extra, 0xFFFFFFFF, 12, 0xFFFFFFFF) == \
+        (5 << 32, 12, 7 << 32)
+    assert zip_checksums._zip64_values(b"", 10, 10, 99) == (10, 10, 99)
+    with pytest.raises(UnexpectedLayout, match="zip64"):
+        zip_checksums._zip64_values(b"", 0xFFFFFFFF, 10, 99)
