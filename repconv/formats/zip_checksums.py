@@ -2,17 +2,18 @@
 
 torch.save computes each record's CRC-32 on one thread as it writes: 0.3 s of its 0.7 s for a
 430 MB deploy file here. With torch's CRC option off (`checksums_deferred`) it writes the same
-archive with zeros where the checksums go, and a serialization id made from those zeros.
-`fill_checksums` then computes each record's CRC-32 from the written bytes, in pieces spread
-over threads (zlib releases the GIL; `crc32_combine` joins the pieces), and writes them, and the
-serialization id made from them, where torch would have. The archive is then byte for byte the
-one torch.save writes with its own checksums (the tests compare them).
+archive with zeros where the checksums go, and a serialization id made from those zeros. The
+checksums are computed on threads instead (zlib releases the GIL): in a file, each large
+write's bytes, read back from the file, while torch writes the next; the rest once the archive
+is whole (`fill_checksums`), in pieces that `crc32_combine` joins. They are written where torch
+would have put them, and the serialization id is made from them again: the archive is then
+byte for byte the one torch.save writes with its own checksums (the tests compare them).
 
 The layout relied on is torch's zip writer's, checked as it is read: every record stored as it
 is, followed by a data descriptor, with zeros in both checksum fields; an id of 40 digits whose
 second half hashes the records' checksums (``c10::hash_combine`` in writing order). Anything
-else raises `UnexpectedLayout` before a byte is changed, and the caller writes the archive
-again with torch's own checksums.
+else raises `UnexpectedLayout` before a byte is changed, and the archive is written again by
+torch.save with its own checksums.
 """
 
 from __future__ import annotations
@@ -74,13 +75,11 @@ def save(payload: Any, file: SeekableFile | io.BytesIO) -> None:
     its checksums computed on every core the process may use: a file's, each large write's
     bytes while the next is written. Written again with torch's own checksums where the
     archive is not laid out as expected."""
-    threads = min(torch.get_num_threads(), len(os.sched_getaffinity(0))
-                  if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     with checksums_deferred() as deferred:
         if not deferred:
             torch.save(payload, file)
             return
-        pool = ThreadPoolExecutor(threads)
+        pool = ThreadPoolExecutor(_threads())
         try:
             if isinstance(file, io.BytesIO):
                 torch.save(payload, file)
@@ -98,6 +97,13 @@ def save(payload: Any, file: SeekableFile | io.BytesIO) -> None:
     file.seek(0)
     file.truncate()
     torch.save(payload, file)
+
+
+def _threads() -> int:
+    """As many as torch computes on, and no more than the process may run on at once."""
+    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+             else os.cpu_count() or 1)
+    return max(1, min(torch.get_num_threads(), cores))
 
 
 class _Streamed:
