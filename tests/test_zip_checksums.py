@@ -12,6 +12,7 @@ import random
 import struct
 import zipfile
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -56,6 +57,26 @@ def _saved_to_file(payload: object, folder: Path) -> bytes:
     return path.read_bytes()
 
 
+@pytest.fixture
+def fast_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """Fails the test where an archive took the fallback (whose bytes are torch's as well)."""
+    outcomes: list[str] = []
+    parse = zip_checksums._directory
+
+    def watched(archive: zip_checksums.Archive) -> object:
+        try:
+            directory = parse(archive)
+        except UnexpectedLayout as exc:
+            outcomes.append(f"fallback: {exc}")
+            raise
+        outcomes.append("filled")
+        return directory
+
+    monkeypatch.setattr(zip_checksums, "_directory", watched)
+    yield outcomes
+    assert outcomes and set(outcomes) == {"filled"}, outcomes
+
+
 @pytest.fixture(params=[None, 1000], ids=["default pieces", "pieces of 1000 bytes"])
 def pieces(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Small pieces split every record in several, each streamed while the next is written."""
@@ -73,7 +94,7 @@ def test_crc32_combine_joins_checksums_as_zlib_computes_the_whole() -> None:
             zlib.crc32(first + second)
 
 
-@pytest.mark.usefixtures("pieces")
+@pytest.mark.usefixtures("pieces", "fast_path")
 def test_archive_in_memory_is_torchs_own_byte_for_byte() -> None:
     for payload in _payloads():
         buffer = io.BytesIO()
@@ -82,7 +103,7 @@ def test_archive_in_memory_is_torchs_own_byte_for_byte() -> None:
         assert zipfile.ZipFile(buffer).testzip() is None  # every checksum reads back
 
 
-@pytest.mark.usefixtures("pieces")
+@pytest.mark.usefixtures("pieces", "fast_path")
 def test_archive_in_a_file_is_torchs_own_byte_for_byte(tmp_path: Path) -> None:
     for payload in _payloads():
         written = _saved_to_file(payload, tmp_path)
@@ -128,7 +149,7 @@ def test_an_archive_torch_checksummed_is_not_torchs_deferred_layout() -> None:
     assert bytes(data) == before
 
 
-@pytest.mark.parametrize("damage", ["descriptor", "end", "compressed"])
+@pytest.mark.parametrize("damage", ["descriptor", "end", "compressed", "directory"])
 def test_a_layout_torch_does_not_write_is_refused_unchanged(damage: str) -> None:
     buffer = io.BytesIO()
     with zip_checksums.checksums_deferred():
@@ -140,9 +161,12 @@ def test_a_layout_torch_does_not_write_is_refused_unchanged(damage: str) -> None
         data[start:start + 4] = b"XXXX"
     elif damage == "end":  # bytes after the end of the central directory
         data += b"trailing"
-    else:  # a record marked deflated
+    elif damage == "compressed":  # a record marked deflated
         central = bytes(data).index(b"PK\x01\x02")
         data[central + 10:central + 12] = struct.pack("<H", 8)
+    else:  # the directory's offset (zip64 end record) points past the end
+        end64 = bytes(data).rindex(b"PK\x06\x06")
+        data[end64 + 48:end64 + 56] = struct.pack("<Q", len(data) - 10)
     before = bytes(data)
     with ThreadPoolExecutor(2) as pool, pytest.raises(UnexpectedLayout):
         fill_checksums(MemoryArchive(memoryview(data)), pool)
@@ -154,10 +178,10 @@ def test_an_unexpected_layout_is_written_again_by_torch(
         target: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """A torch whose writer lays archives out otherwise still gets a whole, checksummed
     archive: its own."""
-    def other_layout(archive: object) -> list[object]:
+    def other_layout(archive: object) -> object:
         raise UnexpectedLayout("another layout")
 
-    monkeypatch.setattr(zip_checksums, "_records", other_layout)
+    monkeypatch.setattr(zip_checksums, "_directory", other_layout)
     payload = _payloads()[0]
     if target == "memory":
         buffer = io.BytesIO()
@@ -166,6 +190,22 @@ def test_an_unexpected_layout_is_written_again_by_torch(
     else:
         written = _saved_to_file(payload, tmp_path)
     assert written == _torch_bytes(payload)
+
+
+def test_what_is_not_an_empty_start_gets_a_plain_save(tmp_path: Path) -> None:
+    """Memory holding data already, a file open for writing only: torch.save as it is."""
+    payload = _payloads()[0]
+    buffer = io.BytesIO()
+    buffer.write(b"prefix")
+    zip_checksums.save(payload, buffer)
+    plain = io.BytesIO()
+    plain.write(b"prefix")
+    torch.save(payload, plain)
+    assert buffer.getvalue() == plain.getvalue()
+    path = tmp_path / "write-only.pt"
+    with path.open("wb") as file:
+        zip_checksums.save(payload, file)  # type: ignore[arg-type]  # no seek(0) / truncate()
+    assert path.read_bytes() == _torch_bytes(payload)
 
 
 def test_a_file_archive_is_checksummed_once_per_range(tmp_path: Path) -> None:

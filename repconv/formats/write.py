@@ -29,13 +29,13 @@ from torch.utils._pytree import tree_flatten
 
 from repconv.errors import DeployCheckError, InputError, one_line
 from repconv.fold.calls import copies, eval_mode
+from repconv.formats import zip_checksums
 from repconv.formats.checkpoint import LoadedCheckpoint
 from repconv.formats.kinds import FileKind, kind_of
 from repconv.formats.metadata import DEPLOY_MARKER, DEPLOY_VERSION
 from repconv.formats.pt2 import export_bytes
 from repconv.formats.syscalls import start_writeback
 from repconv.formats.unpickle import placeholders
-from repconv.formats.zip_checksums import save as torch_save
 from repconv.formats.zip_record import with_record
 
 # Entries of a training checkpoint that only resume training; a deploy file drops them unless
@@ -120,14 +120,14 @@ class _FdWriter:
         return self.handle
 
     def seek(self, offset: int) -> int:
-        return os.lseek(self.handle, offset, os.SEEK_SET)
+        """Write from ``offset`` on (to write the file again)."""
+        self.written = self.flushed = os.lseek(self.handle, offset, os.SEEK_SET)
+        return self.written
 
     def truncate(self) -> int:
-        """Cut the file at the current position (to write it again from there)."""
-        position = os.lseek(self.handle, 0, os.SEEK_CUR)
-        os.ftruncate(self.handle, position)
-        self.written = self.flushed = position
-        return position
+        """Cut the file where the next write goes."""
+        os.ftruncate(self.handle, self.written)
+        return self.written
 
 
 def write_atomically(out: Path, data: bytes | Callable[[_FdWriter], None], *,
@@ -205,7 +205,7 @@ def _umask() -> int:
 def _torch_save(payload: Any) -> Callable[[_FdWriter], None]:
     """torch.save streamed into the file (a file object, not a name: no name is recorded), its
     checksums computed on every core (`zip_checksums`)."""
-    return lambda file: torch_save(payload, file)
+    return lambda file: zip_checksums.save(payload, file)
 
 
 def _safetensors_writer(state: dict[str, Tensor],
@@ -318,7 +318,7 @@ def save_deploy(
         return "safetensors weights with the rewrite plan in metadata"
     if loaded.pickled:
         archive = io.BytesIO()
-        torch_save(_pickled_payload(fused, loaded, keep_extra), archive)
+        zip_checksums.save(_pickled_payload(fused, loaded, keep_extra), archive)
         _check_loads_back(archive.getvalue(), loaded.slot, fused, example_inputs)
         write_atomically(out, with_record(archive.getvalue(), {
             DEPLOY_MARKER: DEPLOY_VERSION, "input_shape": list(input_shape)}),

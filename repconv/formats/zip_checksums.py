@@ -18,10 +18,13 @@ torch.save with its own checksums.
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import io
 import mmap
 import os
 import struct
+import threading
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,13 +35,14 @@ from typing import Any, Protocol
 import torch
 
 _PIECE = 8 << 20  # bytes per thread task; a map of one piece at a time keeps RSS flat
-_STREAMED = 1 << 20  # a write this large is a record's bytes (headers are small)
+_STREAMED = 1 << 20  # a smaller record is checksummed at once, on the calling thread
 _LOCAL, _CENTRAL, _DESCRIPTOR = 0x04034B50, 0x02014B50, 0x08074B50
 _END, _END64, _LOCATOR64 = 0x06054B50, 0x06064B50, 0x07064B50
 _HAS_DESCRIPTOR = 0x8  # general-purpose flag bit 3
 _ID_NAME = "/.data/serialization_id"
 _WORD = (1 << 64) - 1  # size_t
 _POLY = 0xEDB88320  # CRC-32, reflected
+_DEFERRING = threading.Lock()  # one deferral at a time restores the option it found
 
 
 class UnexpectedLayout(Exception):
@@ -71,10 +75,14 @@ class SeekableFile(Protocol):
 
 
 def save(payload: Any, file: SeekableFile | io.BytesIO) -> None:
-    """torch.save of ``payload`` into ``file`` (an open file written from its start, or memory),
-    its checksums computed on every core the process may use: a file's, each large write's
-    bytes while the next is written. Written again with torch's own checksums where the
-    archive is not laid out as expected."""
+    """torch.save of ``payload`` into ``file``: an empty BytesIO, or a file open for reading
+    and writing at its start (anything else gets a plain torch.save). Its checksums are
+    computed on every core the process may use: a file's, each large write's bytes while the
+    next is written. Written again with torch's own checksums where the archive is not laid
+    out as expected."""
+    if not _at_start(file):
+        torch.save(payload, file)
+        return
     with checksums_deferred() as deferred:
         if not deferred:
             torch.save(payload, file)
@@ -99,6 +107,15 @@ def save(payload: Any, file: SeekableFile | io.BytesIO) -> None:
     torch.save(payload, file)
 
 
+def _at_start(file: SeekableFile | io.BytesIO) -> bool:
+    """``file`` is empty memory, or a file repconv may read back, written from its start."""
+    if isinstance(file, io.BytesIO):
+        return file.tell() == 0 and not file.getbuffer().nbytes
+    handle = file.fileno()
+    return (fcntl.fcntl(handle, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
+            and os.lseek(handle, 0, os.SEEK_CUR) == 0)
+
+
 def _threads() -> int:
     """As many as torch computes on, and no more than the process may run on at once."""
     cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
@@ -107,18 +124,24 @@ def _threads() -> int:
 
 
 class _Streamed:
-    """``file``, each large write's bytes checksummed on ``pool`` (read back from the file, not
-    from the writer's buffer, which it may reuse) while the next is written."""
+    """``file``, written a piece at a time, each large piece checksummed on ``pool`` (read
+    back from the file, not from the writer's buffer, which it may reuse) while the next is
+    written."""
 
     def __init__(self, file: SeekableFile, archive: FileArchive, pool: ThreadPoolExecutor) -> None:
         self.file, self.archive, self.pool = file, archive, pool
         self.offset = 0
 
     def write(self, data: bytes | memoryview) -> int:
-        size = self.file.write(data)
-        if size >= _STREAMED:
-            for offset, length in _pieces(self.offset, size):
-                self.archive.crc32(self.pool, offset, length)
+        view = memoryview(data).cast("B")
+        if len(view) < _STREAMED:
+            size = self.file.write(view)
+        else:
+            size = 0
+            for offset, length in _pieces(self.offset, len(view)):
+                size += self.file.write(view[offset - self.offset:offset - self.offset + length])
+                if length >= _STREAMED:
+                    self.archive.crc32(self.pool, offset, length)
         self.offset += size
         return size
 
@@ -133,17 +156,20 @@ def _pieces(offset: int, size: int) -> list[tuple[int, int]]:
 
 @contextmanager
 def checksums_deferred() -> Iterator[bool]:
-    """torch.save writes zeros for checksums meanwhile (torch's own option, which is
-    process-wide: restored on exit); yields False where this torch has no such option."""
+    """torch.save writes zeros for checksums meanwhile, by torch's own option, restored on
+    exit (torch 2.13 keeps it per thread; an older torch may keep it for the whole process, so
+    another thread's torch.save meanwhile would also write zeros, which torch.load still
+    reads). Yields False where this torch has no such option."""
     if not hasattr(torch.serialization, "set_crc32_options"):
         yield False
         return
-    before = torch.serialization.get_crc32_options()
-    torch.serialization.set_crc32_options(False)
-    try:
-        yield True
-    finally:
-        torch.serialization.set_crc32_options(before)
+    with _DEFERRING:
+        before = torch.serialization.get_crc32_options()
+        torch.serialization.set_crc32_options(False)
+        try:
+            yield True
+        finally:
+            torch.serialization.set_crc32_options(before)
 
 
 @dataclass(frozen=True)
@@ -151,17 +177,26 @@ class _Record:
     name: str
     data: int  # offset of its bytes
     size: int
-    fields: tuple[int, int]  # offsets of its two checksum fields: descriptor, central entry
+    descriptor: int | None  # offset of its data descriptor's checksum (none: empty record)
+    entry: int  # offset of its central entry's checksum, in the directory
+
+
+@dataclass(frozen=True)
+class _Directory:
+    start: int  # offset in the archive
+    data: bytearray
+    records: list[_Record]
 
 
 def fill_checksums(archive: Archive, pool: ThreadPoolExecutor) -> None:
     """Write each record's CRC-32, and the serialization id made from them, into ``archive``
     written by torch.save under `checksums_deferred`."""
-    records = _records(archive)
+    directory = _directory(archive)
+    records = directory.records
     named = [r for r in records if r.name.endswith(_ID_NAME)]
     if named and named[0] is not records[-1]:
         raise UnexpectedLayout("the serialization id is not the last record")
-    content = [r for r in records if r not in named]
+    content = records[:-1] if named else records
     checksums = _checksums(archive, content, pool)
     patches = list(zip(content, checksums))
     if named:
@@ -174,21 +209,27 @@ def fill_checksums(archive: Archive, pool: ThreadPoolExecutor) -> None:
         archive.write(record.data, filled)
         patches.append((record, zlib.crc32(filled)))
     for record, checksum in patches:
-        for field in record.fields:
-            archive.write(field, struct.pack("<I", checksum))
+        if record.descriptor is not None:
+            packed = struct.pack("<I", checksum)
+            archive.write(record.descriptor, packed)
+            directory.data[record.entry:record.entry + 4] = packed
+    archive.write(directory.start, bytes(directory.data))
 
 
 def _checksums(archive: Archive, records: list[_Record], pool: ThreadPoolExecutor) -> list[int]:
-    """Each record's CRC-32, from those of its pieces, computed on ``pool``."""
-    pieces = [(archive.crc32(pool, offset, size), size)
-              for r in records for offset, size in _pieces(r.data, r.size)]
-    checksums, position = [], 0
-    for record in records:
-        checksum = 0
-        for _ in _pieces(record.data, record.size):
-            piece, size = pieces[position]
+    """Each record's CRC-32: a small one's at once, a large one's from those of its pieces,
+    computed on ``pool``."""
+    pieces = [[(archive.crc32(pool, offset, size), size)
+               for offset, size in _pieces(r.data, r.size)] if r.size >= _STREAMED else r
+              for r in records]
+    checksums = []
+    for parts in pieces:
+        if isinstance(parts, _Record):
+            checksums.append(zlib.crc32(archive.read(parts.data, parts.size)))
+            continue
+        checksum = parts[0][0].result()
+        for piece, size in parts[1:]:
             checksum = crc32_combine(checksum, piece.result(), size)
-            position += 1
         checksums.append(checksum)
     return checksums
 
@@ -202,35 +243,46 @@ def _combined(checksums: list[int]) -> int:
     return seed
 
 
-def _records(archive: Archive) -> list[_Record]:
-    """The archive's records from its central directory, each checked against torch's layout."""
+def _directory(archive: Archive) -> _Directory:
+    """The archive's central directory and its records, each checked against torch's
+    layout."""
+    try:
+        return _parsed_directory(archive)
+    except (struct.error, ValueError) as exc:  # a field points outside the archive
+        raise UnexpectedLayout(f"the archive does not parse as torch's ({exc})") from exc
+
+
+def _parsed_directory(archive: Archive) -> _Directory:
     tail = archive.read(max(0, archive.size - 22), 22)
     if len(tail) != 22 or struct.unpack_from("<I", tail)[0] != _END:
         raise UnexpectedLayout("no end of central directory where torch writes it")
-    count, _, start = struct.unpack_from("<HII", tail, 10)
+    count, length, start = struct.unpack_from("<HII", tail, 10)
     if archive.size >= 42:
         locator = archive.read(archive.size - 42, 20)
         if struct.unpack_from("<I", locator)[0] == _LOCATOR64:
             end64 = archive.read(struct.unpack_from("<Q", locator, 8)[0], 56)
             if struct.unpack_from("<I", end64)[0] != _END64:
                 raise UnexpectedLayout("a zip64 locator points at no zip64 directory end")
-            count, _, start = struct.unpack_from("<QQQ", end64, 32)
-    records = []
+            count, length, start = struct.unpack_from("<QQQ", end64, 32)
+    directory = bytearray(archive.read(start, length))
+    records, position = [], 0
     for _ in range(count):
-        entry = archive.read(start, 46)
         (signature, flags, method, checksum, packed, size, name_length, extra_length,
-         comment_length, local) = struct.unpack_from("<I4xHH4xIIIHHH8xI", entry)
+         comment_length, local) = struct.unpack_from("<I4xHH4xIIIHHH8xI", directory, position)
         if signature != _CENTRAL:
             raise UnexpectedLayout("a central directory entry lacks its signature")
-        name = archive.read(start + 46, name_length).decode("utf-8", "replace")
-        extra = archive.read(start + 46 + name_length, extra_length)
-        size, packed, local = _zip64_values(extra, size, packed, local)
-        if method != 0 or packed != size or not flags & _HAS_DESCRIPTOR or checksum:
+        name_at = position + 46
+        name = directory[name_at:name_at + name_length].decode("utf-8", "replace")
+        if 0xFFFFFFFF in (size, packed, local):
+            extra = bytes(directory[name_at + name_length:name_at + name_length + extra_length])
+            size, packed, local = _zip64_values(extra, size, packed, local)
+        # an empty record has no data descriptor: its checksum, 0, is already in place
+        if method != 0 or packed != size or checksum or not (flags & _HAS_DESCRIPTOR or not size):
             raise UnexpectedLayout(f"record {name} is not stored as torch stores it")
         data, descriptor = _local_record(archive, local, size)
-        records.append(_Record(name, data, size, (descriptor + 4, start + 16)))
-        start += 46 + name_length + extra_length + comment_length
-    return records
+        records.append(_Record(name, data, size, descriptor, position + 16))
+        position = name_at + name_length + extra_length + comment_length
+    return _Directory(start, directory, records)
 
 
 def _zip64_values(extra: bytes, size: int, packed: int, local: int) -> tuple[int, int, int]:
@@ -253,17 +305,20 @@ def _zip64_values(extra: bytes, size: int, packed: int, local: int) -> tuple[int
     raise UnexpectedLayout("a large record has no zip64 field")
 
 
-def _local_record(archive: Archive, local: int, size: int) -> tuple[int, int]:
-    """Offsets of a record's bytes and of its data descriptor, both checked."""
+def _local_record(archive: Archive, local: int, size: int) -> tuple[int, int | None]:
+    """Offsets of a record's bytes and of its data descriptor's checksum (none when it is
+    empty), both checked."""
     header = archive.read(local, 30)
     signature, checksum, name_length, extra_length = struct.unpack_from("<I10xI8xHH", header)
     if signature != _LOCAL or checksum:
         raise UnexpectedLayout("a local header is not where its central entry says")
     data = local + 30 + name_length + extra_length
+    if not size:
+        return data, None
     descriptor = archive.read(data + size, 8)
     if len(descriptor) != 8 or struct.unpack_from("<II", descriptor) != (_DESCRIPTOR, 0):
         raise UnexpectedLayout("a record is not followed by an empty data descriptor")
-    return data, data + size
+    return data, data + size + 4
 
 
 def crc32_combine(first: int, second: int, second_length: int) -> int:
@@ -284,6 +339,7 @@ def _multiply(a: int, b: int) -> int:
     return product
 
 
+@functools.lru_cache(maxsize=64)  # the pieces' lengths: mostly one
 def _x_power(n: int) -> int:
     """``x ** n`` modulo the CRC polynomial, reflected, by squaring."""
     result, square = 1 << 31, 1 << 30  # x**0, x**1
@@ -296,8 +352,8 @@ def _x_power(n: int) -> int:
 
 
 class FileArchive:
-    """An archive in an open file, read and written at offsets; its bytes are checksummed
-    through a mapping of one piece at a time (resident memory stays flat), each range once."""
+    """An archive in an open file, read and written at offsets; each piece checksummed once,
+    on a thread of the pool, through a mapping of it alone (resident memory stays flat)."""
 
     def __init__(self, handle: int) -> None:
         self.handle = handle
@@ -318,8 +374,12 @@ class FileArchive:
 
     def _crc32(self, offset: int, size: int) -> int:
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        with mmap.mmap(self.handle, offset + size - start, offset=start,
-                       access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
+        try:
+            mapped = mmap.mmap(self.handle, offset + size - start, offset=start,
+                               access=mmap.ACCESS_READ)
+        except OSError:  # a filesystem that does not map files
+            return zlib.crc32(self.read(offset, size))
+        with mapped, memoryview(mapped) as view:
             return zlib.crc32(view[offset - start:])
 
     def write(self, offset: int, data: bytes) -> None:
@@ -330,14 +390,15 @@ class MemoryArchive:
     """An archive held in memory."""
 
     def __init__(self, data: memoryview) -> None:
-        self.data = data  # bytes: BytesIO's own buffer
+        self.data = data  # a view of BytesIO's own buffer
         self.size = len(data)
 
     def read(self, offset: int, size: int) -> bytes:
         return bytes(self.data[offset:offset + size])
 
     def crc32(self, pool: ThreadPoolExecutor, offset: int, size: int) -> Future[int]:
-        return pool.submit(lambda: zlib.crc32(self.data[offset:offset + size]))
+        return pool.submit(zlib.crc32, self.data[offset:offset + size])
 
     def write(self, offset: int, data: bytes) -> None:
         self.data[offset:offset + len(data)] = data
+
