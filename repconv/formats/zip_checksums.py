@@ -18,7 +18,6 @@ torch.save with its own checksums.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import io
 import mmap
@@ -111,9 +110,14 @@ def _at_start(file: SeekableFile | io.BytesIO) -> bool:
     """``file`` is empty memory, or a file repconv may read back, written from its start."""
     if isinstance(file, io.BytesIO):
         return file.tell() == 0 and not file.getbuffer().nbytes
+    if not hasattr(os, "pread"):  # read back at offsets, which this system does not offer
+        return False
     handle = file.fileno()
-    return (fcntl.fcntl(handle, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
-            and os.lseek(handle, 0, os.SEEK_CUR) == 0)
+    try:
+        os.pread(handle, 0, 0)  # refused where the file is open for writing only
+    except OSError:
+        return False
+    return os.lseek(handle, 0, os.SEEK_CUR) == 0
 
 
 def _threads() -> int:
