@@ -1,13 +1,14 @@
 """Conversion cost: `repconv fuse`, with and without its verification, against what any deploy
-step already pays, a plain ``torch.load`` + ``torch.save`` of the same checkpoint. Each job runs
-in a fresh process that first imports torch and repconv (identical for every job, not timed);
-the figures are the job's wall time and its peak RSS above that interpreter baseline (the
-kernel's high-water mark, reset after the imports, minus the RSS then), best of a few runs.
-The three jobs run interleaved, round by round, so a burst of load from elsewhere slows each
-alike, and each starts after an ``os.sync()``: what earlier jobs wrote is on disk, so no job
-pays for another's writeback (`repconv fuse` syncs its own file before renaming it into place;
-a plain ``torch.save`` leaves its pages dirty, to slow whatever writes next). The tables are
-printed and saved to benchmarks/results_conversion.md.
+step already pays, a plain ``torch.load`` + ``torch.save`` of the same checkpoint, and the same
+with an fsync of the file it wrote (``load+save+fsync``): `repconv fuse` waits for its OUT to be
+on disk before renaming it into place, a plain torch.save does not, so on a disk that writes
+slowly at the time the plain baseline leaves out a wait the fuse pays. Each job runs in a fresh
+process that first imports torch and repconv (identical for every job, not timed); the figures
+are the job's wall time and its peak RSS above that interpreter baseline (the kernel's
+high-water mark, reset after the imports, minus the RSS then), best of a few runs. The four
+jobs run interleaved, round by round, so a burst of load from elsewhere slows each alike, and
+each starts after an ``os.sync()``: what earlier jobs wrote is on disk, so no job pays for
+another's writeback. The tables are printed and saved to benchmarks/results_conversion.md.
 
 Checkpoints: a small one (a RepVGG of the sample family, width 96, 224px, 7 MB) and a large one
 generated into a temp folder (a RepVGG-style network of 21 blocks, widths 256 to 1024, 120M
@@ -33,12 +34,12 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results_conversion.md"
-JOBS = ("plain", "skip", "fuse")
+JOBS = ("plain", "durable", "skip", "fuse")
 BIG = {"width": 256, "num_blocks": (1, 3, 7, 10), "width_multipliers": (1, 1, 2, 4)}
 
 # One job per process: imports first (the baseline), then the job; prints JSON.
 _CHILD = r"""
-import json, sys, time
+import json, os, sys, time
 from pathlib import Path
 import torch
 import repconv.cli  # the CLI's imports are part of the baseline
@@ -54,8 +55,12 @@ with open("/proc/self/clear_refs", "w") as refs:  # the peak (VmHWM) starts agai
     refs.write("5")
 start = time.perf_counter()
 seconds = {}
-if job == "plain":
+if job in ("plain", "durable"):
     torch.save(torch.load(source, map_location="cpu", weights_only=True), target)
+    if job == "durable":  # the bytes on disk, as repconv waits for before it renames OUT
+        handle = os.open(target, os.O_RDONLY)
+        os.fsync(handle)
+        os.close(handle)
 else:
     options = Options(model=model or None)
     seconds = fuse_checkpoint(source, target, options, check=job == "fuse").seconds
@@ -129,7 +134,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3,
                         help="fresh processes per figure (a round of the large checkpoint's "
-                        "three jobs takes 10 to 60 s)")
+                        "four jobs takes 10 to 60 s)")
+    parser.add_argument("--folder", type=Path, default=None,
+                        help="where the checkpoints and the files written go (default: the "
+                        "system's temp folder); /dev/shm, memory, takes the disk's speed out")
     args = parser.parse_args()
     lines: list[str] = []
 
@@ -142,24 +150,28 @@ def main() -> None:
     say(f"`python benchmarks/conversion_cost.py`: torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {os.cpu_count()} CPU cores, load average at the "
         f"start {_load()}; best of {args.runs} fresh processes, the "
-        "jobs interleaved; RSS = peak above the interpreter after imports")
+        f"jobs interleaved; files in {_filesystem(args.folder)}; RSS = peak above the "
+        "interpreter after imports")
     say()
     say("| checkpoint | size | load+save s | fuse --skip-verify s (ratio) | fuse s (ratio) | "
-        "of which verification s | fuse − verification (ratio) | load+save RSS MB | "
-        "--skip-verify RSS MB (÷ size) | fuse RSS MB (÷ size) |")
-    say("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        "of which verification s | fuse − verification (ratio) | load+save+fsync s | "
+        "--skip-verify ÷ load+save+fsync | load+save RSS MB | --skip-verify RSS MB (÷ size) | "
+        "fuse RSS MB (÷ size) |")
+    say("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     stages, every = [], []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=args.folder) as tmp:
         folder = Path(tmp)
         for source, model in _checkpoints(folder):
             size = source.stat().st_size / 2**20
             best = _best_interleaved(source, folder, model, args.runs)
-            plain, quick, full = best["plain"], best["skip"], best["fuse"]
+            plain, durable = best["plain"], best["durable"]
+            quick, full = best["skip"], best["fuse"]
             rest = full["seconds"] - full["verify"]
             say(f"| {source.name} | {size:.0f} MB | {plain['seconds']:.2f} | "
-                f"{quick['seconds']:.2f} ({quick['seconds'] / plain['seconds']:.1f}x) | "
+                f"{quick['seconds']:.2f} ({quick['seconds'] / plain['seconds']:.2f}x) | "
                 f"{full['seconds']:.2f} ({full['seconds'] / plain['seconds']:.1f}x) | "
-                f"{full['verify']:.2f} | {rest:.2f} ({rest / plain['seconds']:.1f}x) | "
+                f"{full['verify']:.2f} | {rest:.2f} ({rest / plain['seconds']:.2f}x) | "
+                f"{durable['seconds']:.2f} | {quick['seconds'] / durable['seconds']:.2f}x | "
                 f"{plain['rss_mb']:.0f} | {quick['rss_mb']:.0f} ({quick['rss_mb'] / size:.1f}x)"
                 f" | {full['rss_mb']:.0f} ({full['rss_mb'] / size:.1f}x) |")
             stages.append((source.name, quick["stages"], full["stages"]))
@@ -185,6 +197,17 @@ def main() -> None:
     say(f"Load average at the end {_load()}.")
     RESULTS.write_text("\n".join(lines) + "\n")
     print(f"saved to {RESULTS.relative_to(ROOT)}")
+
+
+def _filesystem(folder: Path | None) -> str:
+    """The folder the files go in and its filesystem's type (Linux), for the record."""
+    where = Path(folder or tempfile.gettempdir()).resolve()
+    try:
+        mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return str(where)
+    mount = max((m for m in mounts if where.is_relative_to(m[1])), key=lambda m: len(m[1]))
+    return f"{where} ({mount[2]})"
 
 
 def _load() -> str:

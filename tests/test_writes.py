@@ -317,13 +317,18 @@ def test_deploy_files_are_byte_identical(repvgg_ckpt: Path, tmp_path: Path, fmt:
 def test_writeback_starts_while_the_file_is_written(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """The fsync before the rename waits for the tail of the file only: the kernel is told to
-    start writing each 32 MiB as it is written, over the whole file, in order."""
+    start writing each 32 MiB as it is written, over the whole file, in order, by a thread of
+    its own (the call waits on the disk's queue, the writes go on)."""
+    import threading
+
     from repconv.formats import syscalls, write
 
     advised: list[tuple[int, int]] = []
+    callers: set[str] = set()
 
     def advise(handle: int, offset: int, length: int) -> None:
         advised.append((offset, length))
+        callers.add(threading.current_thread().name)
         syscalls.start_writeback(handle, offset, length)
 
     monkeypatch.setattr(write, "start_writeback", advise)
@@ -332,4 +337,5 @@ def test_writeback_starts_while_the_file_is_written(tmp_path: Path,
     write.write_atomically(out, data)
     assert out.read_bytes() == data
     assert [offset for offset, _ in advised] == [0, 32 << 20, 64 << 20]
+    assert len(callers) == 1 and threading.main_thread().name not in callers
     assert all(length == 32 << 20 for _, length in advised)

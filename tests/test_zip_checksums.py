@@ -50,9 +50,11 @@ def _torch_bytes(payload: object) -> bytes:
 def _saved_to_file(payload: object, folder: Path) -> bytes:
     path = folder / "archive.pt"
     handle = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    writer = _FdWriter(handle)
     try:
-        zip_checksums.save(payload, _FdWriter(handle))
+        zip_checksums.save(payload, writer)
     finally:
+        writer.settle()
         os.close(handle)
     return path.read_bytes()
 

@@ -19,6 +19,7 @@ import secrets
 import stat
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,8 @@ class _FdWriter:
         self.handle = handle
         self.failure: BaseException | None = None  # torch's writer wraps what write raises
         self.written = self.flushed = 0  # bytes in the file; bytes whose writeback has started
+        # starting writeback waits on the disk's queue: a thread of its own waits instead
+        self._writeback = ThreadPoolExecutor(1, thread_name_prefix="repconv-writeback")
 
     def write(self, data: bytes | memoryview) -> int:
         if self.failure is not None:
@@ -110,8 +113,14 @@ class _FdWriter:
     def _start_writeback(self) -> None:
         """Have the kernel start writing what is written so far, so the fsync before the
         rename waits for the tail alone, not the whole file."""
-        start_writeback(self.handle, self.flushed, self.written - self.flushed)
+        self._writeback.submit(start_writeback, self.handle, self.flushed,
+                               self.written - self.flushed)
         self.flushed = self.written
+
+    def settle(self) -> None:
+        """Wait for the writeback started so far to be under way (before the file is closed:
+        no call then reaches a descriptor that is another file's)."""
+        self._writeback.shutdown(wait=True)
 
     def flush(self) -> None:
         """Every write is already in the file."""
@@ -150,12 +159,14 @@ def write_atomically(out: Path, data: bytes | Callable[[_FdWriter], None], *,
                     raise writer.failure from exc
                 raise
             os.fchmod(handle, 0o666 & ~_umask())  # made 0600; deploy files are shared
+            writer.settle()
             os.fsync(handle)
             if before_replace is not None:
                 before_replace()
             if temp is None:
                 temp = _name_file(handle, out)
         finally:
+            writer.settle()
             os.close(handle)
         os.replace(temp, out)
     except BaseException as exc:
