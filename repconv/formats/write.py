@@ -118,8 +118,9 @@ class _FdWriter:
         self.flushed = self.written
 
     def settle(self) -> None:
-        """Wait for the writeback started so far to be under way (before the file is closed:
-        no call then reaches a descriptor that is another file's)."""
+        """Wait for the writeback started so far to be under way; before the file is closed,
+        so that no call reaches a descriptor that is by then another file's (the fsync
+        meanwhile writes whatever is still dirty)."""
         self._writeback.shutdown(wait=True)
 
     def flush(self) -> None:
@@ -159,7 +160,6 @@ def write_atomically(out: Path, data: bytes | Callable[[_FdWriter], None], *,
                     raise writer.failure from exc
                 raise
             os.fchmod(handle, 0o666 & ~_umask())  # made 0600; deploy files are shared
-            writer.settle()
             os.fsync(handle)
             if before_replace is not None:
                 before_replace()

@@ -79,13 +79,16 @@ def save(payload: Any, file: SeekableFile | io.BytesIO) -> None:
     computed on every core the process may use: a file's, each large write's bytes while the
     next is written. Written again with torch's own checksums where the archive is not laid
     out as expected."""
-    if not _at_start(file):
+    if not (_at_start(file) and _saved_deferred(payload, file)):
         torch.save(payload, file)
-        return
+
+
+def _saved_deferred(payload: Any, file: SeekableFile | io.BytesIO) -> bool:
+    """Save with the checksums deferred, then filled in; False, with ``file`` empty again,
+    where this torch cannot defer them or the archive is not laid out as expected."""
     with checksums_deferred() as deferred:
         if not deferred:
-            torch.save(payload, file)
-            return
+            return False
         pool = ThreadPoolExecutor(_threads())
         try:
             if isinstance(file, io.BytesIO):
@@ -96,14 +99,14 @@ def save(payload: Any, file: SeekableFile | io.BytesIO) -> None:
                 archive = FileArchive(file.fileno())
                 torch.save(payload, _Streamed(file, archive, pool))
                 fill_checksums(archive, pool)
-            return
+            return True
         except UnexpectedLayout:
             pass
         finally:  # no thread reads the file once it is cut or closed
             pool.shutdown(wait=True, cancel_futures=True)
     file.seek(0)
     file.truncate()
-    torch.save(payload, file)
+    return False
 
 
 def _at_start(file: SeekableFile | io.BytesIO) -> bool:
@@ -138,7 +141,7 @@ class _Streamed:
 
     def write(self, data: bytes | memoryview) -> int:
         view = memoryview(data).cast("B")
-        if len(view) < _STREAMED:
+        if len(view) < _STREAMED:  # a header or a small record: no pieces to make
             size = self.file.write(view)
         else:
             size = 0
@@ -222,17 +225,18 @@ def fill_checksums(archive: Archive, pool: ThreadPoolExecutor) -> None:
 
 def _checksums(archive: Archive, records: list[_Record], pool: ThreadPoolExecutor) -> list[int]:
     """Each record's CRC-32: a small one's at once, a large one's from those of its pieces,
-    computed on ``pool``."""
-    pieces = [[(archive.crc32(pool, offset, size), size)
-               for offset, size in _pieces(r.data, r.size)] if r.size >= _STREAMED else r
-              for r in records]
+    computed on ``pool`` (every piece started before any is waited for)."""
+    started = {id(r): [(archive.crc32(pool, offset, size), size)
+                       for offset, size in _pieces(r.data, r.size)]
+               for r in records if r.size >= _STREAMED}
     checksums = []
-    for parts in pieces:
-        if isinstance(parts, _Record):
-            checksums.append(zlib.crc32(archive.read(parts.data, parts.size)))
+    for record in records:
+        if id(record) not in started:
+            checksums.append(zlib.crc32(archive.read(record.data, record.size)))
             continue
-        checksum = parts[0][0].result()
-        for piece, size in parts[1:]:
+        (first, _), *rest = started[id(record)]
+        checksum = first.result()
+        for piece, size in rest:
             checksum = crc32_combine(checksum, piece.result(), size)
         checksums.append(checksum)
     return checksums
@@ -277,9 +281,8 @@ def _parsed_directory(archive: Archive) -> _Directory:
             raise UnexpectedLayout("a central directory entry lacks its signature")
         name_at = position + 46
         name = directory[name_at:name_at + name_length].decode("utf-8", "replace")
-        if 0xFFFFFFFF in (size, packed, local):
-            extra = bytes(directory[name_at + name_length:name_at + name_length + extra_length])
-            size, packed, local = _zip64_values(extra, size, packed, local)
+        extra = bytes(directory[name_at + name_length:name_at + name_length + extra_length])
+        size, packed, local = _zip64_values(extra, size, packed, local)
         # an empty record has no data descriptor: its checksum, 0, is already in place
         if method != 0 or packed != size or checksum or not (flags & _HAS_DESCRIPTOR or not size):
             raise UnexpectedLayout(f"record {name} is not stored as torch stores it")
