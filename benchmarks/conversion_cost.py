@@ -43,6 +43,7 @@ import json, os, sys, time
 from pathlib import Path
 import torch
 import repconv.cli  # the CLI's imports are part of the baseline
+from repconv.formats.syscalls import keep_freed_memory
 from repconv.pipeline import Options, fuse_checkpoint
 
 def status_mb(key):
@@ -62,6 +63,7 @@ if job in ("plain", "durable"):
         os.fsync(handle)
         os.close(handle)
 else:
+    keep_freed_memory()  # as the repconv command does for its process
     options = Options(model=model or None)
     seconds = fuse_checkpoint(source, target, options, check=job == "fuse").seconds
 total = time.perf_counter() - start
