@@ -65,7 +65,9 @@ def _spatial(size: int, kernel: int, stride: int, padding: int, dilation: int) -
 
 
 def _each(value: int | tuple[int, ...] | list[int], nd: int) -> tuple[int, ...]:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * nd
+    """A conv argument per dim, as torch expands it (a number or a one-item sequence)."""
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    return values * nd if len(values) == 1 else values
 
 
 def _conv_shape(input: Tensor, weight: Tensor, bias: Tensor | None = None,
@@ -73,21 +75,23 @@ def _conv_shape(input: Tensor, weight: Tensor, bias: Tensor | None = None,
                 dilation: int | tuple[int, ...] = 1, groups: int = 1) -> tuple[int, ...] | None:
     """The output shape of ``F.conv{1,2,3}d`` (torch's own arguments), or None where the call
     is not one this answers (its own run then says what is wrong with it)."""
+    if not isinstance(input, Tensor) or not isinstance(weight, Tensor) or weight.dim() < 3:
+        return None
     nd = weight.dim() - 2
-    batched = input.dim() == nd + 2
-    if not batched and input.dim() != nd + 1:
+    if input.dim() not in (nd + 1, nd + 2) or input.dtype != weight.dtype:
         return None
     channels, size = input.shape[-nd - 1], tuple(input.shape[-nd:])
-    if channels != weight.shape[1] * groups or input.dtype != weight.dtype:
-        return None
+    strides, dilations = _each(stride, nd), _each(dilation, nd)
     if padding == "same":
-        if any(s != 1 for s in _each(stride, nd)):
-            return None
-        spatial = size
+        pads = None if any(s != 1 for s in strides) else (0,) * nd
     else:
         pads = (0,) * nd if padding == "valid" else _each(padding, nd)  # type: ignore[arg-type]
-        spatial = tuple(_spatial(n, k, s, p, d) for n, k, s, p, d in zip(
-            size, weight.shape[2:], _each(stride, nd), pads, _each(dilation, nd)))
+    if (pads is None or channels != weight.shape[1] * groups
+            or any(len(values) != nd for values in (strides, dilations, pads))):
+        return None
+    spatial = size if padding == "same" else tuple(_spatial(n, k, s, p, d) for n, k, s, p, d in
+                                                   zip(size, weight.shape[2:], strides, pads,
+                                                       dilations))
     if any(n < 1 for n in spatial):
         return None
     return (*input.shape[:-nd - 1], weight.shape[0], *spatial)
@@ -96,7 +100,9 @@ def _conv_shape(input: Tensor, weight: Tensor, bias: Tensor | None = None,
 def _linear_shape(input: Tensor, weight: Tensor, bias: Tensor | None = None
                   ) -> tuple[int, ...] | None:
     """The output shape of ``F.linear``, or None where this does not answer it."""
-    if weight.dim() != 2 or input.dim() < 1 or input.shape[-1] != weight.shape[1]:
+    if not isinstance(input, Tensor) or not isinstance(weight, Tensor) or weight.dim() != 2:
+        return None
+    if input.dim() < 1 or input.shape[-1] != weight.shape[1]:
         return None
     return None if input.dtype != weight.dtype else (*input.shape[:-1], weight.shape[0])
 
@@ -114,7 +120,10 @@ class ShapesOnly(TorchFunctionMode):
                            kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         shape_of = _SHAPES.get(func)
-        shape = shape_of(*args, **kwargs) if shape_of is not None else None
+        try:
+            shape = shape_of(*args, **kwargs) if shape_of is not None else None
+        except TypeError:  # not torch's arguments: its own call says what is wrong
+            shape = None
         if shape is None:
             return func(*args, **kwargs)
         like = args[0] if args else kwargs["input"]
