@@ -104,6 +104,7 @@ if sys.argv[1] == "keep":
 def rss():
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * 4096
+torch.ones(1 << 16).sum()  # torch's own first-use set-up, before the measure
 before = rss()
 block = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MB, written: resident
 del block
@@ -116,7 +117,8 @@ print((rss() - before) >> 20)
 def test_freed_memory_stays_with_the_process_that_keeps_it(tmp_path: Path) -> None:
     kept, returned = (int(run_process([sys.executable, "-c", _KEPT, how], tmp_path).stdout)
                       for how in ("keep", "return"))
-    assert kept >= 60 and returned < 4  # MB still resident after the 64 MB tensor is freed
+    # MB still resident after the 64 MB tensor is freed, whatever else the process allocated
+    assert kept - returned >= 48
 
 
 def test_the_commands_keep_freed_memory_but_bench_measures_as_a_user_process(
