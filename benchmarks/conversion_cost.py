@@ -51,6 +51,17 @@ def status_mb(key):
         return next(int(l.split()[1]) for l in status if l.startswith(key)) / 1024
 
 job, source, target, model = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+fsynced = [0.0]  # the job's wait for the disk
+fsync = os.fsync
+
+def timed_fsync(handle):
+    began = time.perf_counter()
+    try:
+        fsync(handle)
+    finally:
+        fsynced[0] += time.perf_counter() - began
+
+os.fsync = timed_fsync
 baseline = status_mb("VmRSS")
 with open("/proc/self/clear_refs", "w") as refs:  # the peak (VmHWM) starts again from here
     refs.write("5")
@@ -68,7 +79,7 @@ else:
     seconds = fuse_checkpoint(source, target, options, check=job == "fuse").seconds
 total = time.perf_counter() - start
 print(json.dumps({"seconds": total, "rss_mb": status_mb("VmHWM") - baseline,
-                  "baseline_mb": baseline, "stages": seconds}))
+                  "baseline_mb": baseline, "stages": seconds, "fsync": fsynced[0]}))
 """
 
 
@@ -125,7 +136,7 @@ def _best_interleaved(source: Path, folder: Path, model: str, runs: int) -> dict
     for job, runs_of_job in results.items():
         fastest = min(runs_of_job, key=lambda r: r["seconds"])
         best[job] = {"seconds": fastest["seconds"],
-                     "every": [r["seconds"] for r in runs_of_job],
+                     "every": [(r["seconds"], r["fsync"]) for r in runs_of_job],
                      "rss_mb": min(r["rss_mb"] for r in runs_of_job),
                      "verify": fastest["stages"].get("verify", 0.0),
                      "stages": fastest["stages"]}
@@ -178,10 +189,12 @@ def main() -> None:
                 f" | {full['rss_mb']:.0f} ({full['rss_mb'] / size:.1f}x) |")
             stages.append((source.name, quick["stages"], full["stages"]))
             every.append(f"{source.name}: " + "; ".join(
-                f"{job} " + ", ".join(f"{s:.2f}" for s in best[job]["every"]) for job in JOBS))
+                f"{job} " + ", ".join(f"{s:.2f}" + (f" ({f:.2f})" if f else "")
+                                      for s, f in best[job]["every"]) for job in JOBS))
     say()
-    say("Every run (s), in the order run (a plain torch.save's time varies most: it leaves its "
-        "pages to the kernel, whose state it then meets):")
+    say("Every run (s), in the order run, in brackets the part spent in fsync, waiting for the "
+        "disk (a plain torch.save's time varies most: it leaves its pages to the kernel, whose "
+        "state it then meets):")
     say()
     for line in every:
         say(f"- {line}")
