@@ -7,8 +7,8 @@ process that first imports torch and repconv (identical for every job, not timed
 are the job's wall time and its peak RSS above that interpreter baseline (the kernel's
 high-water mark, reset after the imports, minus the RSS then), best of a few runs. The four
 jobs run interleaved, round by round, so a burst of load from elsewhere slows each alike, and
-each starts after an ``os.sync()``: what earlier jobs wrote is on disk, so no job pays for
-another's writeback. The tables are printed and saved to benchmarks/results_conversion.md.
+each writes a new file (the last round's is removed first) after an ``os.sync()``: what earlier
+jobs wrote is on disk, so no job pays for another's writeback. The tables are printed and saved to benchmarks/results_conversion.md.
 
 Checkpoints: a small one (a RepVGG of the sample family, width 96, 224px, 7 MB) and a large one
 generated into a temp folder (a RepVGG-style network of 21 blocks, widths 256 to 1024, 120M
@@ -118,6 +118,11 @@ def _checkpoints(folder: Path) -> list[tuple[Path, str]]:
 
 
 def _run(job: str, source: Path, target: Path, model: str) -> dict:
+    # every job writes a new file: a torch.save over the last round's file truncates it first
+    # and writes into the memory that frees, while repconv's atomic write can let the old file
+    # go only once the new one is whole; on this VM, whose free memory goes back to the host,
+    # fresh memory cost repconv's write up to 0.8 s more than that reuse did
+    target.unlink(missing_ok=True)
     # the files earlier jobs wrote go to disk first: their writeback (which a plain torch.save
     # leaves to the kernel) must not slow this job
     os.sync()

@@ -1,8 +1,7 @@
 """torch.save with its checksums computed on every core (`formats.zip_checksums`): the archive
 must be byte for byte the one torch.save writes with its own checksums, in memory and in a
-file (where the checksums of large writes are computed while the next is written), whatever
-the pieces; torch's process-wide option comes back as it was; an archive not laid out as torch
-lays it out is left unchanged and written again by torch itself."""
+file, whatever the pieces; torch's process-wide option comes back as it was; an archive not
+laid out as torch lays it out is left unchanged and written again by torch itself."""
 
 from __future__ import annotations
 
@@ -81,10 +80,10 @@ def fast_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
 
 @pytest.fixture(params=[None, 1000], ids=["default pieces", "pieces of 1000 bytes"])
 def pieces(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Small pieces split every record in several, each streamed while the next is written."""
+    """Small pieces split every record in several, checksummed on the threads and joined."""
     if request.param is not None:
         monkeypatch.setattr(zip_checksums, "_PIECE", request.param)
-        monkeypatch.setattr(zip_checksums, "_STREAMED", request.param // 2)
+        monkeypatch.setattr(zip_checksums, "_THREADED", request.param // 2)
 
 
 def test_crc32_combine_joins_checksums_as_zlib_computes_the_whole() -> None:
@@ -210,7 +209,7 @@ def test_what_is_not_an_empty_start_gets_a_plain_save(tmp_path: Path) -> None:
     assert path.read_bytes() == _torch_bytes(payload)
 
 
-def test_a_file_archive_is_checksummed_once_per_range(tmp_path: Path) -> None:
+def test_a_file_archive_checksums_the_ranges_it_reads_back(tmp_path: Path) -> None:
     path = tmp_path / "bytes"
     data = random.Random(1).randbytes(3 * 65536 + 5)
     path.write_bytes(data)
@@ -218,9 +217,8 @@ def test_a_file_archive_is_checksummed_once_per_range(tmp_path: Path) -> None:
     try:
         archive = FileArchive(handle)
         with ThreadPoolExecutor(2) as pool:
-            first = archive.crc32(pool, 65537, 2 * 65536)
-            assert archive.crc32(pool, 65537, 2 * 65536) is first
-            assert first.result() == zlib.crc32(data[65537:65537 + 2 * 65536])
+            piece = archive.crc32(pool, 65537, 2 * 65536)
+            assert piece.result() == zlib.crc32(data[65537:65537 + 2 * 65536])
             assert archive.crc32(pool, 3, 70000).result() == zlib.crc32(data[3:70003])
         assert archive.size == len(data)
     finally:

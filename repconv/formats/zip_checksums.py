@@ -3,11 +3,13 @@
 torch.save computes each record's CRC-32 on one thread as it writes: 0.3 s of its 0.7 s for a
 430 MB deploy file here. With torch's CRC option off (`checksums_deferred`) it writes the same
 archive with zeros where the checksums go, and a serialization id made from those zeros. The
-checksums are computed on threads instead (zlib releases the GIL): in a file, each large
-write's bytes, read back from the file, while torch writes the next; the rest once the archive
-is whole (`fill_checksums`), in pieces that `crc32_combine` joins. They are written where torch
-would have put them, and the serialization id is made from them again: the archive is then
-byte for byte the one torch.save writes with its own checksums (the tests compare them).
+checksums are computed on threads instead (zlib releases the GIL) once the archive is whole
+(`fill_checksums`): each record's bytes read back in pieces that `crc32_combine` joins. Not
+while torch writes: on this machine (a VM, two cores) a thread reading beside the one writing
+made the writes up to ten times slower in some runs, and the sum of the two, one after the
+other, is 0.2 s for 431 MB every time. They are written where torch would have put them,
+and the serialization id is made from them again: the archive is then byte for byte the one
+torch.save writes with its own checksums (the tests compare them).
 
 The layout relied on is torch's zip writer's, checked as it is read: every record stored as it
 is, followed by a data descriptor, with zeros in both checksum fields; an id of 40 digits whose
@@ -33,7 +35,7 @@ from typing import Any, Protocol
 import torch
 
 _PIECE = 8 << 20  # bytes per thread task; one piece read at a time per thread keeps RSS flat
-_STREAMED = 1 << 20  # a smaller record is checksummed at once, on the calling thread
+_THREADED = 1 << 20  # a smaller record is checksummed at once, on the calling thread
 _LOCAL, _CENTRAL, _DESCRIPTOR = 0x04034B50, 0x02014B50, 0x08074B50
 _END, _END64, _LOCATOR64 = 0x06054B50, 0x06064B50, 0x07064B50
 _HAS_DESCRIPTOR = 0x8  # general-purpose flag bit 3
@@ -75,9 +77,8 @@ class SeekableFile(Protocol):
 def save(payload: Any, file: SeekableFile | io.BytesIO) -> None:
     """torch.save of ``payload`` into ``file``: an empty BytesIO, or a file open for reading
     and writing at its start (anything else gets a plain torch.save). Its checksums are
-    computed on every core the process may use: a file's, each large write's bytes while the
-    next is written. Written again with torch's own checksums where the archive is not laid
-    out as expected."""
+    computed afterwards on every core the process may use. Written again with torch's own
+    checksums where the archive is not laid out as expected."""
     if not (_at_start(file) and _saved_deferred(payload, file)):
         torch.save(payload, file)
 
@@ -88,16 +89,14 @@ def _saved_deferred(payload: Any, file: SeekableFile | io.BytesIO) -> bool:
     with checksums_deferred() as deferred:
         if not deferred:
             return False
+        torch.save(payload, file)
         pool = ThreadPoolExecutor(_threads())
         try:
             if isinstance(file, io.BytesIO):
-                torch.save(payload, file)
                 with file.getbuffer() as view:
                     fill_checksums(MemoryArchive(view), pool)
             else:
-                archive = FileArchive(file.fileno())
-                torch.save(payload, _Streamed(file, archive, pool))
-                fill_checksums(archive, pool)
+                fill_checksums(FileArchive(file.fileno()), pool)
             return True
         except UnexpectedLayout:
             pass
@@ -127,32 +126,6 @@ def _threads() -> int:
     cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
              else os.cpu_count() or 1)
     return max(1, min(torch.get_num_threads(), cores))
-
-
-class _Streamed:
-    """``file``, written a piece at a time, each large piece checksummed on ``pool`` (read
-    back from the file, not from the writer's buffer, which it may reuse) while the next is
-    written."""
-
-    def __init__(self, file: SeekableFile, archive: FileArchive, pool: ThreadPoolExecutor) -> None:
-        self.file, self.archive, self.pool = file, archive, pool
-        self.offset = 0
-
-    def write(self, data: bytes | memoryview) -> int:
-        view = memoryview(data).cast("B")
-        if len(view) < _STREAMED:  # a header or a small record: no pieces to make
-            size = self.file.write(view)
-        else:
-            size = 0
-            for offset, length in _pieces(self.offset, len(view)):
-                size += self.file.write(view[offset - self.offset:offset - self.offset + length])
-                if length >= _STREAMED:
-                    self.archive.crc32(self.pool, offset, length)
-        self.offset += size
-        return size
-
-    def flush(self) -> None:
-        self.file.flush()
 
 
 def _pieces(offset: int, size: int) -> list[tuple[int, int]]:
@@ -227,7 +200,7 @@ def _checksums(archive: Archive, records: list[_Record], pool: ThreadPoolExecuto
     computed on ``pool`` (every piece started before any is waited for)."""
     started = {id(r): [(archive.crc32(pool, offset, size), size)
                        for offset, size in _pieces(r.data, r.size)]
-               for r in records if r.size >= _STREAMED}
+               for r in records if r.size >= _THREADED}
     checksums = []
     for record in records:
         if id(record) not in started:
@@ -358,15 +331,12 @@ def _x_power(n: int) -> int:
 
 
 class FileArchive:
-    """An archive in an open file, read and written at offsets; each piece checksummed once,
-    on a thread of the pool, read back with pread. (Not through a mapping of the piece: each
-    mapping undone interrupts the other cores of the process, the writing one among them, and
-    in a virtual machine whose host is busy that slowed the write of a 431 MB file by 0.2 s,
-    measured.)"""
+    """An archive in an open file, read and written at offsets; each piece checksummed on a
+    thread of the pool, read back with pread (no mapping, whose undoing interrupts the
+    process's other cores)."""
 
     def __init__(self, handle: int) -> None:
         self.handle = handle
-        self.started: dict[tuple[int, int], Future[int]] = {}
 
     @property
     def size(self) -> int:
@@ -376,13 +346,7 @@ class FileArchive:
         return os.pread(self.handle, size, offset)
 
     def crc32(self, pool: ThreadPoolExecutor, offset: int, size: int) -> Future[int]:
-        key = (offset, size)
-        if key not in self.started:
-            self.started[key] = pool.submit(self._crc32, offset, size)
-        return self.started[key]
-
-    def _crc32(self, offset: int, size: int) -> int:
-        return zlib.crc32(self.read(offset, size))
+        return pool.submit(lambda: zlib.crc32(self.read(offset, size)))
 
     def write(self, offset: int, data: bytes) -> None:
         os.pwrite(self.handle, data, offset)
