@@ -8,7 +8,8 @@ are the job's wall time and its peak RSS above that interpreter baseline (the ke
 high-water mark, reset after the imports, minus the RSS then), best of a few runs. The four
 jobs run interleaved, round by round, so a burst of load from elsewhere slows each alike, and
 each writes a new file (the last round's is removed first) after an ``os.sync()``: what earlier
-jobs wrote is on disk, so no job pays for another's writeback. The tables are printed and saved to benchmarks/results_conversion.md.
+jobs wrote is on disk, so no job pays for another's writeback. The tables are printed and saved
+to benchmarks/results_conversion.md.
 
 Checkpoints: a small one (a RepVGG of the sample family, width 96, 224px, 7 MB) and a large one
 generated into a temp folder (a RepVGG-style network of 21 blocks, widths 256 to 1024, 120M
