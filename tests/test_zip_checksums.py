@@ -95,6 +95,19 @@ def test_crc32_combine_joins_checksums_as_zlib_computes_the_whole() -> None:
             zlib.crc32(first + second)
 
 
+def test_the_checksum_in_use_is_zlibs_crc32() -> None:
+    """ISA-L's where installed: every length around its vector widths, any alignment, and a
+    large buffer given as a memoryview (as pieces of a tensor are)."""
+    rng = random.Random(1)
+    data = rng.randbytes(1 << 16)
+    for length in [*range(0, 260), 1000, 4095, 4096, 4097, 65535]:
+        start = rng.randrange(0, 64)
+        piece = data[start:start + length]
+        assert zip_checksums.crc32(piece) == zlib.crc32(piece)
+    large = memoryview(torch.randn(3_000_001).numpy()).cast("B")
+    assert zip_checksums.crc32(large) == zlib.crc32(large)
+
+
 @pytest.mark.usefixtures("pieces", "fast_path")
 def test_archive_in_memory_is_torchs_own_byte_for_byte() -> None:
     for payload in _payloads():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import operator
 import types
@@ -262,11 +263,20 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...],
 def _positional_inplace(node: fx.Node) -> bool:
     """``F.relu(x, True)``: an ``inplace`` parameter given by position."""
     try:
-        params = list(inspect.signature(node.target).parameters)
+        index = _inplace_position(node.target)
+    except TypeError:  # an unhashable callable: its signature is read each time
+        index = _inplace_position.__wrapped__(node.target)
+    return index is not None and len(node.args) > index and node.args[index] is True
+
+
+@functools.lru_cache(maxsize=1024)  # every call of F.relu, operator.add, ... in every trace
+def _inplace_position(target: object) -> int | None:
+    """Where ``target`` takes an ``inplace`` parameter by position; None where it takes none."""
+    try:
+        params = list(inspect.signature(target).parameters)  # type: ignore[arg-type]
     except (TypeError, ValueError):  # builtins without a signature take no inplace flag
-        return False
-    index = params.index("inplace") if "inplace" in params else len(node.args)
-    return len(node.args) > index and node.args[index] is True
+        return None
+    return params.index("inplace") if "inplace" in params else None
 
 
 # Ops whose result may share storage with their first argument (views, and reshapes that

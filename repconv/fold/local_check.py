@@ -57,8 +57,9 @@ def region_module(gm: fx.GraphModule, region: Region) -> fx.GraphModule:
         module.add_module(f"then_{index}", algebra.to_module(after, dtype))
         with graph.inserting_before(output):
             value = graph.call_module(f"then_{index}", (value,))
-    output.args = (value,)
-    module.recompile()
+    if region.then:  # its code, generated with the module, lacks them
+        output.args = (value,)
+        module.recompile()
     return module
 
 
