@@ -6,7 +6,8 @@ slowly at the time the plain baseline leaves out a wait the fuse pays. Each job 
 process that first imports torch and repconv (identical for every job, not timed); the figures
 are the job's wall time and its peak RSS above that interpreter baseline (the kernel's
 high-water mark, reset after the imports, minus the RSS then), best of five runs. The four
-jobs run interleaved, round by round, so a burst of load from elsewhere slows each alike, and
+jobs run interleaved, round by round (in an order that rotates each round, so each follows
+each of the others), so a burst of load from elsewhere slows each alike, and
 each writes a new file (the last round's is removed first) after an ``os.sync()``: what earlier
 jobs wrote is on disk, so no job pays for another's writeback. The tables are printed and saved
 to benchmarks/results_conversion.md.
@@ -132,10 +133,14 @@ def _run(job: str, source: Path, target: Path, model: str) -> dict:
 
 
 def _best_interleaved(source: Path, folder: Path, model: str, runs: int) -> dict[str, dict]:
-    """Each job's best run, the jobs taking turns round by round."""
+    """Each job's best run, the jobs taking turns round by round, in an order that rotates: a
+    job meets the memory the job before it freed (on this VM, freed memory goes back to the
+    host, and a page taken again costs a fault there too; see docs/benchmarks.md), so each job
+    follows each of the others in turn."""
     results: dict[str, list[dict]] = {job: [] for job in JOBS}
-    for _ in range(runs):
-        for job in JOBS:
+    for round_ in range(runs):
+        turn = round_ % len(JOBS)
+        for job in JOBS[turn:] + JOBS[:turn]:
             results[job].append(_run(job, source, folder / f"{job}.pt", model))
     best = {}
     for job, runs_of_job in results.items():
