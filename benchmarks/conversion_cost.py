@@ -7,10 +7,10 @@ process that first imports torch and repconv (identical for every job, not timed
 are the job's wall time and its peak RSS above that interpreter baseline (the kernel's
 high-water mark, reset after the imports, minus the RSS then), best of five runs. The four
 jobs run interleaved, round by round (in an order that rotates each round, so each follows
-each of the others), so a burst of load from elsewhere slows each alike, and
-each writes a new file (the last round's is removed first) after an ``os.sync()``: what earlier
-jobs wrote is on disk, so no job pays for another's writeback. The tables are printed and saved
-to benchmarks/results_conversion.md.
+each of the others), so a burst of load from elsewhere slows each alike, and each writes a
+new file (the last round's is removed first) after an ``os.sync()``: what earlier jobs wrote
+is on disk, so no job pays for another's writeback. The tables are printed and saved to
+benchmarks/results_conversion.md.
 
 Checkpoints: a small one (a RepVGG of the sample family, width 96, 224px, 7 MB) and a large one
 generated into a temp folder (a RepVGG-style network of 21 blocks, widths 256 to 1024, 120M
