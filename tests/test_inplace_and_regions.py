@@ -6,13 +6,17 @@ the original on fresh inputs, each model given its own copy.
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import torch
 import torch.nn.functional as F
 from helpers.measure import count_bns, rel_err
 from helpers.reference_blocks import randomize_bn
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 import repconv
+from repconv.fold.graph import alias_base
 from repconv.rewrite.surgery import replay_plan
 
 
@@ -193,3 +197,26 @@ def test_positional_inplace_flag_is_recognised() -> None:
     result = _fuse_and_compare(PositionalInPlaceRelu(), (2, 4, 8, 8))
     assert count_bns(result.model) == 0
     assert type(result.model) is PositionalInPlaceRelu
+
+
+class _Activation:
+    def clamp(self, x: Tensor, inplace: bool = False) -> Tensor:
+        return x.clamp_(min=0) if inplace else x.clamp(min=0)
+
+
+def test_a_bound_methods_positional_inplace_flag_counts_without_its_instance() -> None:
+    """A bound method called with ``inplace`` by position changes its input (the flag's place
+    is counted without ``self``), and looking it up keeps no reference to the instance."""
+    activation = _Activation()
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    changed = graph.call_function(activation.clamp, (x, True))
+    kept = graph.call_function(activation.clamp, (x,))
+    graph.output((changed, kept))
+    gm = fx.GraphModule(nn.Module(), graph)
+    assert alias_base(changed, gm) is x
+    assert alias_base(kept, gm) is kept
+    instance = weakref.ref(activation)
+    del activation, changed, kept, graph, gm, x
+    gc.collect()
+    assert instance() is None

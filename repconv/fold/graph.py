@@ -262,18 +262,26 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...],
 
 def _positional_inplace(node: fx.Node) -> bool:
     """``F.relu(x, True)``: an ``inplace`` parameter given by position."""
+    target = node.target
+    # a bound method's function is looked up, not the method: the cache keeps no instance
+    function = getattr(target, "__func__", target)
+    bound = function is not target
     try:
-        index = _inplace_position(node.target)
+        index = _inplace_position(function)
     except TypeError:  # an unhashable callable: its signature is read each time
-        index = _inplace_position.__wrapped__(node.target)
-    return index is not None and len(node.args) > index and node.args[index] is True
+        index = _inplace_position.__wrapped__(function)
+    if index is None or index < bound:
+        return False
+    index -= bound  # the instance is not among the node's arguments
+    return len(node.args) > index and node.args[index] is True
 
 
 @functools.lru_cache(maxsize=1024)  # every call of F.relu, operator.add, ... in every trace
-def _inplace_position(target: object) -> int | None:
-    """Where ``target`` takes an ``inplace`` parameter by position; None where it takes none."""
+def _inplace_position(function: object) -> int | None:
+    """Where ``function`` takes an ``inplace`` parameter by position; None where it takes
+    none."""
     try:
-        params = list(inspect.signature(target).parameters)  # type: ignore[arg-type]
+        params = list(inspect.signature(function).parameters)  # type: ignore[arg-type]
     except (TypeError, ValueError):  # builtins without a signature take no inplace flag
         return None
     return params.index("inplace") if "inplace" in params else None
