@@ -28,18 +28,18 @@ bench:
 	$(BIN)/python benchmarks/make_bench.py
 
 # The timm model zoo (benchmarks/zoo.py, tests/zoo) runs in its own environment: PyPI's torch
-# build with torchvision, timm and ultralytics pinned by constraints-zoo.txt. Made once; skipped
-# when ready.
+# build with torchvision, timm and ultralytics pinned by constraints-zoo.txt. Those are installed
+# once; repconv itself is installed again each time (4 s), so that a dependency pyproject gained
+# since the env was made (isal) reaches it.
 zoo-env:
-	@if $(ZOO_BIN)/python -c 'import timm, repconv, onnxruntime, onnxscript, importlib.util as u; \
+	@if ! $(ZOO_BIN)/python -c 'import timm, torchvision, importlib.util as u; \
 			assert u.find_spec("ultralytics")' 2>/dev/null; then \
-		echo "$(ZOO_VENV) ready"; \
-	else \
 		$(PYTHON) -m venv $(ZOO_VENV) && \
 		$(ZOO_BIN)/pip install --quiet -c constraints-zoo.txt 'torch===2.13.0' torchvision timm \
-			ultralytics && \
-		$(ZOO_BIN)/pip install --quiet -c constraints-zoo.txt -e '.[dev,onnx]'; \
+			ultralytics; \
 	fi
+	$(ZOO_BIN)/pip install --quiet -c constraints-zoo.txt -e '.[dev,onnx]'
+	@echo "$(ZOO_VENV) ready"
 
 # OMP_WAIT_POLICY=PASSIVE: on a CPU shared with other work, OpenMP threads that spin at barriers
 # make 2-thread runs 20-40x slower than 1-thread ones; sleeping waits keep them comparable.
