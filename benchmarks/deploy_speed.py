@@ -20,7 +20,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
-from _timing import interleaved_ms  # noqa: E402
+from _timing import HOW, interleaved_ms  # noqa: E402
 from helpers.reference_blocks import BLOCK_NAMES, randomize_bn, tiny_net  # noqa: E402
 
 import repconv  # noqa: E402
@@ -75,7 +75,7 @@ def main() -> None:
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"batch {args.batch}, width {args.channels}, input {args.size}px")
+          f"batch {args.batch}, width {args.channels}, input {args.size}px; {HOW}")
     print("\n| network | unfused ms | fused ms | hand-written ms | speed-up | fused / hand | "
           "BN before→after | convs before→after |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

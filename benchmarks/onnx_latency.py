@@ -24,7 +24,7 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
-from _timing import interleaved_ms  # noqa: E402
+from _timing import HOW, interleaved_ms  # noqa: E402
 from deploy_speed import RepVGGTinyDeploy  # noqa: E402
 from helpers.reference_blocks import BLOCK_NAMES, block_ndim, randomize_bn, tiny_net  # noqa: E402
 
@@ -93,7 +93,8 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, onnx {onnx.__version__}, onnxruntime "
           f"{onnxruntime.__version__}, CPU sessions with {THREADS} threads, batch 1, width "
-          f"{args.channels}, input {args.size}px, median of {args.rounds} interleaved rounds")
+          f"{args.channels}, input {args.size}px, median of {args.rounds} interleaved rounds, "
+          f"{HOW}")
     print("\n| network | training ONNX ms | repconv ONNX ms | hand-written ONNX ms | "
           "repconv / hand-written | speed-up training→repconv | Conv nodes training→repconv | "
           "BN nodes in training ONNX |")

@@ -27,7 +27,7 @@ import onnx
 import onnxruntime
 import timm
 import torch
-from _timing import interleaved_ms
+from _timing import HOW, interleaved_ms
 from timm.utils.model import reparameterize_model
 from zoo_models import BY_NAME, HAND_WRITTEN, REPCONV, TRAINING, build, relative_error, seeded_input
 
@@ -110,7 +110,7 @@ def main() -> None:
     start = time.perf_counter()
     print(f"torch {torch.__version__}, timm {timm.__version__}, onnx {onnx.__version__}, "
           f"onnxruntime {onnxruntime.__version__}; CPU sessions with {THREADS} threads, batch 1, "
-          f"{args.size}px, median of {args.rounds} interleaved rounds; "
+          f"{args.size}px, median of {args.rounds} interleaved rounds ({HOW}); "
           f"load average at start {_load()}", flush=True)
     rows, logs = [], []
     for name in args.models.split(","):

@@ -31,7 +31,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
-from _timing import interleaved_ms  # noqa: E402
+from _timing import HOW, interleaved_ms  # noqa: E402
 from helpers.measure import rel_err  # noqa: E402
 from helpers.third_party_models import (  # noqa: E402
     MODELS,
@@ -139,9 +139,10 @@ def main() -> None:
         "after one warm-up call (conv / BatchNorm / all that move data). err: worst "
         "max|a - t| / max|t| over x and the model's other shapes (batch 2, 96, 77x101, 128; "
         "detectors 96x128, 128x96, 128). r/h, t/h: latency ratios at x, median of "
-        f"{args.rounds} interleaved rounds in this one run, each form as a deploy step loads "
-        "it (pickled and loaded again: its tensors allocated afresh); h'/h: the authors' form "
-        "loaded a second time against itself, what layout alone moves a ratio in this run.", "",
+        f"{args.rounds} interleaved rounds in this one run ({HOW}), each form as a deploy "
+        "step loads it (pickled and loaded again: its tensors allocated afresh); h'/h: the "
+        "authors' form loaded a second time against itself, what layout alone moves a ratio "
+        "in this run.", "",
         "| model | convs t/h/r | BN t/h/r | ops t/h/r | err h | err r | r/h | h'/h | t/h "
         "| fuse s |",
         "|---|---|---|---|---|---|---|---|---|---|",

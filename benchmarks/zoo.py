@@ -29,7 +29,7 @@ from pathlib import Path
 
 import timm
 import torch
-from _timing import interleaved_ms
+from _timing import HOW, interleaved_ms
 from zoo_models import (
     BY_NAME,
     HAND_WRITTEN,
@@ -167,7 +167,7 @@ def header(sizes: tuple[int, int], rounds: int) -> str:
         f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"timm {timm.__version__}, {torch.get_num_threads()} threads "
         f"(OMP_WAIT_POLICY={wait_policy}). Fuse at {sizes[0]}px batch 1; latency: batch 1, "
-        f"median of {rounds} interleaved rounds after 5 warm-up calls.\n\n"
+        f"median of {rounds} interleaved rounds after 5 warm-up calls, {HOW}.\n\n"
         "Forms: t = training model (eval), h = timm reparameterize_model, r = repconv.fuse. "
         "err = max|r - t| / max|t| at each check (n/a: t itself fails there); hand err = the "
         "same for h (worst check); fp32 noise = t in float32 against t in float64 (worst "
