@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import sys
@@ -30,6 +29,7 @@ from helpers.cli_support import (
     SHAPE8,
     assert_no_traceback,
     error_line,
+    interrupt_deploy_writes,
     invoke,
     run_process,
     sha256,
@@ -256,13 +256,7 @@ def test_fuse_pickled_args_entry_without_trust(repvgg_ckpt: Path, tmp_path: Path
 @pytest.mark.parametrize("as_json", [False, True], ids=["human", "json"])
 def test_keyboard_interrupt_writes_nothing(repvgg_ckpt: Path, tmp_path: Path, as_json: bool,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    real_write = os.write
-
-    def write_some_then_interrupt(fd: int, data: bytes) -> int:
-        real_write(fd, bytes(data)[:100])
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(os, "write", write_some_then_interrupt)
+    interrupt_deploy_writes(monkeypatch)
     before = snapshot(tmp_path, repvgg_ckpt)
     result = invoke("fuse", repvgg_ckpt, tmp_path / "deploy.pt", *(["--json"] if as_json else []))
     monkeypatch.undo()

@@ -3,8 +3,10 @@ disk, SIGTERM in the middle of a write, links and read-only files in OUT's place
 files that are byte-identical from run to run.
 
 Faults that the machine cannot produce on demand are injected into a real `python -m repconv`
-process by a wrapper that replaces ``os.write`` (the call every deploy write goes through).
-Where the machine allows it (root with mount namespaces), the full disk is a real 32 KiB tmpfs.
+process by a wrapper that replaces ``os.write`` and ``os.pwrite`` (the calls every deploy write
+goes through: pwrite from the threads that write around the page cache, and for the checksums;
+write where the file system takes no O_DIRECT). Where the machine allows it (root with mount
+namespaces), the full disk is a real 32 KiB tmpfs.
 """
 
 from __future__ import annotations
@@ -37,10 +39,11 @@ from repconv.rewrite.plan import PLAN_VERSION
 
 FORMATS = (".pt", ".safetensors", ".pt2")
 WRITE_HOOK = """
-import errno, os, runpy, signal, sys, time
+import errno, os, runpy, signal, sys, threading, time
 
-mode, folder, real_write = sys.argv[1], os.path.abspath(sys.argv[2]), os.write
-began = False
+mode, folder = sys.argv[1], os.path.abspath(sys.argv[2])
+real_write, real_pwrite = os.write, os.pwrite
+began = threading.Event()
 
 def into_folder(fd):
     # only writes to a file in OUT's folder (named or not yet: an unnamed file's link reads
@@ -50,21 +53,24 @@ def into_folder(fd):
     except OSError:
         return False
 
+def begin():
+    if began.is_set():
+        return
+    began.set()
+    open(os.environ["HOOK_BEGAN"], "w").close()  # the test may act now
+    if mode == "sigkill":  # the process dies mid-write, with no cleanup at all
+        os.kill(os.getpid(), signal.SIGKILL)
+    if mode == "truncate-in":  # another process cuts IN short while OUT is written
+        os.truncate(os.environ["HOOK_IN"], 0)
+    if mode == "rewrite-in":  # another process writes IN in place, the same size
+        with open(os.environ["HOOK_IN"], "r+b") as handle:
+            handle.seek(os.path.getsize(os.environ["HOOK_IN"]) // 2)
+            handle.write(bytes(4096))
+
 def hooked(fd, data):
-    global began
     if not into_folder(fd):
         return real_write(fd, data)
-    if not began:
-        began = True
-        open(os.environ["HOOK_BEGAN"], "w").close()  # the test may act now
-        if mode == "sigkill":  # the process dies mid-write, with no cleanup at all
-            os.kill(os.getpid(), signal.SIGKILL)
-        if mode == "truncate-in":  # another process cuts IN short while OUT is written
-            os.truncate(os.environ["HOOK_IN"], 0)
-        if mode == "rewrite-in":  # another process writes IN in place, the same size
-            with open(os.environ["HOOK_IN"], "r+b") as handle:
-                handle.seek(os.path.getsize(os.environ["HOOK_IN"]) // 2)
-                handle.write(bytes(4096))
+    begin()
     if mode == "enospc":  # some bytes reach the disk, then it is full
         real_write(fd, bytes(data[:1000]))
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -73,7 +79,25 @@ def hooked(fd, data):
         return real_write(fd, bytes(data[:4096]))
     return real_write(fd, data)
 
-os.write = hooked
+def hooked_pwrite(fd, data, offset):
+    if not into_folder(fd):
+        return real_pwrite(fd, data, offset)
+    begin()
+    # a direct write takes whole sectors from aligned memory: the view's first 4096 bytes
+    head = memoryview(data)[:4096]
+    if mode == "enospc":
+        if len(head) == 4096:
+            real_pwrite(fd, head, offset)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if mode == "slow":
+        time.sleep(0.05)
+        return real_pwrite(fd, head, offset)
+    return real_pwrite(fd, data, offset)
+
+os.write, os.pwrite = hooked, hooked_pwrite
+if os.environ.get("HOOK_CACHED"):  # as on a file system that takes no O_DIRECT
+    import repconv.formats.write
+    repconv.formats.write.direct_writer = lambda handle: None
 sys.argv = ["repconv", *sys.argv[3:]]
 runpy.run_module("repconv", run_name="__main__", alter_sys=True)
 """
@@ -147,13 +171,21 @@ def test_unwritable_folder_is_refused_in_the_real_process(repvgg_ckpt: Path, tmp
 # ------------------------------------------------------------------------ full disk
 
 
+@pytest.fixture(params=["around the cache", "through the cache"])
+def cache(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The hook's setting for the writer: O_DIRECT where the file system takes it, or the
+    writer for those that do not."""
+    return {} if request.param == "around the cache" else {"HOOK_CACHED": "1"}
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_full_disk_leaves_no_partial_out(repvgg_ckpt: Path, tmp_path: Path, fmt: str) -> None:
+def test_full_disk_leaves_no_partial_out(repvgg_ckpt: Path, tmp_path: Path, fmt: str,
+                                         cache: dict[str, str]) -> None:
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     out = out_dir / f"deploy{fmt}"
     proc = run_process(hooked_repconv(tmp_path, "enospc", out, "fuse", repvgg_ckpt, out,
-                                      "--json"), tmp_path, env=hook_env(tmp_path))
+                                      "--json"), tmp_path, env=hook_env(tmp_path, **cache))
     assert_process_refused(proc, ["cannot write", "No space left on device", "nothing written"],
                            as_json=True)
     assert leftovers(out_dir) == []
@@ -190,14 +222,14 @@ def test_real_full_disk_leaves_no_partial_out(repvgg_ckpt: Path, tmp_path: Path,
 
 @pytest.mark.parametrize("fmt", [".pt", ".pt2"])
 def test_sigterm_during_the_write_leaves_nothing(repvgg_ckpt: Path, tmp_path: Path,
-                                                 fmt: str) -> None:
+                                                 fmt: str, cache: dict[str, str]) -> None:
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     out = out_dir / f"deploy{fmt}"
     process = subprocess.Popen(
         hooked_repconv(tmp_path, "slow", out, "fuse", repvgg_ckpt, out, "--json"),
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, **hook_env(tmp_path)})
+        env={**os.environ, **hook_env(tmp_path, **cache)})
     deadline = time.monotonic() + 90
     while not (tmp_path / "write_began").exists():
         assert process.poll() is None, process.communicate()
@@ -316,7 +348,8 @@ def test_deploy_files_are_byte_identical(repvgg_ckpt: Path, tmp_path: Path, fmt:
 
 def test_writeback_starts_while_the_file_is_written(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """The fsync before the rename waits for the tail of the file only: the kernel is told to
+    """Where the file system takes no O_DIRECT, the write goes through the page cache, and the
+    fsync before the rename waits for the tail of the file only: the kernel is told to
     start writing each 32 MiB as it is written, over the whole file, in order, by a thread of
     its own (the call waits on the disk's queue, the writes go on)."""
     import threading
@@ -332,6 +365,7 @@ def test_writeback_starts_while_the_file_is_written(tmp_path: Path,
         syscalls.start_writeback(handle, offset, length)
 
     monkeypatch.setattr(write, "start_writeback", advise)
+    monkeypatch.setattr(write, "direct_writer", lambda _handle: None)  # a tmpfs, say
     data = os.urandom(1 << 20) * 100  # 100 MiB
     out = tmp_path / "big.bin"
     write.write_atomically(out, data)

@@ -19,7 +19,8 @@ import pytest
 import torch
 from torch import nn
 
-from repconv.formats import zip_checksums
+from repconv.formats import direct_write, zip_checksums
+from repconv.formats.direct_write import DirectWriter, direct_writer
 from repconv.formats.write import _FdWriter
 from repconv.formats.zip_checksums import (
     FileArchive,
@@ -46,16 +47,26 @@ def _torch_bytes(payload: object) -> bytes:
     return buffer.getvalue()
 
 
-def _saved_to_file(payload: object, folder: Path) -> bytes:
+def _saved_to_file(payload: object, folder: Path, direct: bool) -> bytes:
+    """Through the writer around the page cache (in blocks of 8 KiB, so that records cross
+    them), or the one through it."""
     path = folder / "archive.pt"
     handle = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-    writer = _FdWriter(handle)
+    writer = (direct_writer(handle) if direct else None) or _FdWriter(handle)
+    assert isinstance(writer, DirectWriter) is direct, "this file system takes no O_DIRECT"
     try:
         zip_checksums.save(payload, writer)
+        writer.flush()
     finally:
         writer.settle()
         os.close(handle)
     return path.read_bytes()
+
+
+@pytest.fixture(params=[True, False], ids=["around the cache", "through the cache"])
+def direct(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    monkeypatch.setattr(direct_write, "BLOCK", 8192)
+    return bool(request.param)
 
 
 @pytest.fixture
@@ -118,11 +129,25 @@ def test_archive_in_memory_is_torchs_own_byte_for_byte() -> None:
 
 
 @pytest.mark.usefixtures("pieces", "fast_path")
-def test_archive_in_a_file_is_torchs_own_byte_for_byte(tmp_path: Path) -> None:
+def test_archive_in_a_file_is_torchs_own_byte_for_byte(tmp_path: Path, direct: bool) -> None:
     for payload in _payloads():
-        written = _saved_to_file(payload, tmp_path)
+        written = _saved_to_file(payload, tmp_path, direct)
         assert written == _torch_bytes(payload)
         assert zipfile.ZipFile(io.BytesIO(written)).testzip() is None
+
+
+@pytest.mark.usefixtures("fast_path")
+def test_the_checksums_a_direct_write_took_are_not_read_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each record's bytes came in one write, whose CRC-32 the writer took on the way: the
+    archive's checksums need none of the file read back (here, reading it back fails)."""
+    def unreadable(*_args: object) -> object:
+        raise AssertionError("a record was read back")
+
+    monkeypatch.setattr(FileArchive, "crc32", unreadable)
+    monkeypatch.setattr(zip_checksums, "_THREADED", 1)  # every record would be read on a thread
+    payload = _payloads()[0]
+    assert _saved_to_file(payload, tmp_path, direct=True) == _torch_bytes(payload)
 
 
 def test_the_checksums_are_not_torchs_zeros() -> None:
@@ -187,7 +212,7 @@ def test_a_layout_torch_does_not_write_is_refused_unchanged(damage: str) -> None
     assert bytes(data) == before, info.filename
 
 
-@pytest.mark.parametrize("target", ["memory", "file"])
+@pytest.mark.parametrize("target", ["memory", "file", "file around the cache"])
 def test_an_unexpected_layout_is_written_again_by_torch(
         target: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """A torch whose writer lays archives out otherwise still gets a whole, checksummed
@@ -202,7 +227,7 @@ def test_an_unexpected_layout_is_written_again_by_torch(
         zip_checksums.save(payload, buffer)
         written = buffer.getvalue()
     else:
-        written = _saved_to_file(payload, tmp_path)
+        written = _saved_to_file(payload, tmp_path, direct=target != "file")
     assert written == _torch_bytes(payload)
 
 

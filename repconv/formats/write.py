@@ -32,6 +32,7 @@ from repconv.errors import DeployCheckError, InputError, one_line
 from repconv.fold.calls import copies, eval_mode
 from repconv.formats import zip_checksums
 from repconv.formats.checkpoint import LoadedCheckpoint
+from repconv.formats.direct_write import DirectWriter, direct_writer
 from repconv.formats.kinds import FileKind, kind_of
 from repconv.formats.metadata import DEPLOY_MARKER, DEPLOY_VERSION
 from repconv.formats.pt2 import export_bytes
@@ -84,11 +85,13 @@ def check_output(in_path: Path, out: Path) -> None:
 
 class _FdWriter:
     """A file object over a descriptor whose every write goes through ``os.write`` in pieces,
-    so a signal is handled between them: torch.save streams into it, with no copy in memory."""
+    so a signal is handled between them: torch.save streams into it, with no copy in memory.
+    Where the file system takes no O_DIRECT writes (`direct_write`)."""
 
     def __init__(self, handle: int) -> None:
         self.handle = handle
         self.failure: BaseException | None = None  # torch's writer wraps what write raises
+        self.checksums: dict[int, tuple[int, int]] = {}  # none: the archive's are read back
         self.written = self.flushed = 0  # bytes in the file; bytes whose writeback has started
         # starting writeback waits on the disk's queue: a thread of its own waits instead
         self._writeback = ThreadPoolExecutor(1, thread_name_prefix="repconv-writeback")
@@ -140,7 +143,10 @@ class _FdWriter:
         return self.written
 
 
-def write_atomically(out: Path, data: bytes | Callable[[_FdWriter], None], *,
+Writer = DirectWriter | _FdWriter  # what `write_atomically` hands its writing function
+
+
+def write_atomically(out: Path, data: bytes | Callable[[Writer], None], *,
                      before_replace: Callable[[], None] | None = None) -> None:
     """``data`` (bytes, or a function writing them to the file object it gets) into ``out``:
     written to a file in its folder that has no name until it is whole (`_open_file`), synced,
@@ -148,13 +154,14 @@ def write_atomically(out: Path, data: bytes | Callable[[_FdWriter], None], *,
     leaves OUT as it was."""
     handle, temp = _open_file(out)
     try:
-        writer = _FdWriter(handle)
+        writer = direct_writer(handle) or _FdWriter(handle)
         try:
             try:
                 if callable(data):
                     data(writer)
                 else:
                     writer.write(data)
+                writer.flush()
             except BaseException as exc:
                 if writer.failure is not None and writer.failure is not exc:
                     raise writer.failure from exc
@@ -213,18 +220,18 @@ def _umask() -> int:
     return current
 
 
-def _torch_save(payload: Any) -> Callable[[_FdWriter], None]:
+def _torch_save(payload: Any) -> Callable[[Writer], None]:
     """torch.save streamed into the file (a file object, not a name: no name is recorded), its
     checksums computed on every core (`zip_checksums`)."""
     return lambda file: zip_checksums.save(payload, file)
 
 
 def _safetensors_writer(state: dict[str, Tensor],
-                        metadata: dict[str, str]) -> Callable[[_FdWriter], None]:
+                        metadata: dict[str, str]) -> Callable[[Writer], None]:
     """safetensors with the header's keys sorted: the library writes its metadata in hash
     order, which changes from process to process."""
 
-    def write(file: _FdWriter) -> None:
+    def write(file: Writer) -> None:
         data = safetensors_bytes(state, metadata=metadata)
         length = int.from_bytes(data[:8], "little")
         header = json.dumps(json.loads(data[8:8 + length]), sort_keys=True,

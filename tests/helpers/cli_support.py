@@ -63,6 +63,35 @@ def repconv_process_peak(*args: object, cwd: Path,
     return done, peak
 
 
+def interrupt_deploy_writes(monkeypatch: Any) -> list[str]:
+    """Ctrl-C at the first write of the deploy file, once part of it reached the disk, whichever
+    writer takes it: ``os.pwrite`` from the threads of the one around the page cache (whose
+    failure the main thread raises), ``os.write`` for the one through it. Returns the paths
+    written to (where /proc tells them)."""
+    real_write, real_pwrite = os.write, os.pwrite
+    written: list[str] = []
+
+    def record(fd: int) -> None:
+        written.append(os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd")
+                       else "")
+
+    def write_half_then_interrupt(fd: int, data: bytes) -> int:
+        record(fd)
+        real_write(fd, bytes(data)[: len(data) // 2])
+        raise KeyboardInterrupt
+
+    def pwrite_a_sector_then_interrupt(fd: int, data: memoryview, offset: int) -> int:
+        record(fd)
+        head = memoryview(data)[:4096]  # a direct write takes whole sectors
+        if len(head) == 4096:
+            real_pwrite(fd, head, offset)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "write", write_half_then_interrupt)
+    monkeypatch.setattr(os, "pwrite", pwrite_a_sector_then_interrupt)
+    return written
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
