@@ -149,3 +149,22 @@ def test_a_full_disk_in_write_atomically_leaves_nothing(
     with pytest.raises(InputError, match=r"No space left on device.*nothing written"):
         write.write_atomically(tmp_path / "out.bin", os.urandom(20 << 20))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("error", [errno.EINVAL, errno.ENOSPC])
+def test_the_alignment_is_tried_first(opened: tuple[int, Path], error: int,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file system that takes the flag but refuses the alignment gets the writer through
+    the cache (O_DIRECT off again); a full disk fails there as it would have later."""
+    handle, _ = opened
+
+    def refuse(fd: int, data: memoryview, offset: int) -> int:
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(os, "pwrite", refuse)
+    if error == errno.EINVAL:
+        assert direct_writer(handle) is None
+        assert not fcntl.fcntl(handle, fcntl.F_GETFL) & os.O_DIRECT
+    else:
+        with pytest.raises(OSError, match="No space left"):
+            direct_writer(handle)

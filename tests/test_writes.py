@@ -85,7 +85,8 @@ def hooked_pwrite(fd, data, offset):
     begin()
     # a direct write takes whole sectors from aligned memory: the view's first 4096 bytes
     head = memoryview(data)[:4096]
-    if mode == "enospc":
+    if mode == "enospc" and not (offset == 0 and len(data) == 4096 and not any(head)):
+        # (the writer's first write, one empty sector, tries the alignment: it goes through)
         if len(head) == 4096:
             real_pwrite(fd, head, offset)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -4,21 +4,24 @@ the way.
 repconv waits for OUT to be on disk before it gives it its name, so the bytes reach the disk
 within the write either way; the page cache only adds a copy into memory the kernel must first
 find. On this project's VM that copy was the slow part: 431 MB written through the cache took
-0.1 to 1.1 s from one process to the next, nearly all of it copying into freshly allocated
-cache pages (the host takes free guest memory back, and a page taken back costs a fault there
-when it is used again), then 0.2 s of fsync; written around the cache, 0.17 to 0.23 s every
-time, fsync included (docs/benchmarks.md).
+0.1 to 1.1 s from one process to the next, nearly all of it in the kernel's copy into freshly
+allocated cache pages (the host takes free guest memory back, and a page taken back costs a
+fault there when it is used again), then 0.19 s of fsync; written around the cache, 0.21 to
+0.23 s every time, fsync included (docs/benchmarks.md).
 
 The stream is copied into page-aligned blocks of `BLOCK` bytes; each full block is written at
 its offset by one of two threads while the next one fills, the last one padded to the
 alignment and the file cut back to its length. Each write's CRC-32 is computed on the block it
 was just copied into, still in the CPU's cache, so the archive's checksums need no read-back
-(`zip_checksums`). Where the file system refuses O_DIRECT (tmpfs, some network file systems)
-`direct_writer` returns None and the caller writes through the cache.
+(`zip_checksums`). Where the file system refuses O_DIRECT or its alignment (some FUSE and
+network file systems, tmpfs before Linux 6.6) `direct_writer` returns None and the caller
+writes through the cache. The file is then not in the cache: a read right after (`repconv
+verify`) reads it from the disk.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import mmap
 import os
@@ -27,7 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from repconv.formats.zip_checksums import crc32
 
-BLOCK = 4 << 20  # bytes per write to the disk: measured 0.17-0.20 s for 431 MB, 16 MB 0.22-0.24
+BLOCK = 4 << 20  # bytes per write to the disk (2, 4 and 8 MB measured alike; 16 MB slower)
 _ALIGN = 4096  # offsets, lengths and memory of direct writes: the largest sector size in use
 _WRITERS = 2  # blocks written at once, each by a thread of its own; one more fills meanwhile
 
@@ -40,6 +43,13 @@ def direct_writer(handle: int) -> DirectWriter | None:
     try:
         _set_direct(handle, True)
     except OSError:
+        return None
+    try:  # one empty sector: a file system may take the flag, yet not this alignment
+        os.pwrite(handle, mmap.mmap(-1, _ALIGN), 0)  # (page-aligned memory, freed unclosed)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # a full disk, say: the write fails as it would anyway
+            raise
+        _set_direct(handle, False)
         return None
     return DirectWriter(handle)
 

@@ -4,7 +4,8 @@ OUT is checked before any work starts (suffix, folder, writability, what it is n
 is serialised to a file object, so no temp name is recorded inside it and the same input gives
 the same bytes, into a file in OUT's folder that has no name until it is whole (Linux's
 O_TMPFILE; elsewhere a temp name, which any failure, Ctrl-C or SIGTERM removes), then renamed
-into place: there is never a partial OUT, even after SIGKILL.
+into place: there is never a partial OUT, even after SIGKILL. The file object writes around the
+page cache where the file system allows it (`direct_write`), through it otherwise.
 
 An existing OUT is replaced only when it is a regular file with a write permission bit; a
 symbolic link or a read-only file is refused rather than silently replaced.
