@@ -96,7 +96,7 @@ def test_a_write_failing_on_a_thread_reaches_the_caller(
     real_pwrite = os.pwrite
 
     def full_disk(fd: int, data: memoryview, offset: int) -> int:
-        if fd == handle and offset >= 2 * BLOCK:
+        if fd == handle and offset == 2 * BLOCK:  # this block alone: the others go through
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_pwrite(fd, data, offset)
 
@@ -110,6 +110,8 @@ def test_a_write_failing_on_a_thread_reaches_the_caller(
         assert raised.value.errno == errno.ENOSPC
         with pytest.raises(OSError):  # the writer stays failed
             writer.write(b"more")
+        with pytest.raises(OSError):  # and a flush never passes over the hole
+            writer.flush()
     finally:
         started = time.monotonic()
         writer.settle()
@@ -133,22 +135,31 @@ def test_a_file_system_without_o_direct_is_written_through_the_cache(
     assert (tmp_path / "out.bin").read_bytes() == data
 
 
+@pytest.mark.parametrize("at", ["the first sector", "a later block"])
 def test_a_full_disk_in_write_atomically_leaves_nothing(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The failure on a writer thread becomes the one-line refusal, and no file is left."""
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, at: str) -> None:
+    """The failure, at the writer's first sector or on one of its threads later, becomes the
+    one-line refusal; no file is left, and no descriptor open."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("no /proc/self/fd to tell the file by")
     real_pwrite = os.pwrite
 
+    def into_folder(fd: int) -> bool:
+        try:
+            return os.readlink(f"/proc/self/fd/{fd}").startswith(str(tmp_path))
+        except OSError:
+            return False
+
     def full_disk(fd: int, data: memoryview, offset: int) -> int:
-        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(tmp_path)):
+        if into_folder(fd) and (at == "the first sector" or offset >= 8 << 20):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_pwrite(fd, data, offset)
 
-    if not os.path.isdir("/proc/self/fd"):
-        pytest.skip("no /proc/self/fd to tell the file by")
     monkeypatch.setattr(os, "pwrite", full_disk)
     with pytest.raises(InputError, match=r"No space left on device.*nothing written"):
         write.write_atomically(tmp_path / "out.bin", os.urandom(20 << 20))
     assert list(tmp_path.iterdir()) == []
+    assert not [fd for fd in os.listdir("/proc/self/fd") if into_folder(int(fd))]
 
 
 @pytest.mark.parametrize("error", [errno.EINVAL, errno.ENOSPC])

@@ -33,6 +33,7 @@ from repconv.formats.zip_checksums import crc32
 BLOCK = 4 << 20  # bytes per write to the disk (2, 4 and 8 MB measured alike; 16 MB slower)
 _ALIGN = 4096  # offsets, lengths and memory of direct writes: the largest sector size in use
 _WRITERS = 2  # blocks written at once, each by a thread of its own; one more fills meanwhile
+_UNSUPPORTED = {errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP}  # a direct write refused
 
 
 def direct_writer(handle: int) -> DirectWriter | None:
@@ -47,7 +48,7 @@ def direct_writer(handle: int) -> DirectWriter | None:
     try:  # one empty sector: a file system may take the flag, yet not this alignment
         os.pwrite(handle, mmap.mmap(-1, _ALIGN), 0)  # (page-aligned memory, freed unclosed)
     except OSError as exc:
-        if exc.errno != errno.EINVAL:  # a full disk, say: the write fails as it would anyway
+        if exc.errno not in _UNSUPPORTED:  # a full disk, say: the write fails as it would anyway
             raise
         _set_direct(handle, False)
         return None
@@ -129,6 +130,8 @@ class DirectWriter:
 
     def flush(self) -> None:
         """Put every byte written so far in the file, at its length, and turn O_DIRECT off."""
+        if self.failure is not None:  # a block that failed is a hole: never a whole file
+            raise self.failure
         if not self._direct:
             return
         try:

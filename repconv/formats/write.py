@@ -155,8 +155,9 @@ def write_atomically(out: Path, data: bytes | Callable[[Writer], None], *,
     leaves OUT as it was."""
     handle, temp = _open_file(out)
     try:
-        writer = direct_writer(handle) or _FdWriter(handle)
+        writer: Writer | None = None
         try:
+            writer = direct_writer(handle) or _FdWriter(handle)
             try:
                 if callable(data):
                     data(writer)
@@ -174,7 +175,8 @@ def write_atomically(out: Path, data: bytes | Callable[[Writer], None], *,
             if temp is None:
                 temp = _name_file(handle, out)
         finally:
-            writer.settle()
+            if writer is not None:
+                writer.settle()
             os.close(handle)
         os.replace(temp, out)
     except BaseException as exc:
