@@ -8,8 +8,9 @@ record's bytes read back in pieces that `crc32_combine` joins, by ISA-L's CRC-32
 ``isal`` package is installed (11 GB/s on one core here, zlib's 2.2 GB/s; both release the
 GIL), unless the file object took each write's CRC-32 as it wrote it (`direct_write`, which
 computes it on the block it copies for the disk): a record written in one write then needs no
-read-back. Not while torch writes: on this machine (a VM, two cores) a thread reading beside
-the one writing made the writes up to ten times slower in some runs, and the sum of the two,
+read-back. Not while torch writes: on this machine (a VM, two cores) the writes took up to
+ten times as long in some runs with a thread reading beside them (most likely the slow copies
+into fresh page-cache memory that `direct_write` avoids, found later), and the sum of the two,
 one after the other, was 0.2 s for 431 MB every time with zlib. They are written where torch
 would have put them, and the serialization id is made from them again: the archive is then
 byte for byte the one torch.save writes with its own checksums (the tests compare them).
